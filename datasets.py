@@ -1,0 +1,179 @@
+"""Data: the delayed match-to-sample (DMS) trial generator, N-MNIST and SHD (tonic + torch DataLoader).
+
+Every batch is returned time-major: inputs (T, batch, n_in), labels (batch,).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Delayed match-to-sample
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSConfig:
+    dt: float = 1.              # ms per step
+    t_fixation: float = 10.     # ms
+    t_sample: float = 500.      # ms
+    t_delay: float = 1000.      # ms
+    t_test: float = 500.        # ms
+    n_input: int = 100          # Poisson input neurons, preferred angles 2 pi j / n_input
+    n_direction: int = 8        # stimulus directions 2 pi k / n_direction
+    kappa: float = 3.           # von Mises tuning width
+    rate_background: float = 1.  # Hz, everywhere
+    rate_stimulus: float = 100.  # Hz x tuning, during sample and test
+
+    def steps(self, ms: float) -> int:
+        return int(round(ms / self.dt))
+
+    @property
+    def sample_start(self) -> int:
+        return self.steps(self.t_fixation)
+
+    @property
+    def delay_start(self) -> int:
+        return self.sample_start + self.steps(self.t_sample)
+
+    @property
+    def test_start(self) -> int:
+        return self.delay_start + self.steps(self.t_delay)
+
+    @property
+    def n_steps(self) -> int:
+        return self.test_start + self.steps(self.t_test)
+
+    def validate(self):
+        for name in ('dt', 't_sample', 't_test'):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'--{name} must be > 0, got {getattr(self, name)}')
+        for name in ('t_fixation', 't_delay'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'--{name} must be >= 0, got {getattr(self, name)}')
+        if self.steps(self.t_test) < 1:
+            raise ValueError(f'the test period must last at least one step of dt={self.dt} ms')
+
+    def loss_weights(self) -> np.ndarray:
+        """Per-step loss weight: 1/n_test over the test period, 0 before it."""
+        w = np.zeros(self.n_steps, np.float32)
+        w[self.test_start:] = 1. / (self.n_steps - self.test_start)
+        return w
+
+
+def dms_tuning(cfg: DMSConfig, directions: np.ndarray) -> np.ndarray:
+    """exp(kappa cos(theta - phi)) / exp(kappa) for each trial's direction and each input neuron."""
+    preferred = 2 * np.pi * np.arange(cfg.n_input) / cfg.n_input
+    theta = 2 * np.pi * directions / cfg.n_direction
+    return np.exp(cfg.kappa * (np.cos(theta[:, None] - preferred[None, :]) - 1.))
+
+
+def dms_trials(cfg: DMSConfig, batch_size: int, rng: np.random.Generator):
+    """One batch of DMS trials.
+
+    Returns spikes (T, batch, n_input) uint8, labels (batch,) int32 (1 = match), and the sample and test
+    directions (batch,) for inspection.
+    """
+    match = rng.random(batch_size) < 0.5
+    sample = rng.integers(0, cfg.n_direction, batch_size)
+    # A non-match test is one of the other n_direction - 1 directions, uniformly.
+    offset = rng.integers(1, cfg.n_direction, batch_size)
+    test = np.where(match, sample, (sample + offset) % cfg.n_direction)
+
+    p_bg = cfg.rate_background * cfg.dt / 1000.
+    p_stim = cfg.rate_stimulus * cfg.dt / 1000.
+    T = cfg.n_steps
+    prob = np.full((T, batch_size, cfg.n_input), p_bg, np.float32)
+    prob[cfg.sample_start:cfg.delay_start] += (p_stim * dms_tuning(cfg, sample)).astype(np.float32)
+    prob[cfg.test_start:] += (p_stim * dms_tuning(cfg, test)).astype(np.float32)
+    spikes = (rng.random(prob.shape, dtype=np.float32) < prob).astype(np.uint8)
+    return spikes, match.astype(np.int32), sample, test
+
+
+def dms_batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    # Seeded by (seed, epoch, batch): a resumed run sees exactly the batches of an uninterrupted one,
+    # whatever the number of loader workers.
+    return np.random.default_rng([seed, epoch, batch])
+
+
+def dms_test_set(cfg: DMSConfig, n_trials: int, batch_size: int, seed: int):
+    """A fixed held-out list of batches, drawn from a stream no training batch uses."""
+    rng = np.random.default_rng([seed, 2 ** 31 - 1])
+    batches = []
+    for start in range(0, n_trials, batch_size):
+        x, y, _, _ = dms_trials(cfg, min(batch_size, n_trials - start), rng)
+        batches.append((x, y))
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Loading batches with torch DataLoader workers
+# --------------------------------------------------------------------------------------------
+
+
+class DMSBatches:
+    """Map-style dataset: global index i -> batch (i mod batches_per_epoch) of epoch (i div batches_per_epoch)."""
+
+    def __init__(self, cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int):
+        self.cfg, self.batch_size, self.batches_per_epoch, self.seed = cfg, batch_size, batches_per_epoch, seed
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, index: int):
+        epoch, batch = divmod(int(index), self.batches_per_epoch)
+        x, y, _, _ = dms_trials(self.cfg, self.batch_size, dms_batch_rng(self.seed, epoch, batch))
+        return x, y
+
+
+class EpochSampler:
+    """Yields the global batch indices of one epoch; set `.epoch` before iterating."""
+
+    def __init__(self, batches_per_epoch: int):
+        self.batches_per_epoch, self.epoch = batches_per_epoch, 0
+
+    def __iter__(self):
+        start = self.epoch * self.batches_per_epoch
+        return iter(range(start, start + self.batches_per_epoch))
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+
+def worker_loader(dataset, n_workers: int, **kwargs):
+    """A torch DataLoader whose workers are spawned, not forked: a fork of a process running JAX's
+    threads can deadlock."""
+    import torch.utils.data
+    if n_workers > 0:
+        kwargs.update(num_workers=n_workers, multiprocessing_context='spawn', persistent_workers=True,
+                      prefetch_factor=2)
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+class AsNumpy:
+    """Iterate a DataLoader as numpy (xs, labels); keeps len()."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield np.asarray(x), np.asarray(y)
+
+
+def dms_train_loader(cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int, n_workers: int):
+    """Returns train_batches(epoch) -> iterable of numpy (xs uint8 (T, B, n_in), labels (B,))."""
+    sampler = EpochSampler(batches_per_epoch)
+    loader = worker_loader(DMSBatches(cfg, batch_size, batches_per_epoch, seed), n_workers,
+                           batch_size=None, sampler=sampler)
+
+    def train_batches(epoch: int):
+        sampler.epoch = epoch
+        return AsNumpy(loader)
+
+    return train_batches

@@ -1,0 +1,251 @@
+"""Recurrent spiking networks written for brainstate/brainscale.
+
+Every trainable weight is a trace-carrying `brainscale` parameter (an `ETraceParam` inside
+`brainscale.nn.Linear` or the readout), so the online algorithms D-RTRL and ES-D-RTRL reach all of
+them: brainscale 0.1.0 gives plain (non-trace) parameters a zero gradient with single-step VJP.
+
+Each network maps one time step of input, shaped (batch, n_in), to one step of readout, shaped
+(batch, n_out). The whole state lives in `brainstate.HiddenState`s, which is what the online
+compiler needs to find the hidden-to-hidden Jacobian.
+"""
+from __future__ import annotations
+
+import math
+
+import brainscale
+import brainstate
+import braintools
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SURROGATES = {
+    # name -> factory; the defaults are the usual widths of each surrogate.
+    'relu': lambda: braintools.surrogate.ReluGrad(alpha=0.3, width=1.0),
+    'sigmoid': lambda: braintools.surrogate.Sigmoid(alpha=4.0),
+    'gaussian': lambda: braintools.surrogate.GaussianGrad(sigma=0.5, alpha=0.5),
+    'multi_gaussian': lambda: braintools.surrogate.MultiGaussianGrad(),
+    'arctan': lambda: braintools.surrogate.Arctan(alpha=1.0),
+    'slayer': lambda: braintools.surrogate.SlayerGrad(alpha=1.0),
+    'piecewise_quadratic': lambda: braintools.surrogate.PiecewiseQuadratic(alpha=1.0),
+}
+
+
+def make_surrogate(name: str):
+    if name not in SURROGATES:
+        raise ValueError(f'unknown surrogate {name!r}; choose one of {sorted(SURROGATES)}')
+    return SURROGATES[name]()
+
+
+def stacked_recurrent_weight(rng: np.random.Generator, n_in: int, n_rec: int,
+                             ff_scale: float, rec_scale: float) -> np.ndarray:
+    """[W_ff; W_rec] for one Linear over concat([x_t, s_{t-1}]): Kaiming normal per block."""
+    w_ff = rng.normal(0., math.sqrt(ff_scale / n_in), (n_in, n_rec))
+    w_rec = rng.normal(0., math.sqrt(rec_scale / n_rec), (n_rec, n_rec))
+    return np.concatenate([w_ff, w_rec], axis=0).astype(np.float32)
+
+
+def standardize(v, eps=1e-5):
+    # rsqrt(var + eps): an all-zero V (first step) must give 0, not NaN.
+    mean = jnp.mean(v, axis=-1, keepdims=True)
+    var = jnp.var(v, axis=-1, keepdims=True)
+    return (v - mean) * jax.lax.rsqrt(var + eps)
+
+
+class LeakyReadout(brainstate.nn.Module):
+    """r_t = exp(-dt/tau_o) r_{t-1} + x_t W + b, with W and b trace-carrying."""
+
+    def __init__(self, n_in: int, n_out: int, tau_o: float, dt: float, w_scale: float,
+                 rng: np.random.Generator):
+        super().__init__()
+        self.n_out = n_out
+        self.decay = float(math.exp(-dt / tau_o))
+        w = rng.normal(0., w_scale / math.sqrt(n_in), (n_in, n_out)).astype(np.float32)
+        self.linear = brainscale.nn.Linear(n_in, n_out, w_init=w, b_init=braintools.init.ZeroInit())
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.r = brainstate.HiddenState(jnp.zeros((batch_size, self.n_out) if batch_size else (self.n_out,)))
+
+    def reset_state(self, batch_size=None, **kwargs):
+        self.r.value = jnp.zeros((batch_size, self.n_out) if batch_size else (self.n_out,))
+
+    def update(self, x):
+        r = self.decay * self.r.value + self.linear(x)
+        self.r.value = r
+        return r
+
+
+class GIFExpLayer(brainstate.nn.Module):
+    """Recurrent generalized integrate-and-fire layer with exponential synapses (the DMS network).
+
+    Per step, with s_{t-1} = H(V_{t-1} - V_th):
+      c   = [x_t, s_{t-1}] W + b
+      g_t = g_{t-1} exp(-dt/tau_syn) + syn_gain * c
+      V'  = V_{t-1} - V_th s_{t-1} (reset spike detached unless diff_spike)
+      I2_t = (I2_{t-1} - A2 s_{t-1}) exp(-dt/tau_I2)   (spike kept differentiable: the sample is held here)
+      V_t = V' exp(-dt/tau_neu) + (1 - exp(-dt/tau_neu)) (V_rest + R (g_t + I2_t))
+    """
+
+    def __init__(self, n_in: int, n_rec: int, *, dt: float, tau_neu: float, tau_syn: float,
+                 tau_I2_max: float, A2: float, ff_scale: float, rec_scale: float, spk_fun: str,
+                 diff_spike: bool, syn_gain: float, rng: np.random.Generator,
+                 V_th: float = 1., V_rest: float = 0., R: float = 1.):
+        super().__init__()
+        self.n_in, self.n_rec = n_in, n_rec
+        self.V_th, self.V_rest, self.R, self.A2 = V_th, V_rest, R, A2
+        self.diff_spike, self.syn_gain = diff_spike, syn_gain
+        self.spk_fun = make_surrogate(spk_fun)
+        self.syn_decay = float(math.exp(-dt / tau_syn))
+        self.neu_decay = float(math.exp(-dt / tau_neu))
+        # Per-neuron adaptation time constants: U(100 ms, 1.5 tau_I2), the spec's spread of memories.
+        tau_I2 = rng.uniform(100., max(1.5 * tau_I2_max, 100.), n_rec)
+        self.I2_decay = jnp.asarray(np.exp(-dt / tau_I2), dtype=jnp.float32)
+        w = stacked_recurrent_weight(rng, n_in, n_rec, ff_scale, rec_scale)
+        self.linear = brainscale.nn.Linear(n_in + n_rec, n_rec, w_init=w, b_init=braintools.init.ZeroInit())
+
+    def _zeros(self, batch_size):
+        return jnp.zeros((batch_size, self.n_rec) if batch_size else (self.n_rec,))
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.V = brainstate.HiddenState(self._zeros(batch_size))
+        self.g = brainstate.HiddenState(self._zeros(batch_size))
+        self.I2 = brainstate.HiddenState(self._zeros(batch_size))
+
+    def reset_state(self, batch_size=None, **kwargs):
+        for st in (self.V, self.g, self.I2):
+            st.value = self._zeros(batch_size)
+
+    def spike(self, V):
+        return self.spk_fun((V - self.V_th) / self.V_th)
+
+    def update(self, x):
+        V_prev = self.V.value
+        s = self.spike(V_prev)
+        s_reset = s if self.diff_spike else jax.lax.stop_gradient(s)
+        c = self.linear(jnp.concatenate([x, s], axis=-1))
+        g = self.g.value * self.syn_decay + self.syn_gain * c
+        I2 = (self.I2.value - self.A2 * s) * self.I2_decay
+        V = (V_prev - self.V_th * s_reset) * self.neu_decay \
+            + (1. - self.neu_decay) * (self.V_rest + self.R * (g + I2))
+        self.g.value, self.I2.value, self.V.value = g, I2, V
+        return V
+
+
+class DMSNet(brainstate.nn.Module):
+    """GIF-exp recurrent layer -> standardized membrane potential -> leaky readout (2 outputs)."""
+
+    def __init__(self, n_in: int, n_rec: int, n_out: int, *, dt: float, tau_neu: float, tau_syn: float,
+                 tau_I2: float, A2: float, ff_scale: float, rec_scale: float, spk_fun: str = 'relu',
+                 diff_spike: bool = False, syn_gain: float = 1., tau_o: float = 10.,
+                 readout_scale: float = 0.1, seed: int = 0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.rec = GIFExpLayer(n_in, n_rec, dt=dt, tau_neu=tau_neu, tau_syn=tau_syn, tau_I2_max=tau_I2,
+                               A2=A2, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
+                               diff_spike=diff_spike, syn_gain=syn_gain, rng=rng)
+        self.out = LeakyReadout(n_rec, n_out, tau_o=tau_o, dt=dt, w_scale=readout_scale, rng=rng)
+
+    def update(self, x):
+        return self.out(standardize(self.rec(x)))
+
+    def spikes(self):
+        return self.rec.spike(self.rec.V.value)
+
+
+class LIFDeltaLayer(brainstate.nn.Module):
+    """Recurrent LIF layer: one Linear over concat([x_t, s_{t-1}]), soft reset.
+
+    neuron='lif'   : V_t = a V_{t-1} + c_t - V_th s_{t-1}                (delta synapse)
+    neuron='alif'  : same, threshold V_th + beta b_t, b_t = rho b_{t-1} + s_{t-1}
+    synapse='exp'  : c_t is first filtered by a current synapse I_t = exp(-dt/tau_syn) I_{t-1} + c_t
+    """
+
+    def __init__(self, n_in: int, n_rec: int, *, dt: float, tau_mem: float, tau_mem_sigma: float,
+                 V_th: float, ff_scale: float, rec_scale: float, spk_fun: str, spk_reset: str,
+                 rng: np.random.Generator, neuron: str = 'lif', synapse: str = 'delta',
+                 tau_syn: float = 5., tau_adapt: float = 200., beta: float = 1.8):
+        super().__init__()
+        if neuron not in ('lif', 'alif') or synapse not in ('delta', 'exp'):
+            raise ValueError(f'unknown neuron/synapse {neuron}/{synapse}')
+        if spk_reset not in ('soft', 'hard'):
+            raise ValueError(f'--spk_reset must be soft or hard, got {spk_reset!r}')
+        self.n_rec, self.V_th, self.neuron, self.synapse = n_rec, V_th, neuron, synapse
+        self.spk_reset, self.beta = spk_reset, beta
+        self.spk_fun = make_surrogate(spk_fun)
+        tau = np.clip(rng.normal(tau_mem, tau_mem_sigma, n_rec), dt, None)
+        self.mem_decay = jnp.asarray(np.exp(-dt / tau), dtype=jnp.float32)
+        self.syn_decay = float(math.exp(-dt / tau_syn))
+        self.adapt_decay = float(math.exp(-dt / tau_adapt))
+        w = stacked_recurrent_weight(rng, n_in, n_rec, ff_scale, rec_scale)
+        self.linear = brainscale.nn.Linear(n_in + n_rec, n_rec, w_init=w, b_init=braintools.init.ZeroInit())
+
+    def _zeros(self, batch_size):
+        return jnp.zeros((batch_size, self.n_rec) if batch_size else (self.n_rec,))
+
+    def _state_names(self):
+        return ['V'] + (['b'] if self.neuron == 'alif' else []) + (['I'] if self.synapse == 'exp' else [])
+
+    def init_state(self, batch_size=None, **kwargs):
+        for name in self._state_names():
+            setattr(self, name, brainstate.HiddenState(self._zeros(batch_size)))
+
+    def reset_state(self, batch_size=None, **kwargs):
+        for name in self._state_names():
+            getattr(self, name).value = self._zeros(batch_size)
+
+    def threshold(self):
+        return self.V_th + self.beta * self.b.value if self.neuron == 'alif' else self.V_th
+
+    def spike(self):
+        th = self.threshold()
+        return self.spk_fun((self.V.value - th) / self.V_th)
+
+    def update(self, x):
+        th = self.threshold()
+        s = self.spk_fun((self.V.value - th) / self.V_th)
+        s_reset = jax.lax.stop_gradient(s)
+        c = self.linear(jnp.concatenate([x, s], axis=-1))
+        if self.synapse == 'exp':
+            c = self.I.value * self.syn_decay + c
+            self.I.value = c
+        if self.neuron == 'alif':
+            self.b.value = self.b.value * self.adapt_decay + s_reset
+        if self.spk_reset == 'soft':
+            V = self.mem_decay * (self.V.value - th * s_reset) + c
+        else:
+            V = self.mem_decay * self.V.value * (1. - s_reset) + c
+        self.V.value = V
+        return self.spk_fun((V - self.threshold()) / self.V_th)
+
+
+class SpikingStack(brainstate.nn.Module):
+    """n_layer recurrent spiking layers (each fed the spikes of the one below) and a leaky readout."""
+
+    MODELS = {'lif-delta': ('lif', 'delta'), 'alif-delta': ('alif', 'delta'), 'lif-exp-cu': ('lif', 'exp')}
+
+    def __init__(self, n_in: int, n_rec: int, n_out: int, n_layer: int, *, model: str = 'lif-delta',
+                 dt: float = 1., tau_mem: float = 10., tau_mem_sigma: float = 1., tau_o: float = 10.,
+                 V_th: float = 1., ff_scale: float = 1., rec_scale: float = 0.5, spk_fun: str = 'relu',
+                 spk_reset: str = 'soft', readout_scale: float = 1., seed: int = 0):
+        super().__init__()
+        if model not in self.MODELS:
+            raise ValueError(f'unknown --model {model!r}; choose one of {sorted(self.MODELS)}')
+        neuron, synapse = self.MODELS[model]
+        rng = np.random.default_rng(seed)
+        self.layers = [
+            LIFDeltaLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
+                          V_th=V_th, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
+                          spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse)
+            for i in range(n_layer)
+        ]
+        self.out = LeakyReadout(n_rec, n_out, tau_o=tau_o, dt=dt, w_scale=readout_scale, rng=rng)
+
+    def update(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+def count_params(model) -> int:
+    return int(sum(np.size(leaf) for s in model.states(brainstate.ParamState).values()
+                   for leaf in jax.tree.leaves(s.value)))

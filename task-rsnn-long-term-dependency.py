@@ -1,0 +1,107 @@
+"""Delayed match-to-sample (DMS) with a long delay: a recurrent GIF network trained by BPTT, D-RTRL or
+ES-D-RTRL.
+
+A trial: fixation, a sample direction (500 ms), a delay (--t_delay), a test direction (500 ms); the
+network says whether the test matches the sample. The memory of the sample has to survive the delay in
+the neurons' slow adaptation currents (tau_I2 up to 1.5 x --tau_I2).
+
+    python task-rsnn-long-term-dependency.py --preset cpu-demo          # a short CPU run
+    python task-rsnn-long-term-dependency.py --method expsm_diag ...     # the README commands
+"""
+from __future__ import annotations
+
+import utils
+
+PRESETS = {
+    # Short delay, few neurons: reaches test accuracy >= 0.95 on a 2-core CPU (README, "CPU demo").
+    'cpu-demo': dict(method='expsm_diag', etrace_decay=0.99, t_fixation=10., t_sample=100., t_delay=100.,
+                     t_test=100., n_rec=100, batch_size=32, batches_per_epoch=50, epochs=40, acc_th=0.97,
+                     devices='cpu', exp_name='cpu-demo'),
+}
+
+
+def build_parser():
+    p = utils.base_parser(__doc__.split('\n')[0], experiment='dms')
+    p.set_defaults(epochs=2000, batch_size=128, etrace_decay=0.99)
+    p.add_argument('--preset', choices=sorted(PRESETS), default=None,
+                   help='a named set of defaults (cpu-demo: short delay, 100 neurons, ES-D-RTRL on CPU); '
+                        'flags given explicitly win')
+    g = p.add_argument_group('task')
+    g.add_argument('--dataset', choices=['dms'], default='dms', help='the task (only dms here)')
+    g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms)')
+    g.add_argument('--t_fixation', type=float, default=10., help='fixation period before the sample (ms)')
+    g.add_argument('--t_sample', type=utils.positive_float, default=500., help='sample period (ms)')
+    g.add_argument('--t_delay', type=float, default=1000., help='delay between sample and test (ms)')
+    g.add_argument('--t_test', type=utils.positive_float, default=500., help='test period (ms); the loss is here')
+    g.add_argument('--batches_per_epoch', type=utils.positive_int, default=100,
+                   help='freshly generated training batches per epoch')
+    g.add_argument('--n_test_trials', type=utils.positive_int, default=512,
+                   help='size of the fixed held-out set of trials for test accuracy')
+    g.add_argument('--acc_th', type=float, default=0.95,
+                   help='stop when the training accuracy averaged over the last 20 batches reaches this')
+    g = p.add_argument_group('network')
+    g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent GIF neurons')
+    g.add_argument('--tau_neu', type=utils.positive_float, default=100., help='membrane time constant (ms)')
+    g.add_argument('--tau_syn', type=utils.positive_float, default=100., help='synaptic time constant (ms)')
+    g.add_argument('--tau_I2', type=utils.positive_float, default=1500.,
+                   help='adaptation current time constants are drawn from U(100, 1.5 tau_I2) ms')
+    g.add_argument('--A2', type=float, default=1., help='adaptation current jump per spike (I2 -= A2 s)')
+    g.add_argument('--ff_scale', type=utils.positive_float, default=6.,
+                   help='input weights: Kaiming normal with variance ff_scale / n_in')
+    g.add_argument('--rec_scale', type=float, default=2.,
+                   help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
+    g.add_argument('--syn_gain', type=utils.positive_float, default=1.,
+                   help='scale of the synaptic input current c in g_t = g_{t-1} exp(-dt/tau_syn) + syn_gain c')
+    g.add_argument('--spk_fun', choices=sorted(__import__('models').SURROGATES), default='relu',
+                   help='surrogate gradient of the spike (relu: max(0, 0.3 (1 - |u|)))')
+    g.add_argument('--diff_spike', type=int, choices=(0, 1), default=0,
+                   help='1 = let the gradient flow through the reset spike too (the spike into the '
+                        'adaptation current always carries gradient)')
+    g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
+    g.add_argument('--readout_scale', type=utils.positive_float, default=0.1,
+                   help='readout weights ~ N(0, readout_scale^2 / n_rec): first outputs O(1)')
+    return p
+
+
+def train_and_evaluate(args, run_dir: str) -> dict:
+    import brainstate
+    import datasets
+    import models
+
+    device = utils.select_device(args.devices)
+    brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
+    cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample,
+                             t_delay=args.t_delay, t_test=args.t_test)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise utils.UserError(str(e))
+    model = models.DMSNet(cfg.n_input, args.n_rec, 2, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
+                          tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
+                          spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
+                          tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
+    trainer = utils.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
+                            lr=args.lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
+                            vjp_time=args.vjp_time)
+    print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {device}; run folder {run_dir}')
+    train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
+                                              args.n_data_worker)
+    test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
+    summary = utils.fit(args, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(),
+                        acc_th=args.acc_th,
+                        extra_config=dict(n_steps=cfg.n_steps, test_start=cfg.test_start,
+                                          n_params=models.count_params(model), device=str(device)))
+    print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+    return summary
+
+
+def main(argv) -> int:
+    args = utils.parse_args(build_parser(), argv, PRESETS)
+    run_dir = utils.prepare_run_dir(args)
+    summary = train_and_evaluate(args, run_dir)
+    return 1 if summary['stopped_because'] == 'nan' else 0
+
+
+if __name__ == '__main__':
+    utils.cli_main(main)

@@ -1,0 +1,659 @@
+"""What the three experiments share: arguments, device choice, the trainer for BPTT / D-RTRL /
+ES-D-RTRL, orbax checkpoints, the run folder (config, metrics, summary, plots) and the epoch loop."""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Callable, Iterable, Optional
+
+METHODS = ('bptt', 'diag', 'expsm_diag')
+METHOD_NAMES = {'bptt': 'BPTT', 'diag': 'D-RTRL', 'expsm_diag': 'ES-D-RTRL'}
+VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
+
+
+class UserError(Exception):
+    """Bad input: reported as one line (exit code 2), never as a traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def decay_or_rank(text: str):
+    """--etrace_decay: a float in (0, 1) is a decay; an integer >= 1 is a rank r (decay (r-1)/(r+1))."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a decay in (0, 1) or an integer rank >= 1, got {text!r}')
+    if value >= 1 and value == int(value):
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f'expected a decay in (0, 1) or an integer rank >= 1, got {text!r}')
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
+
+
+def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(experiment=experiment)
+    g = p.add_argument_group('learning algorithm')
+    g.add_argument('--method', choices=METHODS, default='expsm_diag',
+                   help='bptt = BPTT (exact, memory grows with T); diag = D-RTRL (brainscale '
+                        'ParamDimVjpAlgorithm); expsm_diag = ES-D-RTRL (brainscale IODimVjpAlgorithm)')
+    g.add_argument('--etrace_decay', type=decay_or_rank, default=0.99,
+                   help='ES-D-RTRL smoothing: a decay in (0,1), or an integer rank r (decay (r-1)/(r+1))')
+    g.add_argument('--vjp_time', choices=sorted(VJP_METHODS), default='t',
+                   help="online VJP: t = brainscale 'single-step', t_minus_1 = 'multi-step'")
+    g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
+                   help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
+    g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')
+    g.add_argument('--grad_clip', type=positive_float, default=1.0, help='global gradient-norm clip')
+    g = p.add_argument_group('run')
+    g.add_argument('--epochs', '--epoch', dest='epochs', type=positive_int, default=10,
+                   help='maximum number of epochs (--epoch is the same flag)')
+    g.add_argument('--batch_size', type=positive_int, default=128, help='trials/samples per batch')
+    g.add_argument('--seed', type=int, default=0, help='seed of the weights and the data order')
+    g.add_argument('--devices', default='0',
+                   help="accelerator index to run on, or 'cpu'; an index that does not exist gives "
+                        'a warning and the run goes on on the device that exists')
+    g.add_argument('--n_data_worker', type=nonneg_int, default=0,
+                   help='torch DataLoader worker processes preparing batches (0 = in the main process)')
+    g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
+    g.add_argument('--out_dir', default=None,
+                   help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>)')
+    g.add_argument('--resume', default=None, metavar='RUN_DIR',
+                   help='continue the run saved in RUN_DIR from its last checkpoint')
+    g.add_argument('--no_progress', action='store_true', help='hide the progress bars')
+    return p
+
+
+def default_run_dir(args) -> str:
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return os.path.join('results', args.experiment, args.exp_name, f'{args.method}-{stamp}')
+
+
+def explicitly_given(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags that appear in argv (not filled in from defaults)."""
+    defaults = {a: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        given = parser.parse_args(argv)
+    finally:
+        for a, d in defaults.items():
+            a.default = d
+    return set(vars(given)) - {'experiment'}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = None) -> argparse.Namespace:
+    """Parse argv; a --preset fills in its values for flags not given; --resume RUN_DIR takes the saved
+    config of that run, and flags given on the command line override it."""
+    args = parser.parse_args(argv)
+    given = explicitly_given(parser, argv)
+    if getattr(args, 'preset', None):
+        for k, v in presets[args.preset].items():
+            if k not in given:
+                setattr(args, k, v)
+    if args.resume:
+        saved = args_from_checkpoint(args.resume)
+        for k, v in saved.items():
+            if k in vars(args) and k not in given:
+                setattr(args, k, v)
+        args.resume = args.out_dir = args.resume
+    return args
+
+
+def prepare_run_dir(args) -> str:
+    """The run folder; refuses to write over an earlier run unless resuming it."""
+    run_dir = args.resume or args.out_dir or default_run_dir(args)
+    if not args.resume and os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+        raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
+                        f'or choose another --out_dir')
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def cli_main(main: Callable[[list], int]):
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        code = main(sys.argv[1:])
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print('interrupted: the last checkpoint is kept; continue with --resume RUN_DIR', file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def select_device(spec: str):
+    """Make the requested device jax's default and return it; warn (one line) when it is absent."""
+    import jax
+    spec = str(spec).strip().lower()
+    if spec == 'cpu':
+        device = jax.devices('cpu')[0]
+    else:
+        try:
+            index = int(spec)
+        except ValueError:
+            raise UserError(f"--devices must be an accelerator index (0, 1, ...) or 'cpu', got {spec!r}")
+        accelerators = [d for d in jax.devices() if d.platform != 'cpu']
+        if 0 <= index < len(accelerators):
+            device = accelerators[index]
+        else:
+            device = accelerators[0] if accelerators else jax.devices('cpu')[0]
+            have = ', '.join(str(d) for d in accelerators) or 'no accelerator'
+            warnings.warn(f'--devices {index}: this machine has {have}; running on {device}', stacklevel=2)
+            print(f'warning: --devices {index} not found ({have}); running on {device}', file=sys.stderr)
+    jax.config.update('jax_default_device', device)
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(name: str, lr, grad_clip: float):
+    import optax
+    if name == 'adam':
+        opt = optax.adam(lr)
+    elif name == 'sgd':
+        opt = optax.sgd(lr)
+    elif name == 'momentum':
+        opt = optax.sgd(lr, momentum=0.9)
+    else:
+        raise UserError(f'unknown --optimizer {name!r}; choose adam, sgd or momentum')
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+
+
+def step_schedule(lr: float, milestones: Iterable[int], batches_per_epoch: int, factor: float = 0.1):
+    """lr times `factor` at each milestone epoch."""
+    import optax
+    milestones = [int(m) for m in milestones]
+    if not milestones:
+        return lr
+    return optax.piecewise_constant_schedule(lr, {m * batches_per_epoch: factor for m in milestones})
+
+
+def path_key(path) -> str:
+    return '/'.join(str(p) for p in path)
+
+
+def patch_brainscale_drtrl():
+    """Stop brainscale 0.1.0 from rescaling D-RTRL eligibility traces.
+
+    `_update_param_dim_etrace_scan_fn` divides each new trace (and each trace increment) by its largest
+    absolute element whenever that exceeds 1 (`_normalize_vector`). That silently shrinks the gradient:
+    a leaky readout's trace grows towards 1/(1 - decay), so after a few steps its D-RTRL gradient is
+    several times too small (tests/test_gradients.py measures it). Without the rescaling the traces stay
+    bounded whenever the diagonal Jacobians are below 1, and D-RTRL is exact where theory says so.
+    Looked up when the step is traced, so it must run before the first compile.
+    """
+    import brainscale._etrace_vjp_algorithms as alg
+    if getattr(alg, '_our_patch', False):
+        return
+    if not hasattr(alg, '_normalize_vector'):
+        raise RuntimeError('brainscale internals changed: re-check patch_brainscale_drtrl')
+    alg._original_normalize_vector = alg._normalize_vector
+    alg._normalize_vector = lambda v: v
+    alg._our_patch = True
+
+
+class Trainer:
+    """One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL.
+
+    A batch is xs (T, B, n_in), labels (B,), sample_mask (B,) and step_weights (T,). The loss is
+    sum_t w_t * mean_b CE(readout_t, label) (samples with mask 0 are padding); accuracy is the argmax of
+    the w-weighted average readout. BPTT differentiates that loss through a scan over time; the online
+    methods run one step at a time through brainscale and sum the per-step gradients, inside one
+    compiled function per batch.
+    """
+
+    def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
+                 grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0.):
+        import brainscale
+        import brainstate
+        import jax.numpy as jnp
+        if method not in METHODS:
+            raise UserError(f'unknown --method {method!r}; choose one of {", ".join(METHODS)}')
+        if loss not in ('cel', 'mse'):
+            raise UserError(f"unknown --loss {loss!r}; choose cel or mse")
+        self.model, self.method, self.batch_size, self.loss = model, method, batch_size, loss
+        self.weight_L2 = weight_L2
+        brainstate.nn.init_all_states(model, batch_size)
+        self.params = model.states(brainstate.ParamState)
+        self.algo = None
+        if method != 'bptt':
+            mode = brainstate.mixin.Batching()
+            if method == 'diag':
+                patch_brainscale_drtrl()
+                self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
+            else:
+                self.algo = brainscale.IODimVjpAlgorithm(model, decay_or_rank=etrace_decay, mode=mode,
+                                                         vjp_method=VJP_METHODS[vjp_time])
+            self.algo.compile_graph(jnp.zeros((batch_size, n_in), jnp.float32))
+        self.tx = make_optimizer(optimizer, lr, grad_clip)
+        self.opt_state = self.tx.init(self.param_values())
+        self._train = brainstate.transform.jit(self._train_step)
+        self._grads_jit = brainstate.transform.jit(self._loss_and_grads)
+        self._eval = brainstate.transform.jit(self._eval_step)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def param_values(self) -> dict:
+        return {path_key(k): s.value for k, s in self.params.items()}
+
+    def set_param_values(self, values: dict):
+        for k, s in self.params.items():
+            s.value = values[path_key(k)]
+
+    # -- loss -----------------------------------------------------------------------------------
+    def _step_loss(self, out, labels, mask, w):
+        import jax
+        import jax.numpy as jnp
+        if self.loss == 'cel':
+            per_sample = -jnp.take_along_axis(jax.nn.log_softmax(out, -1), labels[:, None], -1)[:, 0]
+        else:
+            per_sample = jnp.mean((out - jax.nn.one_hot(labels, out.shape[-1])) ** 2, -1)
+        return w * jnp.sum(mask * per_sample) / jnp.maximum(jnp.sum(mask), 1.)
+
+    def _summaries(self, step_losses, weighted_outs, labels, mask, ws):
+        import jax.numpy as jnp
+        avg_out = weighted_outs.sum(0) / jnp.maximum(ws.sum(), 1e-12)
+        correct = jnp.sum(mask * (jnp.argmax(avg_out, -1) == labels))
+        return step_losses.sum(), correct / jnp.maximum(jnp.sum(mask), 1.)
+
+    def _reset(self, batch):
+        import brainstate
+        brainstate.nn.reset_all_states(self.model, batch)
+        if self.algo is not None:
+            self.algo.reset_state()
+
+    def _loss_and_grads(self, xs, labels, mask, ws):
+        import brainstate
+        import jax
+        import jax.numpy as jnp
+        xs = xs.astype(jnp.float32)
+        self._reset(xs.shape[1])
+        if self.method == 'bptt':
+            def sequence_loss():
+                def step(x, w):
+                    out = self.model(x)
+                    return self._step_loss(out, labels, mask, w), w * out
+                losses, wouts = brainstate.transform.for_loop(step, xs, ws)
+                return losses.sum(), (losses, wouts)
+
+            grads, _, (losses, wouts) = brainstate.transform.grad(
+                sequence_loss, self.params, return_value=True, has_aux=True)()
+        else:
+            def step(acc, inp):
+                x, w = inp
+
+                def step_loss():
+                    out = self.algo(x)
+                    return self._step_loss(out, labels, mask, w), out
+
+                g, loss, out = brainstate.transform.grad(
+                    step_loss, self.params, return_value=True, has_aux=True)()
+                return jax.tree.map(jnp.add, acc, g), (loss, w * out)
+
+            zeros = jax.tree.map(jnp.zeros_like, {k: s.value for k, s in self.params.items()})
+            grads, (losses, wouts) = brainstate.transform.scan(step, zeros, (xs, ws))
+        loss, acc = self._summaries(losses, wouts, labels, mask, ws)
+        return {path_key(k): g for k, g in grads.items()}, loss, acc
+
+    def _train_step(self, opt_state, xs, labels, mask, ws):
+        import jax
+        import optax
+        grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
+        values = self.param_values()
+        if self.weight_L2:
+            grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, values)
+        self.set_param_values(optax.apply_updates(values, updates))
+        return opt_state, loss, acc, grad_norm
+
+    def _eval_step(self, xs, labels, mask, ws):
+        import brainstate
+        import jax.numpy as jnp
+        xs = xs.astype(jnp.float32)
+        brainstate.nn.reset_all_states(self.model, xs.shape[1])
+
+        def step(x, w):
+            out = self.model(x)
+            return self._step_loss(out, labels, mask, w), w * out
+
+        losses, wouts = brainstate.transform.for_loop(step, xs, ws)
+        return self._summaries(losses, wouts, labels, mask, ws)
+
+    # -- public -------------------------------------------------------------------------------
+    def pad(self, xs, labels):
+        """Pad a short batch to batch_size with masked samples (one compiled shape for all batches)."""
+        import numpy as np
+        n = xs.shape[1]
+        mask = np.zeros(self.batch_size, np.float32)
+        mask[:n] = 1.
+        if n < self.batch_size:
+            xs = np.concatenate([xs, np.zeros((xs.shape[0], self.batch_size - n) + xs.shape[2:], xs.dtype)], 1)
+            labels = np.concatenate([labels, np.zeros(self.batch_size - n, labels.dtype)])
+        elif n > self.batch_size:
+            raise ValueError(f'batch of {n} > batch_size {self.batch_size}')
+        return xs, labels, mask
+
+    def train_step(self, xs, labels, ws):
+        """One optimizer update; returns (loss, accuracy, gradient norm before clipping) as floats."""
+        xs, labels, mask = self.pad(xs, labels)
+        self.opt_state, loss, acc, gnorm = self._train(self.opt_state, xs, labels, mask, ws)
+        return float(loss), float(acc), float(gnorm)
+
+    def gradients(self, xs, labels, ws) -> dict:
+        """The summed gradient of one batch, without an update (for tests and diagnostics)."""
+        xs, labels, mask = self.pad(xs, labels)
+        grads, _, _ = self._grads_jit(xs, labels, mask, ws)
+        return grads
+
+    def evaluate(self, xs, labels, ws):
+        """(loss, accuracy, number of samples) of one batch, forward only."""
+        n = xs.shape[1]
+        xs, labels, mask = self.pad(xs, labels)
+        loss, acc = self._eval(xs, labels, mask, ws)
+        return float(loss), float(acc), n
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the run folder
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """Orbax checkpoints of {params, opt_state, epoch, meta} in RUN_DIR/checkpoints/{last,best}.
+
+    Orbax writes each step to a temporary folder and renames it when complete, and `last` keeps the two
+    newest steps, so a process killed while saving still leaves a usable earlier checkpoint.
+    """
+
+    def __init__(self, run_dir: str):
+        import orbax.checkpoint as ocp
+        self.ocp = ocp
+        root = os.path.abspath(os.path.join(run_dir, 'checkpoints'))
+        self.last = ocp.CheckpointManager(os.path.join(root, 'last'),
+                                          options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        self.best = ocp.CheckpointManager(os.path.join(root, 'best'),
+                                          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def save(self, trainer: Trainer, epoch: int, meta: dict, best: bool):
+        import numpy as np
+        state = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
+                 'epoch': np.asarray(epoch, np.int32)}
+        args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                       meta=self.ocp.args.JsonSave(meta))
+        managers = [self.last] + ([self.best] if best else [])
+        for m in managers:
+            m.save(epoch, args=args, force=True)
+        for m in managers:
+            m.wait_until_finished()
+
+    def latest_epoch(self) -> Optional[int]:
+        return self.last.latest_step()
+
+    def restore(self, trainer: Trainer, which: str = 'last'):
+        """Load params and optimizer state into `trainer`; returns (epoch, meta)."""
+        import jax
+        manager = self.last if which == 'last' else self.best
+        step = manager.latest_step()
+        if step is None:
+            raise UserError(f'no checkpoint in {manager.directory}')
+        target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
+                  'epoch': jax.numpy.asarray(0, jax.numpy.int32)}
+        abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, target)
+        restored = manager.restore(step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
+        trainer.set_param_values(restored['state']['params'])
+        trainer.opt_state = restored['state']['opt_state']
+        return int(restored['state']['epoch']), dict(restored['meta'])
+
+    def close(self):
+        self.last.close()
+        self.best.close()
+
+
+class RunLog:
+    """config.json, metrics.csv (one row per epoch, flushed) and summary.json of a run folder."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, 'metrics.csv')
+        self.fields = None
+
+    def write_config(self, config: dict):
+        os.makedirs(self.run_dir, exist_ok=True)
+        write_json(os.path.join(self.run_dir, 'config.json'), config)
+
+    def read_metrics(self) -> list:
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [{k: float(v) if k != 'epoch' else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def truncate_after(self, epoch: int):
+        """Drop rows newer than the checkpoint we resume from (written after it, then interrupted)."""
+        rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
+        if os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        for r in rows:
+            self.append(r)
+
+    def append(self, row: dict):
+        new = not os.path.exists(self.metrics_path)
+        with open(self.metrics_path, 'a', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict):
+        write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+def write_json(path: str, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def plot_learning_curves(metrics: list, path: str, title: str = ''):
+    """loss and accuracy per epoch, train and test."""
+    if not metrics:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [r['epoch'] for r in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (('loss', axes[0]), ('acc', axes[1])):
+        for split in ('train', 'test'):
+            col = f'{split}_{key}'
+            if col in metrics[0]:
+                ax.plot(epochs, [r[col] for r in metrics], marker='.', label=split)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('accuracy' if key == 'acc' else 'loss')
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def args_from_checkpoint(run_dir: str) -> dict:
+    path = os.path.join(run_dir, 'config.json')
+    if not os.path.isdir(os.path.join(run_dir, 'checkpoints', 'last')) or not os.path.exists(path):
+        raise UserError(f'--resume {run_dir}: no checkpoint there (expected {run_dir}/config.json and '
+                        f'{run_dir}/checkpoints/last); give the folder of an earlier run')
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch loop
+# --------------------------------------------------------------------------------------------
+
+
+def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Iterable],
+        test_batches: Callable[[], Iterable], step_weights, *, acc_th: Optional[float] = None,
+        smooth: int = 20, extra_config: Optional[dict] = None) -> dict:
+    """Train for args.epochs epochs (or until the smoothed training accuracy reaches acc_th).
+
+    train_batches(epoch) yields (xs, labels) numpy batches; test_batches() the held-out ones.
+    Writes config.json, metrics.csv, learning_curves.png, checkpoints and summary.json into run_dir.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    log = RunLog(run_dir)
+    config = dict(vars(args), run_dir=run_dir, **(extra_config or {}))
+    ckpt = None
+    start_epoch, best_test_acc, recent = 1, -1.0, []
+    seconds_before = 0.
+    try:
+        ckpt = Checkpoints(run_dir)
+        if args.resume:
+            done, meta = ckpt.restore(trainer)
+            start_epoch = done + 1
+            best_test_acc = meta.get('best_test_acc', -1.0)
+            recent = list(meta.get('recent_train_acc', []))
+            seconds_before = meta.get('seconds', 0.)
+            log.truncate_after(done)
+            print(f'resumed {run_dir} after epoch {done}')
+        else:
+            log.write_config(config)
+        stopped = 'epochs'
+        t0 = time.time()
+        metrics = log.read_metrics()
+        train_loss = train_acc = float('nan')
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, args.epochs + 1):
+            ep_t0, losses, accs, gnorms = time.time(), [], [], []
+            wait_s = step_s = 0.
+            batches = train_batches(epoch)
+            bar = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
+                       desc=f'epoch {epoch}/{args.epochs} [{args.method}]', disable=args.no_progress,
+                       leave=False, dynamic_ncols=True)
+            it = iter(batches)
+            while True:
+                tw = time.time()
+                try:
+                    xs, labels = next(it)
+                except StopIteration:
+                    break
+                ts = time.time()
+                wait_s += ts - tw
+                loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
+                step_s += time.time() - ts
+                if not math.isfinite(loss):
+                    stopped = 'nan'
+                    break
+                losses.append(loss)
+                accs.append(acc)
+                gnorms.append(gnorm)
+                recent = (recent + [acc])[-smooth:]
+                bar.update(1)
+                bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(recent):.3f}')
+                if acc_th is not None and len(recent) >= min(smooth, len(batches) if hasattr(
+                        batches, '__len__') else smooth) and np.mean(recent) >= acc_th:
+                    stopped = 'acc_th'
+                    break
+            bar.close()
+            if stopped == 'nan':
+                print(f'epoch {epoch}: the loss became NaN; stopping (the last good checkpoint is kept)')
+                epoch -= 1
+                break
+            n_batches = max(len(losses), 1)
+            train_loss, train_acc = float(np.mean(losses)), float(np.mean(accs))
+            test_loss, test_acc = evaluate(trainer, test_batches(), step_weights)
+            is_best = test_acc > best_test_acc
+            best_test_acc = max(best_test_acc, test_acc)
+            row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                       test_acc=test_acc, grad_norm=float(np.mean(gnorms)) if gnorms else float('nan'),
+                       seconds=time.time() - ep_t0, data_wait_s_per_batch=wait_s / n_batches,
+                       step_s_per_batch=step_s / n_batches)
+            log.append(row)
+            metrics.append(row)
+            meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
+                        seconds=seconds_before + time.time() - t0, config=config)
+            ckpt.save(trainer, epoch, meta, best=is_best)
+            print(f'epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.3f} | test loss {test_loss:.4f} '
+                  f'acc {test_acc:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
+                  f'{row["data_wait_s_per_batch"]:.3f} s/batch data', flush=True)
+            if stopped == 'acc_th':
+                print(f'smoothed training accuracy {np.mean(recent):.3f} >= acc_th {acc_th}: stopping')
+                break
+        plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
+                             f'{args.experiment} {METHOD_NAMES[args.method]}')
+        last = metrics[-1] if metrics else {}
+        summary = dict(method=args.method, epochs_run=int(last.get('epoch', 0)),
+                       train_acc=last.get('train_acc'), test_acc=last.get('test_acc'),
+                       best_test_acc=best_test_acc if best_test_acc >= 0 else None,
+                       smoothed_train_acc=float(np.mean(recent)) if recent else None,
+                       stopped_because=stopped, seconds=seconds_before + time.time() - t0, run_dir=run_dir)
+        log.write_summary(summary)
+        return summary
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def evaluate(trainer: Trainer, batches: Iterable, step_weights):
+    total_loss = total_correct = total_n = 0.
+    for xs, labels in batches:
+        loss, acc, n = trainer.evaluate(xs, labels, step_weights)
+        total_loss += loss * n
+        total_correct += acc * n
+        total_n += n
+    if total_n == 0:
+        return float('nan'), float('nan')
+    return total_loss / total_n, total_correct / total_n
