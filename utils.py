@@ -110,13 +110,16 @@ def default_run_dir(args) -> str:
 def explicitly_given(parser: argparse.ArgumentParser, argv) -> set:
     """The destinations of the flags that appear in argv (not filled in from defaults)."""
     defaults = {a: a.default for a in parser._actions}
+    parser_defaults = dict(parser._defaults)  # set_defaults() values are filled in too: hide them
     try:
         for a in parser._actions:
             a.default = argparse.SUPPRESS
+        parser._defaults.clear()
         given = parser.parse_args(argv)
     finally:
         for a, d in defaults.items():
             a.default = d
+        parser._defaults.update(parser_defaults)
     return set(vars(given)) - {'experiment'}
 
 

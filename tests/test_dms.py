@@ -1,0 +1,187 @@
+"""The DMS trial generator, training with each method, the run folder, resume and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import brainstate
+import numpy as np
+import pytest
+
+import datasets
+import models
+import utils
+from conftest import ROOT
+
+README_CFG = datasets.DMSConfig(dt=1., t_fixation=10., t_delay=1000.)
+
+
+def test_phase_timing_of_the_readme_trial():
+    assert README_CFG.n_steps == 2010
+    assert README_CFG.sample_start == 10 and README_CFG.delay_start == 510 and README_CFG.test_start == 1510
+    w = README_CFG.loss_weights()
+    assert w[:1510].sum() == 0 and np.isclose(w[1510:].sum(), 1.) and np.all(w[1510:] > 0)
+
+
+def test_phases_and_rates():
+    cfg = datasets.DMSConfig(t_fixation=10., t_sample=200., t_delay=300., t_test=200.)
+    x, y, sample, test = datasets.dms_trials(cfg, 256, np.random.default_rng(0))
+    assert x.shape == (cfg.n_steps, 256, 100) and x.dtype == np.uint8
+    quiet = np.concatenate([x[:cfg.sample_start], x[cfg.delay_start:cfg.test_start]])
+    assert abs(quiet.mean() - 0.001) < 0.0003  # 1 Hz background at dt = 1 ms
+    # The input neuron tuned to the sample direction fires at 101 Hz during the sample.
+    preferred = (sample * 100 // 8)
+    peak = x[cfg.sample_start:cfg.delay_start, np.arange(256), preferred]
+    assert abs(peak.mean() - 0.101) < 0.01
+    # Population rate during the sample: mean tuning x 100 Hz + background.
+    tuning_mean = datasets.dms_tuning(cfg, np.zeros(1)).mean()
+    assert abs(x[cfg.sample_start:cfg.delay_start].mean() - (0.001 + 0.1 * tuning_mean)) < 0.002
+
+
+def test_labels_balanced_and_match_repeats_the_sample():
+    cfg = datasets.DMSConfig(t_fixation=0., t_sample=100., t_delay=10., t_test=100.)
+    x, y, sample, test = datasets.dms_trials(cfg, 2000, np.random.default_rng(1))
+    assert abs(y.mean() - 0.5) < 0.04
+    assert np.all(sample[y == 1] == test[y == 1]) and np.all(sample[y == 0] != test[y == 0])
+    assert set(np.unique(test[y == 0] - sample[y == 0]) % 8) == set(range(1, 8))
+    # The direction decoded from the spikes (population vector) agrees with the labels.
+    angles = 2 * np.pi * np.arange(100) / 100
+
+    def decode(spk):
+        counts = spk.sum(0).astype(float)
+        return np.angle(counts @ np.exp(1j * angles))
+
+    d_sample = decode(x[cfg.sample_start:cfg.delay_start])
+    d_test = decode(x[cfg.test_start:])
+    same = np.abs(np.angle(np.exp(1j * (d_sample - d_test)))) < np.pi / 8
+    assert np.mean(same == (y == 1)) > 0.97
+
+
+def test_trials_are_seeded():
+    a = datasets.dms_trials(README_CFG, 4, datasets.dms_batch_rng(0, 1, 2))
+    b = datasets.dms_trials(README_CFG, 4, datasets.dms_batch_rng(0, 1, 2))
+    c = datasets.dms_trials(README_CFG, 4, datasets.dms_batch_rng(0, 1, 3))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
+
+
+def test_worker_loader_gives_the_same_batches():
+    cfg = datasets.DMSConfig(t_fixation=0., t_sample=20., t_delay=10., t_test=20.)
+    direct = [datasets.dms_trials(cfg, 4, datasets.dms_batch_rng(5, 2, i))[:2] for i in range(3)]
+    loaded = list(datasets.dms_train_loader(cfg, 4, 3, seed=5, n_workers=1)(2))
+    assert len(loaded) == 3
+    for (x1, y1), (x2, y2) in zip(direct, loaded):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+
+
+TINY_CFG = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
+
+
+@pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
+def test_each_method_lowers_the_loss(method):
+    brainstate.environ.set(dt=1.)
+    net = models.DMSNet(100, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
+                        rec_scale=2., seed=0)
+    trainer = utils.Trainer(net, method, 100, 16, lr=1e-2)
+    x, y, _, _ = datasets.dms_trials(TINY_CFG, 16, np.random.default_rng(0))
+    ws = TINY_CFG.loss_weights()
+    before, _, _ = trainer.evaluate(x, y, ws)
+    for _ in range(25):
+        trainer.train_step(x, y, ws)
+    after, _, _ = trainer.evaluate(x, y, ws)
+    assert np.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+TINY_FLAGS = ['--t_fixation', '5', '--t_sample', '20', '--t_delay', '20', '--t_test', '20', '--n_rec', '16',
+              '--batch_size', '8', '--batches_per_epoch', '3', '--n_test_trials', '16', '--devices', 'cpu',
+              '--no_progress', '--tau_neu', '20', '--tau_syn', '20', '--tau_I2', '100', '--acc_th', '1.1']
+
+
+def read_metrics(run_dir):
+    return utils.RunLog(run_dir).read_metrics()
+
+
+@pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
+def test_main_writes_the_run_folder(dms_script, tmp_path, method):
+    run_dir = str(tmp_path / method)
+    assert dms_script.main(TINY_FLAGS + ['--method', method, '--epochs', '2', '--out_dir', run_dir]) == 0
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert config['method'] == method and config['n_rec'] == 16 and config['n_steps'] == 65
+    rows = read_metrics(run_dir)
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert all(0 <= r['test_acc'] <= 1 and np.isfinite(r['train_loss']) for r in rows)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['method'] == method and summary['epochs_run'] == 2 and summary['stopped_because'] == 'epochs'
+    assert summary['test_acc'] == rows[-1]['test_acc']
+    assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
+    assert os.path.exists(os.path.join(run_dir, 'learning_curves.png'))
+
+
+def test_resume_continues_where_it_stopped(dms_script, tmp_path):
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    dms_script.main(TINY_FLAGS + ['--epochs', '4', '--out_dir', full])
+    dms_script.main(TINY_FLAGS + ['--epochs', '2', '--out_dir', part])
+    assert [r['epoch'] for r in read_metrics(part)] == [1, 2]
+    dms_script.main(['--resume', part, '--epochs', '4'])
+    rows_full, rows_part = read_metrics(full), read_metrics(part)
+    assert [r['epoch'] for r in rows_part] == [1, 2, 3, 4]
+    assert json.load(open(os.path.join(part, 'summary.json')))['epochs_run'] == 4
+    # Same batches, same restored parameters and optimizer state: the same numbers.
+    for a, b in zip(rows_full, rows_part):
+        assert np.isclose(a['train_loss'], b['train_loss'], rtol=1e-4), (a, b)
+        assert np.isclose(a['test_loss'], b['test_loss'], rtol=1e-4), (a, b)
+
+
+def test_kill_while_saving_leaves_a_usable_checkpoint(dms_script, tmp_path):
+    run_dir = str(tmp_path / 'killed')
+    # A child that is SIGKILLed right after orbax starts writing the checkpoint of epoch 2.
+    child = textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        import orbax.checkpoint as ocp
+        from conftest import load_script
+        original = ocp.CheckpointManager.save
+        def save(self, step, *a, **k):
+            result = original(self, step, *a, **k)
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        ocp.CheckpointManager.save = save
+        load_script('task-rsnn-long-term-dependency.py').main({TINY_FLAGS!r} + ['--epochs', '3', '--out_dir', {run_dir!r}])
+    ''')
+    proc = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    assert dms_script.main(['--resume', run_dir, '--epochs', '3']) == 0
+    rows = read_metrics(run_dir)
+    # Epoch 2's checkpoint was not complete: the run goes on from epoch 1 and redoes 2.
+    assert [r['epoch'] for r in rows] == [1, 2, 3]
+    assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 3
+
+
+def run_cli(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'task-rsnn-long-term-dependency.py'), *flags],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize('flags, fragment', [
+    (['--method', 'rtrl'], "invalid choice: 'rtrl'"),
+    (['--dataset', 'mnist'], "invalid choice: 'mnist'"),
+    (['--n_rec', '0'], 'must be > 0'),
+    (['--batch_size', '-3'], 'must be > 0'),
+    (['--t_delay', '-5', '--devices', 'cpu'], '--t_delay must be >= 0'),
+    (['--resume', '/nonexistent/run'], 'no checkpoint there'),
+])
+def test_bad_input_is_one_line_with_exit_code_2(flags, fragment):
+    proc = run_cli(*flags)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_missing_device_warns_and_runs(tmp_path):
+    flags = ['3' if f == 'cpu' else f for f in TINY_FLAGS]  # --devices 3: the authors' fourth GPU
+    proc = run_cli(*flags, '--epochs', '1', '--batches_per_epoch', '1', '--out_dir', str(tmp_path / 'r'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'warning: --devices 3 not found' in proc.stderr
+
