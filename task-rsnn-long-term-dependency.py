@@ -15,8 +15,9 @@ import utils
 PRESETS = {
     # Short delay, few neurons: reaches test accuracy >= 0.95 on a 2-core CPU (README, "CPU demo").
     'cpu-demo': dict(method='expsm_diag', etrace_decay=0.99, t_fixation=10., t_sample=100., t_delay=100.,
-                     t_test=100., n_rec=100, batch_size=32, batches_per_epoch=50, epochs=40, acc_th=0.97,
-                     devices='cpu', exp_name='cpu-demo'),
+                     t_test=100., n_rec=100, tau_neu=20., tau_syn=20., batch_size=32, batches_per_epoch=50,
+                     epochs=10, lr=1e-3, lr_schedule='cosine', acc_th=0.99, devices='cpu',
+                     exp_name='cpu-demo'),
 }
 
 
@@ -24,8 +25,11 @@ def build_parser():
     p = utils.base_parser(__doc__.split('\n')[0], experiment='dms')
     p.set_defaults(epochs=2000, batch_size=128, etrace_decay=0.99)
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
-                   help='a named set of defaults (cpu-demo: short delay, 100 neurons, ES-D-RTRL on CPU); '
+                   help='a named set of defaults (cpu-demo: 100 ms delay, 100 neurons with 20 ms membrane and '
+                        'synapse, ES-D-RTRL, cosine lr, 500 batches, on the CPU); '
                         'flags given explicitly win')
+    p.add_argument('--lr_schedule', choices=('constant', 'cosine'), default='constant',
+                   help='constant lr, or a cosine decay to lr/100 over --epochs x --batches_per_epoch updates')
     g = p.add_argument_group('task')
     g.add_argument('--dataset', choices=['dms'], default='dms', help='the task (only dms here)')
     g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms)')
@@ -80,8 +84,10 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                           tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
                           spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
                           tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
+    lr = args.lr if args.lr_schedule == 'constant' else \
+        utils.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = utils.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
-                            lr=args.lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
+                            lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time)
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {device}; run folder {run_dir}')

@@ -219,6 +219,12 @@ def step_schedule(lr: float, milestones: Iterable[int], batches_per_epoch: int, 
     return optax.piecewise_constant_schedule(lr, {m * batches_per_epoch: factor for m in milestones})
 
 
+def cosine_schedule(lr: float, total_steps: int, final_fraction: float = 0.01):
+    """lr decaying along a half cosine to lr * final_fraction after total_steps updates."""
+    import optax
+    return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=final_fraction)
+
+
 def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
@@ -269,6 +275,7 @@ class Trainer:
         self.algo = None
         if method != 'bptt':
             mode = brainstate.mixin.Batching()
+            __import__('brainscale_speedups').install()  # same gradients, faster (see brainscale_speedups.py)
             if method == 'diag':
                 patch_brainscale_drtrl()
                 self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
@@ -323,7 +330,12 @@ class Trainer:
                 def step(x, w):
                     out = self.model(x)
                     return self._step_loss(out, labels, mask, w), w * out
-                losses, wouts = brainstate.transform.for_loop(step, xs, ws)
+                if hasattr(self.model, 'run_sequence'):  # layer after layer, input products out of the loop
+                    outs = self.model.run_sequence(xs)
+                    losses = jax.vmap(lambda o, w: self._step_loss(o, labels, mask, w))(outs, ws)
+                    wouts = ws[:, None, None] * outs
+                else:
+                    losses, wouts = brainstate.transform.for_loop(step, xs, ws)
                 return losses.sum(), (losses, wouts)
 
             grads, _, (losses, wouts) = brainstate.transform.grad(
