@@ -74,6 +74,18 @@ class LeakyReadout(brainstate.nn.Module):
         self.r.value = r
         return r
 
+    def run_sequence(self, xs):
+        """`update` over xs (T, B, n_in) -> (T, B, n_out), with x_t W + b for all t as one product."""
+        p = self.linear.weight_op.value
+        z = jnp.einsum('tbi,ij->tbj', xs, p['weight']) + p['bias']
+
+        def step(z_t):
+            r = self.decay * self.r.value + z_t
+            self.r.value = r
+            return r
+
+        return brainstate.transform.for_loop(step, z)
+
 
 class GIFExpLayer(brainstate.nn.Module):
     """Recurrent generalized integrate-and-fire layer with exponential synapses (the DMS network).
@@ -203,8 +215,30 @@ class LIFDeltaLayer(brainstate.nn.Module):
     def update(self, x):
         th = self.threshold()
         s = self.spk_fun((self.V.value - th) / self.V_th)
+        return self._integrate(self.linear(jnp.concatenate([x, s], axis=-1)), s, th)
+
+    def run_sequence(self, xs):
+        """`update` over a whole sequence, xs (T, B, n_in) -> spikes (T, B, n_rec), for BPTT.
+
+        The same arithmetic, except that x_t W_in for all t is one matrix product before the time loop
+        (only s_{t-1} W_rec stays inside it): several times faster on a CPU, same gradients.
+        """
+        p = self.linear.weight_op.value
+        n_x = xs.shape[-1]
+        w_in, w_rec = p['weight'][:n_x], p['weight'][n_x:]
+        currents = jnp.einsum('tbi,ij->tbj', xs, w_in)
+        if 'bias' in p:
+            currents = currents + p['bias']
+
+        def step(c_in):
+            th = self.threshold()
+            s = self.spk_fun((self.V.value - th) / self.V_th)
+            return self._integrate(c_in + s @ w_rec, s, th)
+
+        return brainstate.transform.for_loop(step, currents)
+
+    def _integrate(self, c, s, th):
         s_reset = jax.lax.stop_gradient(s)
-        c = self.linear(jnp.concatenate([x, s], axis=-1))
         if self.synapse == 'exp':
             c = self.I.value * self.syn_decay + c
             self.I.value = c
@@ -244,6 +278,12 @@ class SpikingStack(brainstate.nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.out(x)
+
+    def run_sequence(self, xs):
+        """The readout for a whole sequence xs (T, B, n_in), layer after layer (BPTT; see Trainer)."""
+        for layer in self.layers:
+            xs = layer.run_sequence(xs)
+        return self.out.run_sequence(xs)
 
 
 def count_params(model) -> int:

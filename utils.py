@@ -350,10 +350,14 @@ class Trainer:
 
                 g, loss, out = brainstate.transform.grad(
                     step_loss, self.params, return_value=True, has_aux=True)()
-                return jax.tree.map(jnp.add, acc, g), (loss, w * out)
+                return jax.tree.map(jnp.add, acc, (g, loss, w * out)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, {k: s.value for k, s in self.params.items()})
-            grads, (losses, wouts) = brainstate.transform.scan(step, zeros, (xs, ws))
+            # running sums, not per-step stacks: the online step's memory stays constant in T
+            out = brainstate.transform.StatefulFunction(self.model).get_out_shapes(xs[0])[0]
+            zeros = jax.tree.map(jnp.zeros_like, ({k: s.value for k, s in self.params.items()},
+                                                  jnp.zeros(()), jnp.zeros(out.shape, out.dtype)))
+            (grads, loss_sum, wout_sum), _ = brainstate.transform.scan(step, zeros, (xs, ws))
+            losses, wouts = loss_sum[None], wout_sum[None]
         loss, acc = self._summaries(losses, wouts, labels, mask, ws)
         return {path_key(k): g for k, g in grads.items()}, loss, acc
 
