@@ -230,12 +230,12 @@ class LIFDeltaLayer(brainstate.nn.Module):
         if 'bias' in p:
             currents = currents + p['bias']
 
-        def step(c_in):
-            th = self.threshold()
-            s = self.spk_fun((self.V.value - th) / self.V_th)
-            return self._integrate(c_in + s @ w_rec, s, th)
+        def step(s, c_in):  # s_{t-1} is carried: the spike that the previous step returned
+            out = self._integrate(c_in + s @ w_rec, s, self.threshold())
+            return out, out
 
-        return brainstate.transform.for_loop(step, currents)
+        s0 = self.spk_fun((self.V.value - self.threshold()) / self.V_th)
+        return brainstate.transform.scan(step, s0, currents)[1]
 
     def _integrate(self, c, s, th):
         s_reset = jax.lax.stop_gradient(s)

@@ -1,0 +1,590 @@
+"""Memory and speed of one training step against sequence length, for BPTT, D-RTRL and ES-D-RTRL.
+
+    python task-memory-and-speed-evaluation-tpu.py                      # the whole sweep, best device
+    python task-memory-and-speed-evaluation-tpu.py --methods bptt,diag --lengths 50,100
+
+On a GPU or TPU the default is the paper's network (3 x 512 LIF-delta, 32768 binary inputs with
+p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (README, "Memory and speed
+evaluation"). Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
+so that one measurement cannot leak into the next: the step that `utils.Trainer` trains with is
+compiled, its compile time and its compiled memory analysis are recorded, then it runs --repeats times
+(median, block until ready). Running out of memory is a result (status OOM), not the end of the sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import utils
+
+SCRIPT = os.path.abspath(__file__)
+RESULT_TAG = '@@MEMSPEED_RESULT@@ '
+METHOD_ORDER = ('bptt', 'expsm_diag', 'diag')
+
+PRESETS = {
+    # The paper's configuration (DVS-Gesture-shaped input); needs an accelerator.
+    'paper': dict(methods='bptt,expsm_diag,diag', lengths='50,100,200,300,400,600,800,1000', batch_size=128,
+                  n_in=32768, n_rec=512, n_layer=3, n_out=11, repeats=5),
+    # The same network on N-MNIST-sized input (34 x 34 x 2 = 2312), batch 32: the whole sweep in under
+    # 10 minutes on 2 CPU cores, with the same shape (BPTT linear in T, the online methods flat).
+    'cpu': dict(methods='bptt,expsm_diag,diag', lengths='25,50,100,200', batch_size=32,
+                n_in=2312, n_rec=512, n_layer=3, n_out=11, repeats=3),
+}
+
+CSV_COLUMNS = [
+    'method', 'method_name', 'T', 'status', 'reason',
+    'batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'n_params',
+    'setup_s', 'compile_s', 'first_step_s', 'step_s', 'step_s_min', 'step_s_max', 'ms_per_time_step',
+    'gflop_per_step', 'gflops', 'matmul_gflops', 'frac_of_matmul',
+    'input_mb', 'xla_args_mb', 'xla_out_mb', 'xla_alias_mb', 'xla_temp_mb', 'step_mb',
+    'predicted_state_mb', 'params_mb', 'device_peak_mb', 'device_peak_minus_input_mb',
+    'rss_base_mb', 'peak_rss_mb', 'platform', 'device',
+]
+
+MB = 2.0 ** 20
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def method_list(text: str):
+    names = [m.strip() for m in text.split(',') if m.strip()]
+    bad = [m for m in names if m not in utils.METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f'unknown method(s) {bad or text!r}; choose from {", ".join(utils.METHODS)}')
+    return names
+
+
+def length_list(text: str):
+    try:
+        values = [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a comma list of positive integers, got {text!r}')
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f'expected a comma list of positive integers, got {text!r}')
+    return values
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (None means: from the preset)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+    p.add_argument('--preset', choices=('auto', 'paper', 'cpu'), default='auto',
+                   help='sizes to use: paper (accelerator), cpu (scaled down), auto = paper on a GPU/TPU, '
+                        'cpu on a CPU; explicit flags override the preset')
+    p.add_argument('--methods', type=method_list, default=None,
+                   help='comma list of bptt, expsm_diag, diag (preset: all three)')
+    p.add_argument('--lengths', type=length_list, default=None,
+                   help='comma list of sequence lengths T (preset: paper 50,...,1000; cpu 25,50,100,200)')
+    p.add_argument('--batch_size', type=utils.positive_int, default=None, help='batch size (preset: 128 / 32)')
+    p.add_argument('--n_in', type=utils.positive_int, default=None,
+                   help='binary input channels (preset: 32768 = 128x128x2 / 2312 = 34x34x2)')
+    p.add_argument('--n_rec', type=utils.positive_int, default=None, help='neurons per recurrent layer (preset: 512)')
+    p.add_argument('--n_layer', type=utils.positive_int, default=None, help='recurrent layers (preset: 3)')
+    p.add_argument('--n_out', type=utils.positive_int, default=None, help='classes of the readout (preset: 11)')
+    p.add_argument('--repeats', type=utils.positive_int, default=None,
+                   help='timed training steps after the warm-up step; the median is reported (preset: 5 / 3)')
+    p.add_argument('--density', type=float, default=0.1, help='probability that an input channel spikes in a step')
+    p.add_argument('--etrace_decay', type=utils.decay_or_rank, default=0.9,
+                   help='ES-D-RTRL decay in (0,1) or integer rank')
+    p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
+                   help='neuron/synapse model of the recurrent layers')
+    p.add_argument('--devices', default='auto',
+                   help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; or an accelerator index")
+    p.add_argument('--out_dir', default=None,
+                   help='run folder (default results/memory_speed/<timestamp>)')
+    p.add_argument('--timeout', type=utils.positive_float, default=1800.,
+                   help='seconds allowed to one (method, T) measurement; beyond it the row says timeout')
+    p.add_argument('--memory_limit_mb', type=utils.positive_float, default=None,
+                   help='treat a step whose compiled footprint (arguments incl. input, outputs, temporaries) '
+                        'exceeds this as OOM without running it (emulates a smaller device)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the weights and of the input spikes')
+    p.add_argument('--no_plot', action='store_true', help='skip memory_and_time.png')
+    p.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--_probe', default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Theory: FLOPs and predicted state size
+# --------------------------------------------------------------------------------------------
+
+
+def layer_inputs(cfg):
+    return [cfg['n_in'] if l == 0 else cfg['n_rec'] for l in range(cfg['n_layer'])]
+
+
+def n_params(cfg) -> int:
+    n_rec, n_out = cfg['n_rec'], cfg['n_out']
+    return sum((n_x + n_rec) * n_rec + n_rec for n_x in layer_inputs(cfg)) + n_rec * n_out + n_out
+
+
+def flop_per_time_step(cfg) -> float:
+    """Matmul FLOPs of one time step of training: forward, weight gradients, and the input gradients
+    that are needed (all but the data input's). The same yardstick for the three methods."""
+    B, n_rec, n_out = cfg['batch_size'], cfg['n_rec'], cfg['n_out']
+    total = 0.
+    for l, n_x in enumerate(layer_inputs(cfg)):
+        total += 2 * 2 * B * (n_x + n_rec) * n_rec                    # forward + weight gradient
+        total += 2 * B * n_rec * (n_rec + (n_x if l > 0 else 0))     # gradient of s_{t-1} (and x_t)
+    total += 3 * 2 * B * n_rec * n_out                               # readout
+    return total
+
+
+def predicted_state_bytes(cfg, method: str, T: int) -> float:
+    """The memory that the method's formula says grows (float32).
+
+    bptt:       T x B x (2 n_layer n_rec + n_out): spikes and membrane potential of every layer and the
+                readout, kept for every step of the backward pass (grows with T);
+    diag:       B x #params: one eligibility trace per weight and sample (D-RTRL);
+    expsm_diag: B x sum over weight matrices of (inputs + outputs) (ES-D-RTRL).
+    """
+    B, n_rec, n_out, L = cfg['batch_size'], cfg['n_rec'], cfg['n_out'], cfg['n_layer']
+    if method == 'bptt':
+        return 4. * T * B * (2 * L * n_rec + n_out)
+    if method == 'diag':
+        return 4. * B * n_params(cfg)
+    io = sum((n_x + n_rec) + n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
+    return 4. * B * io
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side (a fresh process per measurement)
+# --------------------------------------------------------------------------------------------
+
+
+def classify_failure(text: str) -> str:
+    """'OOM' for out-of-memory messages, else 'error'."""
+    low = text.lower()
+    keys = ('resource_exhausted', 'out of memory', 'memoryerror', 'cannot allocate memory', 'bad_alloc',
+            'failed to allocate', 'oom')
+    return 'OOM' if any(k in low for k in keys) else 'error'
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+    for l in reversed(lines):  # the last line that says what happened
+        if not l.startswith(('File ', 'Traceback', '^', '~')) and 'site-packages' not in l:
+            return l[:limit]
+    return (lines[-1] if lines else '')[:limit]
+
+
+def _rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.  # Linux: KiB
+
+
+def pick_device(spec: str):
+    import jax
+    if spec == 'auto':
+        accelerators = [d for d in jax.devices() if d.platform != 'cpu']
+        device = accelerators[0] if accelerators else jax.devices('cpu')[0]
+        jax.config.update('jax_default_device', device)
+        return device
+    return utils.select_device(spec)
+
+
+def probe(spec: str, size: int = 0) -> dict:
+    """The device, and its float32 matmul GFLOP/s measured like the steps (jit, median, block)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    device = pick_device(spec)
+    n = size or (2048 if device.platform == 'cpu' else 8192)
+    a = jax.device_put(jnp.ones((n, n), jnp.float32) / n, device)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return dict(platform=device.platform, device=str(device), device_kind=getattr(device, 'device_kind', ''),
+                matmul_n=n, matmul_gflops=2. * n ** 3 / float(np.median(times)) / 1e9, jax_version=jax.__version__,
+                n_cpu=os.cpu_count(), load_avg=load_average())
+
+
+def load_average():
+    """The 1-minute load average (other processes sharing the CPU slow every CPU measurement)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def get_jitted_parts(jitted):
+    """The jax-level jit and the brainstate state trace behind a `brainstate.transform.jit` function."""
+    if not (hasattr(jitted, 'stateful_fun') and hasattr(jitted, 'jitted_fun')):
+        raise RuntimeError('brainstate.transform.jit internals changed: cannot reach the compiled step')
+    return jitted.stateful_fun, jitted.jitted_fun
+
+
+def measure(cfg: dict) -> dict:
+    """Build, compile and time one training step of `utils.Trainer`; returns a result row."""
+    row = dict(method=cfg['method'], T=cfg['T'])
+    import brainstate
+    import jax
+    import numpy as np
+    import models
+    row['rss_base_mb'] = _rss_mb()
+    device = pick_device(cfg['devices'])
+    row.update(platform=device.platform, device=str(device))
+    brainstate.environ.set(dt=1.)
+    T, B = cfg['T'], cfg['batch_size']
+
+    t0 = time.perf_counter()
+    model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
+                                seed=cfg['seed'])
+    trainer = utils.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'])
+    row['setup_s'] = time.perf_counter() - t0
+
+    rng = np.random.default_rng(cfg['seed'] + 1)
+    xs = (rng.random((T, B, cfg['n_in']), dtype=np.float32) < cfg['density']).astype(np.float32)
+    labels = rng.integers(0, cfg['n_out'], B).astype(np.int32)
+    mask = np.ones(B, np.float32)
+    ws = np.full(T, 1. / T, np.float32)
+    args = jax.device_put((trainer.opt_state, xs, labels, mask, ws), device)
+    del xs
+    row['input_mb'] = (args[1].nbytes + args[4].nbytes) / MB   # the input spikes and per-step loss weights
+
+    # compile exactly the step that Trainer.train_step runs
+    stateful, jit_fun = get_jitted_parts(trainer._train)
+    t0 = time.perf_counter()
+    state_trace = stateful.get_state_trace(*args, compile_if_miss=True)
+    state_vals = jax.device_put(state_trace.get_state_values(), device)
+    compiled = jit_fun.lower(state_vals, *args).compile()
+    row['compile_s'] = time.perf_counter() - t0
+
+    ma = compiled.memory_analysis()
+    if ma is not None:
+        row.update(xla_args_mb=ma.argument_size_in_bytes / MB, xla_out_mb=ma.output_size_in_bytes / MB,
+                   xla_alias_mb=ma.alias_size_in_bytes / MB, xla_temp_mb=ma.temp_size_in_bytes / MB)
+        total = row['xla_args_mb'] + row['xla_out_mb'] + row['xla_temp_mb'] - row['xla_alias_mb']
+        row['step_mb'] = total - row['input_mb']
+        limit = cfg.get('memory_limit_mb')
+        if limit and total > limit:
+            row.update(status='OOM', reason=f'compiled step needs {total:.1f} MB > --memory_limit_mb {limit:g}',
+                       peak_rss_mb=_rss_mb())
+            return row
+
+    t0 = time.perf_counter()
+    out = compiled(state_vals, *args)
+    jax.block_until_ready(out)
+    row['first_step_s'] = time.perf_counter() - t0
+    del out
+    times = []
+    for _ in range(cfg['repeats']):
+        t0 = time.perf_counter()
+        out = compiled(state_vals, *args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+        del out
+    row.update(step_s=float(np.median(times)), step_s_min=float(min(times)), step_s_max=float(max(times)),
+               status='ok', reason='')
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        pass
+    if stats and 'peak_bytes_in_use' in stats:
+        row['device_peak_mb'] = stats['peak_bytes_in_use'] / MB
+        row['device_peak_minus_input_mb'] = row['device_peak_mb'] - row['input_mb']
+    row['peak_rss_mb'] = _rss_mb()
+    return row
+
+
+def worker_main(cfg_json: str) -> int:
+    cfg = json.loads(cfg_json)
+    try:
+        row = measure(cfg)
+    except BaseException as e:  # a failed measurement is a result row
+        text = f'{type(e).__name__}: {e}'
+        row = dict(method=cfg['method'], T=cfg['T'], status=classify_failure(text), reason=one_line(text))
+    print(RESULT_TAG + json.dumps(row), flush=True)
+    return 0
+
+
+def probe_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    print(RESULT_TAG + json.dumps(probe(spec['devices'], spec.get('matmul_n', 0))), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side: the sweep
+# --------------------------------------------------------------------------------------------
+
+
+def child_env(devices: str) -> dict:
+    env = dict(os.environ)
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # measure what the step needs, not a reservation
+    if devices == 'cpu':
+        env['JAX_PLATFORMS'] = 'cpu'
+    env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    return env
+
+
+def run_child(flag: str, payload: dict, timeout: float, devices: str):
+    """Run this script with a hidden flag in a fresh process; returns (result dict or None, failure row)."""
+    cmd = [sys.executable, SCRIPT, flag, json.dumps(payload)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(devices),
+                              cwd=os.path.dirname(SCRIPT))
+    except subprocess.TimeoutExpired:
+        return None, dict(status='timeout', reason=f'no result within --timeout {timeout:g} s')
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):]), None
+    if proc.returncode < 0:
+        sig = -proc.returncode
+        status = 'OOM' if sig == 9 else 'error'
+        why = 'killed by SIGKILL (the kernel OOM killer?)' if sig == 9 else f'killed by signal {sig}'
+        return None, dict(status=status, reason=why)
+    text = proc.stderr or proc.stdout or f'exit code {proc.returncode}'
+    return None, dict(status=classify_failure(text), reason=one_line(text))
+
+
+def resolve_config(args, platform: str) -> dict:
+    preset = args.preset if args.preset != 'auto' else ('cpu' if platform == 'cpu' else 'paper')
+    base = PRESETS[preset]
+    cfg = dict(preset=preset)
+    for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats'):
+        value = getattr(args, key)
+        cfg[key] = value if value is not None else base[key]
+    cfg['methods'] = args.methods or method_list(base['methods'])
+    cfg['lengths'] = args.lengths or length_list(base['lengths'])
+    cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
+               devices=args.devices, timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
+    return cfg
+
+
+def complete_row(row: dict, cfg: dict, probe_info: dict) -> dict:
+    """Add the configuration, the theory and the derived speed figures to a measured row."""
+    method, T = row['method'], int(row['T'])
+    row.update(method_name=utils.METHOD_NAMES[method], batch_size=cfg['batch_size'], n_in=cfg['n_in'],
+               n_rec=cfg['n_rec'], n_layer=cfg['n_layer'], n_out=cfg['n_out'], n_params=n_params(cfg))
+    row['predicted_state_mb'] = predicted_state_bytes(cfg, method, T) / MB
+    row['params_mb'] = 4. * n_params(cfg) / MB
+    row['gflop_per_step'] = flop_per_time_step(cfg) * T / 1e9
+    row['matmul_gflops'] = probe_info.get('matmul_gflops')
+    row.setdefault('platform', probe_info.get('platform'))
+    row.setdefault('device', probe_info.get('device'))
+    if row.get('step_s'):
+        row['ms_per_time_step'] = 1e3 * row['step_s'] / T
+        row['gflops'] = row['gflop_per_step'] / row['step_s']
+        if row['matmul_gflops']:
+            row['frac_of_matmul'] = row['gflops'] / row['matmul_gflops']
+    return {k: row.get(k) for k in CSV_COLUMNS}
+
+
+def write_outputs(out_dir: str, cfg: dict, probe_info: dict, rows: list, summary=None):
+    with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ('' if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(dict(config=cfg, machine=probe_info, rows=rows, **(summary or {})), f, indent=1, default=str)
+
+
+def fmt(v, spec='.3g'):
+    if v is None or v == '':
+        return '-'
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def markdown_table(rows: list) -> str:
+    head = ('| method | T | status | step (s) | ms / time step | compile (s) | GFLOP/s | % of matmul | '
+            'step memory (MB) | predicted state (MB) | device peak (MB) | peak RSS (MB) |')
+    lines = [head, '|' + '---|' * 12]
+    for r in rows:
+        status = r['status'] if r['status'] == 'ok' else f"{r['status']}: {r.get('reason') or ''}"[:80]
+        frac = fmt(100 * r['frac_of_matmul'], '.0f') if r.get('frac_of_matmul') else '-'
+        lines.append(f"| {r['method_name']} | {r['T']} | {status} | {fmt(r.get('step_s'))} | "
+                     f"{fmt(r.get('ms_per_time_step'))} | {fmt(r.get('compile_s'), '.2g')} | "
+                     f"{fmt(r.get('gflops'), '.1f')} | {frac} | {fmt(r.get('step_mb'), '.4g')} | "
+                     f"{fmt(r.get('predicted_state_mb'), '.4g')} | {fmt(r.get('device_peak_minus_input_mb'), '.4g')} | "
+                     f"{fmt(r.get('peak_rss_mb'), '.4g')} |")
+    return '\n'.join(lines)
+
+
+def speed_targets(rows: list) -> dict:
+    """The README's speed targets, evaluated at the longest T that BPTT and the other method completed."""
+    ok = {(r['method'], r['T']): r for r in rows if r['status'] == 'ok'}
+    out = {}
+    bptt_T = sorted(T for (m, T) in ok if m == 'bptt')
+    if bptt_T:
+        b = ok[('bptt', bptt_T[-1])]
+        if b.get('frac_of_matmul') is not None:
+            out['bptt_frac_of_matmul'] = dict(T=b['T'], value=b['frac_of_matmul'], target='>= 0.5',
+                                              met=b['frac_of_matmul'] >= 0.5)
+    for method, key, limit in (('expsm_diag', 'esdrtrl_over_bptt', 0.6), ('diag', 'drtrl_over_bptt', 10.)):
+        common = sorted(T for (m, T) in ok if m == method and ('bptt', T) in ok)
+        if common:
+            T = common[-1]
+            ratio = ok[(method, T)]['step_s'] / ok[('bptt', T)]['step_s']
+            out[key] = dict(T=T, value=ratio, target=f'<= {limit:g}', met=ratio <= limit)
+    return out
+
+
+def memory_growth(rows: list) -> dict:
+    """Per method: step memory at the shortest and longest T measured, their ratio, and the growth per
+    time step next to the predicted state's."""
+    out = {}
+    for method in METHOD_ORDER:
+        rs = sorted([r for r in rows if r['method'] == method and r.get('step_mb') is not None], key=lambda r: r['T'])
+        if len(rs) < 2:
+            continue
+        a, b = rs[0], rs[-1]
+        out[method] = dict(T_min=a['T'], T_max=b['T'], mb_T_min=a['step_mb'], mb_T_max=b['step_mb'],
+                           ratio=b['step_mb'] / a['step_mb'],
+                           mb_per_step=(b['step_mb'] - a['step_mb']) / (b['T'] - a['T']),
+                           predicted_mb_per_step=(b['predicted_state_mb'] - a['predicted_state_mb']) / (b['T'] - a['T']))
+    return out
+
+
+def plot(rows: list, cfg: dict, probe_info: dict, path: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    on_device = any(r.get('device_peak_minus_input_mb') for r in rows)
+    mem_key = 'device_peak_minus_input_mb' if on_device else 'step_mb'
+    mem_label = ('device peak memory - input (MB)' if on_device
+                 else 'compiled step memory - input (MB)')
+    colors = {'bptt': 'tab:red', 'expsm_diag': 'tab:blue', 'diag': 'tab:green'}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for method in [m for m in METHOD_ORDER if m in cfg['methods']]:
+        rs = sorted([r for r in rows if r['method'] == method], key=lambda r: r['T'])
+        c, name = colors[method], utils.METHOD_NAMES[method]
+        ok = [r for r in rs if r['status'] == 'ok' or (r.get(mem_key) is not None and r['status'] == 'OOM')]
+        pts = [(r['T'], r[mem_key]) for r in ok if r.get(mem_key) is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), 'o-', color=c, label=f'{name} measured')
+        axes[0].plot([r['T'] for r in rs], [r['predicted_state_mb'] for r in rs], '--', color=c, alpha=0.6,
+                     label=f'{name} predicted state')
+        fails = [r for r in rs if r['status'] != 'ok']
+        for r in fails:
+            axes[0].annotate(r['status'], (r['T'], r.get(mem_key) or r['predicted_state_mb']), color=c,
+                             fontsize=8, ha='center')
+        t_pts = [(r['T'], r['step_s']) for r in rs if r['status'] == 'ok']
+        if t_pts:
+            axes[1].plot(*zip(*t_pts), 'o-', color=c, label=name)
+        f_pts = [(r['T'], 100 * r['frac_of_matmul']) for r in rs if r.get('frac_of_matmul')]
+        if f_pts:
+            axes[2].plot(*zip(*f_pts), 'o-', color=c, label=name)
+    fixed = 2 * 3 * 4. * n_params(cfg) / MB
+    axes[0].axhline(fixed, color='gray', ls=':', lw=1,
+                    label='weights + Adam moments, in and out (every method)')
+    axes[0].set(xlabel='sequence length T', ylabel=mem_label, yscale='log', title='peak memory of one training step')
+    axes[1].set(xlabel='sequence length T', ylabel='seconds per training step (median)', yscale='log',
+                title='time of one training step after compilation')
+    axes[2].set(xlabel='sequence length T', ylabel='% of float32 matmul GFLOP/s',
+                title=f"model matmul FLOP/s vs machine ({fmt(probe_info.get('matmul_gflops'), '.0f')} GFLOP/s)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which='both')
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg['n_layer']} x {cfg['n_rec']} {cfg['model']}, {cfg['n_in']} inputs, batch {cfg['batch_size']}, "
+                 f"{probe_info.get('device')} ({cfg['preset']} preset)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sweep(args, out_dir: str) -> dict:
+    """The whole sweep; writes results.csv, results.json, results.md, memory_and_time.png into out_dir.
+    Returns {'config', 'machine', 'rows', 'targets', 'memory_growth', 'out_dir'}."""
+    os.makedirs(out_dir, exist_ok=True)
+    probe_info, failure = run_child('--_probe', dict(devices=args.devices), args.timeout, args.devices)
+    if probe_info is None:
+        raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
+    cfg = resolve_config(args, probe_info['platform'])
+    print(f"device: {probe_info['device']} ({probe_info['platform']}, {probe_info['n_cpu']} CPU cores, load average "
+          f"{probe_info['load_avg']}), float32 matmul {probe_info['matmul_gflops']:.1f} GFLOP/s "
+          f"({probe_info['matmul_n']}^3)")
+    preset_note = ' (scaled down for a CPU; the paper size needs a GPU/TPU: --preset paper)' \
+        if cfg['preset'] == 'cpu' else ''
+    print(f"preset {cfg['preset']}{preset_note}: {cfg['n_layer']} x {cfg['n_rec']} {cfg['model']}, "
+          f"{cfg['n_in']} inputs (p = {cfg['density']}), {cfg['n_out']} classes, batch {cfg['batch_size']}, "
+          f"{n_params(cfg)} weights; T in {cfg['lengths']}; methods {cfg['methods']}; "
+          f"median of {cfg['repeats']} steps; run folder {out_dir}", flush=True)
+    rows = []
+    for method in cfg['methods']:
+        for T in cfg['lengths']:
+            payload = dict(cfg, method=method, T=T)
+            t0 = time.perf_counter()
+            result, failure = run_child('--_worker', payload, cfg['timeout'], cfg['devices'])
+            row = complete_row(result or dict(method=method, T=T, **failure), cfg, probe_info)
+            rows.append(row)
+            write_outputs(out_dir, cfg, probe_info, rows)
+            if row['status'] == 'ok':
+                msg = (f"step {row['step_s']:.4g} s ({row['ms_per_time_step']:.3g} ms per time step, "
+                       f"{row['gflops']:.1f} GFLOP/s), compile {row['compile_s']:.2g} s, step memory "
+                       f"{fmt(row['step_mb'], '.4g')} MB (predicted state {row['predicted_state_mb']:.4g} MB)")
+            else:
+                msg = f"{row['status']}: {row['reason']}"
+            print(f"{utils.METHOD_NAMES[method]:>9} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    probe_info['load_avg_end'] = load_average()
+    targets = speed_targets(rows)
+    growth = memory_growth(rows)
+    write_outputs(out_dir, cfg, probe_info, rows, dict(speed=targets, memory_growth=growth))
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    if not args.no_plot:
+        plot(rows, cfg, probe_info, os.path.join(out_dir, 'memory_and_time.png'))
+    print()
+    print(table)
+    print()
+    for method, g in growth.items():
+        print(f"memory {utils.METHOD_NAMES[method]}: {g['mb_T_min']:.4g} MB at T={g['T_min']} -> {g['mb_T_max']:.4g} MB "
+              f"at T={g['T_max']} (x{g['ratio']:.2f}; {g['mb_per_step']:.3g} MB per time step, predicted state "
+              f"{g['predicted_mb_per_step']:.3g})")
+    for key, t in targets.items():
+        print(f"speed target {key} (README, set for the CPU preset): {t['value']:.3g} at T={t['T']} "
+              f"(target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+    if probe_info['platform'] == 'cpu':
+        print(f"load average {probe_info['load_avg']} at the start, {probe_info['load_avg_end']} at the end "
+              f"({probe_info['n_cpu']} cores): timings are only as good as the machine was quiet")
+    print(f'results in {out_dir}: results.csv, results.json, results.md'
+          + ('' if args.no_plot else ', memory_and_time.png'))
+    return dict(config=cfg, machine=probe_info, rows=rows, targets=targets, memory_growth=growth, out_dir=out_dir)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    if args._worker is not None:
+        return worker_main(args._worker)
+    if args._probe is not None:
+        return probe_main(args._probe)
+    if not 0 < args.density < 1:
+        raise utils.UserError(f'--density must be in (0, 1), got {args.density}')
+    out_dir = args.out_dir or os.path.join('results', 'memory_speed',
+                                           datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+    run_sweep(args, out_dir)
+    return 0
+
+
+if __name__ == '__main__':
+    utils.cli_main(main)

@@ -1,0 +1,203 @@
+"""The memory-and-speed sweep (task-memory-and-speed-evaluation-tpu.py) and the speed-ups it measures.
+
+Tiny networks on the CPU. Timing is never asserted (that is the benchmark's job); memory is checked
+through the compiled step's memory analysis, which is deterministic.
+"""
+import csv
+import json
+import os
+
+import brainstate
+import jax
+import numpy as np
+import pytest
+
+import brainscale_speedups
+import models
+import utils
+from conftest import load_script
+
+TINY = ['--n_in', '20', '--n_rec', '16', '--n_layer', '2', '--n_out', '3', '--batch_size', '4', '--repeats', '1',
+        '--devices', 'cpu']
+SHORT, LONG = 8, 96
+
+
+@pytest.fixture(scope='module')
+def mem_script():
+    return load_script('task-memory-and-speed-evaluation-tpu.py')
+
+
+@pytest.fixture(scope='module')
+def sweep(mem_script, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('memory_speed'))
+    args = mem_script.parse_args(TINY + ['--lengths', f'{SHORT},{LONG}', '--out_dir', out])
+    return mem_script.run_sweep(args, out)
+
+
+def rows_by_key(rows):
+    return {(r['method'], int(r['T'])): r for r in rows}
+
+
+def test_sweep_writes_csv_json_png_one_row_per_method_and_length(sweep, mem_script):
+    out = sweep['out_dir']
+    for name in ('results.csv', 'results.json', 'results.md', 'memory_and_time.png'):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, 'results.csv')) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == mem_script.CSV_COLUMNS
+        rows = list(reader)
+    assert sorted((r['method'], int(r['T'])) for r in rows) == sorted(
+        (m, T) for m in utils.METHODS for T in (SHORT, LONG))
+    for r in rows:
+        assert r['status'] == 'ok', r
+        for col in ('step_s', 'compile_s', 'gflops', 'frac_of_matmul', 'xla_temp_mb', 'step_mb', 'input_mb',
+                    'predicted_state_mb', 'peak_rss_mb', 'matmul_gflops'):
+            assert float(r[col]) > 0, (col, r)
+    data = json.load(open(os.path.join(out, 'results.json')))
+    assert len(data['rows']) == 6 and data['machine']['matmul_gflops'] > 0
+    assert data['config']['lengths'] == [SHORT, LONG]
+    # the tiny flags override the CPU preset
+    assert data['config']['n_rec'] == 16 and data['config']['preset'] == 'cpu'
+
+
+def test_compiled_memory_bptt_grows_online_methods_flat(sweep):
+    rows = rows_by_key(sweep['rows'])
+    short, long = {}, {}
+    for m in utils.METHODS:
+        short[m], long[m] = rows[(m, SHORT)]['step_mb'], rows[(m, LONG)]['step_mb']
+    # BPTT keeps every step's activations: 12x the steps, several times the memory
+    assert long['bptt'] > 3 * short['bptt'], (short, long)
+    # the predicted state grows the same way (linear in T), and the measured growth is at least that
+    pred = lambda m, T: rows[(m, T)]['predicted_state_mb']
+    assert pred('bptt', LONG) == pytest.approx(pred('bptt', SHORT) * LONG / SHORT)
+    assert long['bptt'] - short['bptt'] >= pred('bptt', LONG) - pred('bptt', SHORT)
+    for m in ('expsm_diag', 'diag'):
+        assert abs(long[m] - short[m]) <= 0.01 * short[m], (m, short[m], long[m])
+        assert pred(m, LONG) == pred(m, SHORT)
+        # the step holds at least the state that the method's formula predicts
+        assert short[m] >= pred(m, SHORT)
+    # D-RTRL's state (batch x #params) is the largest of the online ones
+    assert short['diag'] > short['expsm_diag']
+
+
+def test_forced_failure_is_a_row_and_the_sweep_goes_on(sweep, mem_script, tmp_path):
+    rows = rows_by_key(sweep['rows'])
+    total = lambda r: r['xla_args_mb'] + r['xla_out_mb'] + r['xla_temp_mb'] - r['xla_alias_mb']
+    # a device too small for BPTT at the long T, large enough for everything else
+    others = max(total(r) for k, r in rows.items() if k != ('bptt', LONG))
+    limit = (others + total(rows[('bptt', LONG)])) / 2
+    assert total(rows[('bptt', LONG)]) > 1.2 * limit and limit > 1.2 * others
+    out = str(tmp_path / 'limited')
+    args = mem_script.parse_args(TINY + ['--methods', 'bptt,expsm_diag', '--lengths', f'{SHORT},{LONG}',
+                                         '--memory_limit_mb', f'{limit:.6f}', '--out_dir', out, '--no_plot'])
+    result = mem_script.run_sweep(args, out)
+    got = rows_by_key(result['rows'])
+    assert len(got) == 4
+    assert got[('bptt', LONG)]['status'] == 'OOM' and 'memory_limit_mb' in got[('bptt', LONG)]['reason']
+    for key in [('bptt', SHORT), ('expsm_diag', SHORT), ('expsm_diag', LONG)]:
+        assert got[key]['status'] == 'ok' and got[key]['step_s'] > 0, got[key]
+    with open(os.path.join(out, 'results.csv')) as f:
+        statuses = {(r['method'], int(r['T'])): r['status'] for r in csv.DictReader(f)}
+    assert statuses[('bptt', LONG)] == 'OOM' and list(statuses.values()).count('ok') == 3
+
+
+def test_worker_failure_is_an_error_row_with_one_line(mem_script):
+    payload = dict(method='bptt', T=4, batch_size=2, n_in=4, n_rec=0, n_layer=1, n_out=2, repeats=1,
+                   density=0.1, etrace_decay=0.9, model='lif-delta', seed=0, devices='cpu', memory_limit_mb=None)
+    result, failure = mem_script.run_child('--_worker', payload, 300, 'cpu')
+    assert failure is None and result['status'] == 'error'
+    assert result['reason'] and '\n' not in result['reason']
+    assert mem_script.classify_failure('RESOURCE_EXHAUSTED: Out of memory while trying to allocate') == 'OOM'
+    assert mem_script.classify_failure('MemoryError: ') == 'OOM'
+    assert mem_script.classify_failure('ValueError: bad shape') == 'error'
+
+
+def test_flops_and_predicted_state(mem_script):
+    cfg = dict(batch_size=128, n_in=32768, n_rec=512, n_layer=3, n_out=11)
+    # D-RTRL's trace of the paper's network: batch x #params floats; layer 1 alone ~8 GiB
+    assert mem_script.predicted_state_bytes(cfg, 'diag', 1000) == 4 * 128 * mem_script.n_params(cfg)
+    assert 128 * 33280 * 512 * 4 / 2 ** 30 == pytest.approx(8.125)
+    assert mem_script.predicted_state_bytes(cfg, 'bptt', 200) == 2 * mem_script.predicted_state_bytes(cfg, 'bptt', 100)
+    small = dict(batch_size=1, n_in=2, n_rec=3, n_layer=1, n_out=1)
+    # forward + weight gradient of [x, s] W (2 x 2 x 5 x 3), gradient of s (2 x 3 x 3), readout 3 x 2 x 3
+    assert mem_script.flop_per_time_step(small) == 60 + 18 + 18
+
+
+# ------------------------------------------------------------------------------------------------
+# The speed-ups are exact: same gradients as brainscale's own code and as the per-step BPTT loop
+# ------------------------------------------------------------------------------------------------
+
+T, B, N_IN, N_REC = 24, 4, 6, 8
+
+
+def data(n_out, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = (rng.random((T, B, N_IN)) < 0.3).astype(np.float32)
+    return xs, rng.integers(0, n_out, B).astype(np.int32), np.linspace(0.2, 1., T).astype(np.float32)
+
+
+def build(kind, seed=0):
+    brainstate.environ.set(dt=1.)
+    if kind == 'dms':
+        return models.DMSNet(N_IN, N_REC, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1., ff_scale=6.,
+                             rec_scale=2., seed=seed), 2
+    return models.SpikingStack(N_IN, N_REC, 3, 2, model=kind, seed=seed), 3
+
+
+def flat(grads):
+    return np.concatenate([np.asarray(v).ravel() for _, v in sorted(jax.tree_util.tree_flatten_with_path(grads)[0],
+                                                                    key=lambda kv: str(kv[0]))])
+
+
+def assert_same(a, b):
+    a, b = flat(a), flat(b)
+    assert a.shape == b.shape
+    assert np.abs(a).max() > 0
+    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize('method,kind', [('diag', 'lif-exp-cu'), ('diag', 'dms'), ('diag', 'alif-delta'),
+                                         ('expsm_diag', 'lif-delta'), ('expsm_diag', 'dms')])
+def test_brainscale_speedups_give_brainscale_gradients(method, kind, monkeypatch):
+    grads = {}
+    for fast in (False, True):
+        if fast:
+            monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
+        else:
+            monkeypatch.setenv('BRAINSCALE_SPEEDUPS', '0')
+            brainscale_speedups.uninstall()
+        net, n_out = build(kind)
+        trainer = utils.Trainer(net, method, N_IN, B, etrace_decay=0.9)
+        before = dict(brainscale_speedups.STATS)
+        xs, labels, ws = data(n_out)
+        grads[fast] = trainer.gradients(xs, labels, ws)
+        traced_fast = brainscale_speedups.STATS['fast'] - before['fast']
+        assert brainscale_speedups.installed() == fast
+        assert (traced_fast > 0) == fast
+        assert brainscale_speedups.STATS['fallback'] == before['fallback']  # every layer took the fast path
+    assert_same(grads[False], grads[True])
+
+
+class PerStep(brainstate.nn.Module):
+    """The same network without `run_sequence`: Trainer falls back to the per-step BPTT loop."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def update(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize('kind,reset', [('lif-delta', 'hard'), ('alif-delta', 'soft'), ('lif-exp-cu', 'soft')])
+def test_bptt_layer_by_layer_equals_step_by_step(kind, reset):
+    grads = {}
+    for layered in (False, True):
+        brainstate.environ.set(dt=1.)
+        net = models.SpikingStack(N_IN, N_REC, 3, 2, model=kind, spk_reset=reset, seed=3)
+        net = net if layered else PerStep(net)
+        assert hasattr(net, 'run_sequence') == layered
+        trainer = utils.Trainer(net, 'bptt', N_IN, B)
+        xs, labels, ws = data(3, seed=1)
+        grads[layered] = trainer.gradients(xs, labels, ws)
+    assert_same(grads[False], grads[True])
