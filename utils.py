@@ -591,6 +591,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         else:
             log.write_config(config)
         stopped = 'epochs'
+        first_step_s = None
         t0 = time.time()
         metrics = log.read_metrics()
         train_loss = train_acc = float('nan')
@@ -598,6 +599,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         for epoch in range(start_epoch, args.epochs + 1):
             ep_t0, losses, accs, gnorms = time.time(), [], [], []
             wait_s = step_s = 0.
+            timed_steps = 0
             batches = train_batches(epoch)
             bar = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
                        desc=f'epoch {epoch}/{args.epochs} [{args.method}]', disable=args.no_progress,
@@ -612,7 +614,11 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 ts = time.time()
                 wait_s += ts - tw
                 loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
-                step_s += time.time() - ts
+                if first_step_s is None:  # compilation happens here: keep it out of the per-batch time
+                    first_step_s = time.time() - ts
+                else:
+                    step_s += time.time() - ts
+                    timed_steps += 1
                 if not math.isfinite(loss):
                     stopped = 'nan'
                     break
@@ -639,7 +645,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                        test_acc=test_acc, grad_norm=float(np.mean(gnorms)) if gnorms else float('nan'),
                        seconds=time.time() - ep_t0, data_wait_s_per_batch=wait_s / n_batches,
-                       step_s_per_batch=step_s / n_batches)
+                       step_s_per_batch=step_s / timed_steps if timed_steps else float('nan'))
             log.append(row)
             metrics.append(row)
             meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
@@ -658,7 +664,9 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                        train_acc=last.get('train_acc'), test_acc=last.get('test_acc'),
                        best_test_acc=best_test_acc if best_test_acc >= 0 else None,
                        smoothed_train_acc=float(np.mean(recent)) if recent else None,
-                       stopped_because=stopped, seconds=seconds_before + time.time() - t0, run_dir=run_dir)
+                       stopped_because=stopped, seconds=seconds_before + time.time() - t0,
+                       compile_and_first_step_s=first_step_s,
+                       step_s_per_batch=last.get('step_s_per_batch'), run_dir=run_dir)
         log.write_summary(summary)
         return summary
     finally:
