@@ -426,7 +426,7 @@ class Trainer:
 
 
 class Checkpoints:
-    """Orbax checkpoints of {params, opt_state, epoch, meta} in RUN_DIR/checkpoints/{last,best}.
+    """Orbax checkpoints of {params, opt_state, epoch, rng_key} + JSON meta in RUN_DIR/checkpoints/{last,best}.
 
     Orbax writes each step to a temporary folder and renames it when complete, and `last` keeps the two
     newest steps, so a process killed while saving still leaves a usable earlier checkpoint.
@@ -443,8 +443,12 @@ class Checkpoints:
 
     def save(self, trainer: Trainer, epoch: int, meta: dict, best: bool):
         import numpy as np
+        import brainstate
         state = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
-                 'epoch': np.asarray(epoch, np.int32)}
+                 'epoch': np.asarray(epoch, np.int32),
+                 # brainstate's global key (weight init, any stochastic layer); the data streams are
+                 # seeded by (seed, epoch, batch) and need nothing else to continue identically
+                 'rng_key': np.asarray(brainstate.random.DEFAULT.value)}
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                        meta=self.ocp.args.JsonSave(meta))
         managers = [self.last] + ([self.best] if best else [])
@@ -463,13 +467,16 @@ class Checkpoints:
         step = manager.latest_step()
         if step is None:
             raise UserError(f'no checkpoint in {manager.directory}')
+        import brainstate
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
-                  'epoch': jax.numpy.asarray(0, jax.numpy.int32)}
+                  'epoch': jax.numpy.asarray(0, jax.numpy.int32),
+                  'rng_key': jax.numpy.asarray(brainstate.random.DEFAULT.value)}
         abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, target)
         restored = manager.restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
         trainer.set_param_values(restored['state']['params'])
         trainer.opt_state = restored['state']['opt_state']
+        brainstate.random.DEFAULT.value = restored['state']['rng_key']
         return int(restored['state']['epoch']), dict(restored['meta'])
 
     def close(self):
