@@ -1,0 +1,177 @@
+"""N-MNIST and SHD classification: a stack of recurrent LIF layers trained by BPTT, D-RTRL or ES-D-RTRL.
+
+Events are read by tonic (N-MNIST: first saccade only; SHD), binned into --data_length frames by
+tonic.transforms.ToFrame (counts per bin, float32), cached on disk once, and fed time-major
+(T, batch, n_in) to the network: N-MNIST 2 x 34 x 34 = 2312 inputs, 10 classes; SHD 700 inputs, 20 classes.
+
+    python task-image-classification.py --devices 0 --dataset nmnist --data_length 400 --epoch 100 \\
+        --n_layer 3 --n_rec 512 --method bptt --model lif-delta --exp_name test-nmnist --warmup_ratio 0.
+"""
+from __future__ import annotations
+
+import argparse
+
+import utils
+
+MODELS = ('lif-delta', 'alif-delta', 'lif-exp-cu')
+
+
+def milestone_list(text: str) -> list:
+    """--lr_milestones '30,60' -> [30, 60] (epochs)."""
+    text = str(text).strip()
+    if not text:
+        return []
+    try:
+        values = [int(v) for v in text.replace(' ', '').split(',') if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a comma list of epochs such as 30,60, got {text!r}')
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f'milestone epochs must be > 0, got {text!r}')
+    return sorted(values)
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return value
+
+
+def build_parser():
+    import models
+    p = utils.base_parser(__doc__.split('\n')[0], experiment='image')
+    p.set_defaults(epochs=100, batch_size=128, etrace_decay=0.9)
+    for action in p._actions:  # the run folder is named after --dataset (see main)
+        if action.dest == 'out_dir':
+            action.help = 'run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>)'
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', choices=('nmnist', 'shd'), default='nmnist',
+                   help='nmnist = N-MNIST (first saccade, 2312 inputs, 10 classes); shd = Spiking Heidelberg '
+                        'Digits (700 inputs, 20 classes)')
+    g.add_argument('--data_dir', default='./data',
+                   help='folder holding NMNIST/ or SHD/ as tonic lays them out (downloaded there if absent)')
+    g.add_argument('--cache_dir', default=None,
+                   help='where the framed data are cached (None = <data_dir>/cache)')
+    g.add_argument('--data_length', type=utils.positive_int, default=400,
+                   help='time bins per sample (tonic ToFrame n_time_bins) = time steps T')
+    g.add_argument('--warmup_ratio', type=nonneg_float, default=0.,
+                   help='steps without loss at the start: a fraction of T if < 1, a number of steps if >= 1')
+    g.add_argument('--drop_last', type=int, choices=(0, 1), nargs='?', const=1, default=0,
+                   help='drop the last short training batch (otherwise it is padded and masked)')
+    g.add_argument('--batches_per_epoch', type=utils.positive_int, default=None,
+                   help='cap on training batches per epoch (None = the whole training split)')
+    g.add_argument('--eval_batches', type=utils.positive_int, default=None,
+                   help='cap on test batches per evaluation (None = the whole test split)')
+    g = p.add_argument_group('network')
+    g.add_argument('--model', choices=MODELS, default='lif-delta',
+                   help='lif-delta = LIF with delta synapses; alif-delta = adaptive-threshold LIF; '
+                        'lif-exp-cu = LIF with exponential current synapses')
+    g.add_argument('--n_layer', type=utils.positive_int, default=3, help='recurrent spiking layers')
+    g.add_argument('--n_rec', type=utils.positive_int, default=512, help='neurons per recurrent layer')
+    g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms) of one bin')
+    g.add_argument('--tau_mem', type=utils.positive_float, default=10.,
+                   help='mean membrane time constant (ms); drawn per neuron')
+    g.add_argument('--tau_mem_sigma', type=nonneg_float, default=1.,
+                   help='standard deviation (ms) of the per-neuron membrane time constants')
+    g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
+    g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
+    g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
+                   help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
+    g.add_argument('--rec_scale', type=nonneg_float, default=2.,
+                   help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
+    g.add_argument('--spk_fun', choices=sorted(models.SURROGATES), default='relu',
+                   help='surrogate gradient of the spike')
+    g.add_argument('--spk_reset', choices=('soft', 'hard'), default='soft',
+                   help='soft: V -= V_th after a spike; hard: V = 0')
+    g.add_argument('--readout_scale', type=utils.positive_float, default=1.,
+                   help='readout weights ~ N(0, readout_scale^2 / n_rec)')
+    g = p.add_argument_group('loss and schedule')
+    g.add_argument('--loss', choices=('cel', 'mse'), default='cel',
+                   help='cel = softmax cross-entropy; mse = squared error to the one-hot label')
+    g.add_argument('--lr_milestones', type=milestone_list, default=[],
+                   help="comma list of epochs at which the learning rate is multiplied by 0.1, e.g. '30,60'")
+    g.add_argument('--weight_L2', type=nonneg_float, default=0.,
+                   help='L2 penalty coefficient: weight_L2 * w is added to every gradient')
+    return p
+
+
+def warmup_steps(warmup_ratio: float, T: int) -> int:
+    """Steps without loss: int(T r) for r < 1, int(r) for r >= 1."""
+    return int(T * warmup_ratio) if warmup_ratio < 1 else int(warmup_ratio)
+
+
+def step_weights(T: int, warmup_ratio: float):
+    import numpy as np
+    warm = warmup_steps(warmup_ratio, T)
+    if warm >= T:
+        raise utils.UserError(f'--warmup_ratio {warmup_ratio} leaves no step with a loss out of '
+                              f'--data_length {T} (warm-up {warm} steps)')
+    w = np.zeros(T, np.float32)
+    w[warm:] = 1. / (T - warm)
+    return w
+
+
+def open_data(args):
+    """tonic's train and test datasets (raises a UserError, leaving nothing behind, when absent)."""
+    import datasets
+    return (datasets.open_tonic_dataset(args.dataset, args.data_dir, True),
+            datasets.open_tonic_dataset(args.dataset, args.data_dir, False))
+
+
+def train_and_evaluate(args, run_dir: str, data=None) -> dict:
+    import brainstate
+    import datasets
+    import models
+
+    info = datasets.event_dataset(args.dataset)
+    ws = step_weights(args.data_length, args.warmup_ratio)
+    train_ds, test_ds = data if data is not None else open_data(args)
+    splits = [datasets.load_framed_split(args.dataset, args.data_dir, train, args.data_length,
+                                         cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
+                                         progress=not args.no_progress)
+              for train, ds in ((True, train_ds), (False, test_ds))]
+    train_batches, test_batches = datasets.event_loaders(args, *splits)
+    n_batches = len(train_batches(1))
+
+    device = utils.select_device(args.devices)
+    brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
+    model = models.SpikingStack(info.n_in, args.n_rec, info.n_classes, args.n_layer, model=args.model,
+                                dt=args.dt, tau_mem=args.tau_mem, tau_mem_sigma=args.tau_mem_sigma,
+                                tau_o=args.tau_o, V_th=args.V_th, ff_scale=args.ff_scale,
+                                rec_scale=args.rec_scale, spk_fun=args.spk_fun, spk_reset=args.spk_reset,
+                                readout_scale=args.readout_scale, seed=args.seed)
+    lr = utils.step_schedule(args.lr, args.lr_milestones, n_batches)
+    trainer = utils.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
+                            grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
+                            loss=args.loss, weight_L2=args.weight_L2)
+    warm = warmup_steps(args.warmup_ratio, args.data_length)
+    print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
+          f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {device}; '
+          f'{n_batches} batches per epoch; loss on steps {warm}..{args.data_length - 1}; run folder {run_dir}',
+          flush=True)
+    summary = utils.fit(args, trainer, run_dir, train_batches, test_batches, ws,
+                        extra_config=dict(n_in=info.n_in, n_classes=info.n_classes, warmup_steps=warm,
+                                          batches_per_epoch_used=n_batches, n_train=len(splits[0]),
+                                          n_test=len(splits[1]), train_cache=splits[0].folder,
+                                          test_cache=splits[1].folder,
+                                          n_params=models.count_params(model), device=str(device)))
+    print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+    return summary
+
+
+def main(argv) -> int:
+    args = utils.parse_args(build_parser(), argv)
+    args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
+    step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
+    data = open_data(args)  # a missing dataset fails before the run folder exists
+    run_dir = utils.prepare_run_dir(args)
+    summary = train_and_evaluate(args, run_dir, data)
+    return 1 if summary['stopped_because'] == 'nan' else 0
+
+
+if __name__ == '__main__':
+    utils.cli_main(main)

@@ -1,0 +1,313 @@
+"""N-MNIST / SHD classification: tonic's real readers on tiny datasets written in the official on-disk
+formats, framing and its cache, batching, step weights, short training runs for every method, and the
+message for a missing dataset."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import datasets  # noqa: E402
+import utils  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, 'task-image-classification.py')
+N_CLASSES = 4          # classes present in the fake sets (the networks still have 10 / 20 outputs)
+
+
+def load_task():
+    spec = importlib.util.spec_from_file_location('task_image_classification', SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+task = load_task()
+
+
+def _nmnist_check_small(self):
+    # tonic demands 10000 .bin files per split before reading any (tonic's own tests patch this too).
+    return self._is_file_present() and self._folder_contains_at_least_n_files_of_type(1, '.bin')
+
+
+@pytest.fixture(autouse=True)
+def small_nmnist_ok(monkeypatch):
+    import tonic.datasets
+    monkeypatch.setattr(tonic.datasets.NMNIST, '_check_exists', _nmnist_check_small)
+
+
+@pytest.fixture(scope='module')
+def fake_data(tmp_path_factory):
+    """Class-separable fake N-MNIST and SHD (64 train / 32 test samples, 4 classes) in one --data_dir."""
+    root = str(tmp_path_factory.mktemp('data'))
+    datasets.write_fake_nmnist(root, datasets.synthetic_event_samples(
+        'nmnist', 64, 32, n_classes=N_CLASSES, events_per_sample=200, seed=1))
+    datasets.write_fake_shd(root, datasets.synthetic_event_samples(
+        'shd', 64, 32, n_classes=N_CLASSES, events_per_sample=200, seed=2))
+    return root
+
+
+def reference_frames(t_us, channel, T, n_in):
+    """ToFrame(n_time_bins=T) by hand: bin width (t_last - t_first) // T, bins [t0 + i w, t0 + (i+1) w)."""
+    t = np.asarray(t_us, np.int64)
+    out = np.zeros((T, n_in), np.float32)
+    if len(t) == 0:
+        return out
+    w = (t[-1] - t[0]) // T
+    if w == 0:
+        return out
+    b = (t - t[0]) // w
+    keep = b < T
+    np.add.at(out, (b[keep], np.asarray(channel)[keep]), 1.)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and framing
+# --------------------------------------------------------------------------------------------
+
+
+def test_nmnist_frames_through_tonic(tmp_path):
+    T = 10
+    rng = np.random.default_rng(0)
+    samples = []
+    for label in (3, 7):
+        n = 50
+        t = np.sort(rng.integers(0, 150_000, n))        # a third of them after the first saccade (100 ms)
+        t[0] = 0
+        samples.append((label, rng.integers(0, 34, n), rng.integers(0, 34, n), t, rng.integers(0, 2, n)))
+    # A third sample whose events are laid out by hand: last kept event exactly at the end of the span.
+    t = np.array([0, 50, 100, 250, 999, 1000, 120_000])
+    x = np.array([1, 2, 3, 4, 5, 6, 7])
+    y = np.array([0, 1, 2, 3, 4, 33, 0])
+    p = np.array([0, 1, 0, 1, 0, 1, 1])
+    samples.append((5, x, y, t, p))
+    datasets.write_fake_nmnist(str(tmp_path), {'train': samples, 'test': samples[:1]})
+
+    split = datasets.load_framed_split('nmnist', str(tmp_path), True, T, progress=False)
+    assert len(split) == 3
+    by_label = {s[0]: s for s in samples}                  # tonic lists the samples digit by digit
+    for i in range(3):
+        frame, target = split[i]
+        label, x, y, t, p = by_label[target]
+        assert frame.shape == (T, 2312) and frame.dtype == np.float32
+        keep = t < 100_000                                 # first saccade only
+        ref = reference_frames(t[keep], (p * 34 * 34 + y * 34 + x)[keep], T, 2312)
+        np.testing.assert_array_equal(frame, ref)
+        assert split.n_events(i) == int(ref.sum()) > 0
+    assert sorted(split.labels.tolist()) == [3, 5, 7]
+    # The hand-made sample: span 1000 us, bins of 100 us; the event at t = 1000 falls outside (tonic
+    # drops the last event) and the one at 120 ms is after the first saccade: 5 of 7 events counted.
+    frame, _ = split[int(np.flatnonzero(split.labels == 5)[0])]
+    assert frame.sum() == 5
+    assert frame[0, 0 * 1156 + 0 * 34 + 1] == 1 and frame[0, 1156 + 1 * 34 + 2] == 1
+    assert frame[1, 2 * 34 + 3] == 1 and frame[2, 1156 + 3 * 34 + 4] == 1 and frame[9, 4 * 34 + 5] == 1
+
+    # The cache holds exactly what tonic's own ToFrame gives.
+    import tonic
+    ds = tonic.datasets.NMNIST(str(tmp_path), train=True, first_saccade_only=True,
+                               transform=tonic.transforms.ToFrame(sensor_size=(34, 34, 2), n_time_bins=T))
+    for i in range(3):
+        frames, label = ds[i]
+        assert label == split[i][1]
+        np.testing.assert_array_equal(split[i][0], frames.reshape(T, -1).astype(np.float32))
+
+
+def test_shd_frames_through_tonic(tmp_path):
+    T = 8
+    rng = np.random.default_rng(1)
+    samples = []
+    for label in (0, 19, 4):
+        n = 60
+        times = np.sort(rng.uniform(0., 0.9, n))
+        samples.append((label, rng.integers(0, 700, n), times))
+    samples.append((2, np.array([699, 0, 5]), np.array([0., 0.5, 0.75])))
+    datasets.write_fake_shd(str(tmp_path), {'train': samples, 'test': samples})
+    split = datasets.load_framed_split('shd', str(tmp_path), False, T, progress=False)
+    assert len(split) == 4
+    for i, (label, units, times) in enumerate(samples):
+        frame, target = split[i]
+        assert frame.shape == (T, 700) and frame.dtype == np.float32
+        t_us = (np.asarray(times, np.float16).astype(np.float64) * 1e6).astype(np.int64)  # as tonic reads
+        np.testing.assert_array_equal(frame, reference_frames(t_us, units, T, 700))
+        assert target == label
+    frame, _ = split[3]
+    assert frame.sum() == 2 and frame[0, 699] == 1 and frame[5, 0] == 1   # the last event is dropped
+
+
+def test_cache_is_reused_and_keyed_by_transform(fake_data, tmp_path, monkeypatch):
+    import tonic.transforms
+    cache = str(tmp_path / 'cache')
+    first = datasets.load_framed_split('shd', fake_data, True, 12, cache_dir=cache, progress=False)
+
+    def no_framing(*a, **k):
+        raise AssertionError('the cached split was framed again')
+
+    monkeypatch.setattr(tonic.transforms.ToFrame, '__call__', no_framing)
+    again = datasets.load_framed_split('shd', fake_data, True, 12, cache_dir=cache, progress=False)
+    assert again.folder == first.folder
+    np.testing.assert_array_equal(again[5][0], first[5][0])
+    monkeypatch.undo()
+    other = datasets.load_framed_split('shd', fake_data, True, 13, cache_dir=cache, progress=False)
+    assert other.folder != first.folder and other[0][0].shape == (13, 700)
+    meta = json.load(open(os.path.join(other.folder, 'meta.json')))
+    assert 'n_time_bins=13' in meta['transform'] and meta['n_samples'] == 64
+
+
+def test_batches_time_major_padding_and_workers(fake_data, tmp_path):
+    split = datasets.load_framed_split('nmnist', fake_data, True, 6, cache_dir=str(tmp_path), progress=False)
+    test = datasets.load_framed_split('nmnist', fake_data, False, 6, cache_dir=str(tmp_path), progress=False)
+    args = task.build_parser().parse_args(['--batch_size', '24', '--n_data_worker', '1', '--eval_batches', '1'])
+    train_batches, test_batches = datasets.event_loaders(args, split, test)
+    batches = list(train_batches(1))        # 64 samples: 24 + 24 + 16 (the short one is kept)
+    assert [b[0].shape for b in batches] == [(6, 24, 2312), (6, 24, 2312), (6, 16, 2312)]
+    assert all(b[0].dtype == np.float32 and b[1].dtype == np.int32 for b in batches)
+    order = np.random.default_rng([0, 1, 7]).permutation(64)
+    np.testing.assert_array_equal(batches[0][0][:, 3], split[order[3]][0])
+    assert sorted(np.concatenate([b[1] for b in batches]).tolist()) == sorted(split.labels.tolist())
+    assert len(list(test_batches())) == 1
+    again = list(train_batches(1))          # the same epoch gives the same batches; another does not
+    np.testing.assert_array_equal(again[1][0], batches[1][0])
+    assert not np.array_equal(list(train_batches(2))[0][1], batches[0][1])
+    it = iter(train_batches(1))              # a consumer that stops early (NaN, acc_th) stops the prefetch
+    np.testing.assert_array_equal(next(it)[0], batches[0][0])
+    it.close()
+    assert len(list(train_batches(1))) == 3
+    args = task.build_parser().parse_args(['--batch_size', '24', '--drop_last'])
+    assert args.drop_last == 1
+    train_batches, _ = datasets.event_loaders(args, split, test)
+    assert [b[0].shape[1] for b in train_batches(1)] == [24, 24]
+
+
+def test_step_weights():
+    np.testing.assert_allclose(task.step_weights(10, 0.), np.full(10, 0.1, np.float32))
+    w = task.step_weights(20, 0.25)                  # a fraction of T
+    assert (w[:5] == 0).all() and np.allclose(w[5:], 1 / 15)
+    w = task.step_weights(20, 3)                     # a step count
+    assert (w[:3] == 0).all() and np.allclose(w[3:], 1 / 17) and np.isclose(w.sum(), 1)
+    with pytest.raises(utils.UserError):
+        task.step_weights(20, 20)
+
+
+def test_readme_flags_parse():
+    base = ('--devices 0 --dataset nmnist --data_length 400 {e} 100 --n_layer 3 --n_rec 512 --method {m} '
+            '--model lif-delta --exp_name test-nmnist --warmup_ratio 0.')
+    for e in ('--epoch', '--epochs'):
+        for m, extra in (('bptt', ''), ('expsm_diag', ' --etrace_decay 0.9'), ('diag', '')):
+            args = utils.parse_args(task.build_parser(), (base.format(e=e, m=m) + extra).split())
+            assert (args.epochs, args.data_length, args.n_layer, args.n_rec, args.method, args.model) == \
+                (100, 400, 3, 512, m, 'lif-delta')
+            assert args.warmup_ratio == 0. and args.data_dir == './data' and args.exp_name == 'test-nmnist'
+    args = task.build_parser().parse_args('--dataset shd --lr_milestones 30,60 --weight_L2 1e-4 --loss mse '
+                                          '--tau_mem 20 --tau_mem_sigma 2 --tau_o 15 --V_th 0.5 --ff_scale 3 '
+                                          '--rec_scale 1 --spk_reset hard --drop_last 0'.split())
+    assert args.lr_milestones == [30, 60] and args.weight_L2 == 1e-4 and args.loss == 'mse'
+    assert (args.tau_mem, args.tau_mem_sigma, args.tau_o, args.V_th) == (20, 2, 15, 0.5)
+    assert (args.ff_scale, args.rec_scale, args.spk_reset, args.drop_last) == (3, 1, 'hard', 0)
+    helptext = task.build_parser().format_help()
+    for flag in ('--dataset', '--data_length', '--n_layer', '--n_rec', '--model', '--warmup_ratio', '--exp_name',
+                 '--data_dir', '--loss', '--tau_mem', '--tau_mem_sigma', '--tau_o', '--V_th', '--ff_scale',
+                 '--rec_scale', '--spk_reset', '--lr_milestones', '--weight_L2', '--drop_last',
+                 '--batches_per_epoch', '--eval_batches', '--n_data_worker', '--epoch'):
+        assert flag in helptext
+
+
+# --------------------------------------------------------------------------------------------
+# Training (in-process, tiny)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('dataset', ['nmnist', 'shd'])
+@pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
+def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
+    seen = {}
+    real_schedule, real_trainer = utils.step_schedule, utils.Trainer
+
+    def schedule(lr, milestones, batches_per_epoch, factor=0.1):
+        seen['schedule'] = (lr, list(milestones), batches_per_epoch)
+        return real_schedule(lr, milestones, batches_per_epoch, factor)
+
+    class Trainer(real_trainer):
+        def __init__(self, *a, **k):
+            seen['trainer'] = k
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(utils, 'step_schedule', schedule)
+    monkeypatch.setattr(utils, 'Trainer', Trainer)
+    run_dir = str(tmp_path / 'run')
+    argv = (f'--devices cpu --dataset {dataset} --data_dir {fake_data} --data_length 12 --epoch 4 '
+            f'--n_layer 1 --n_rec 16 --method {method} --batch_size 16 --lr 0.01 --warmup_ratio 0.25 '
+            f'--lr_milestones 3 --weight_L2 1e-5 --out_dir {run_dir} --no_progress --exp_name t').split()
+    args = utils.parse_args(task.build_parser(), argv)
+    summary = task.train_and_evaluate(args, run_dir)
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and summary['epochs_run'] == 4
+    losses = [float(r['train_loss']) for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+    test_acc = float(rows[-1]['test_acc'])
+    assert test_acc >= 0.75, (test_acc, rows)            # chance: 1/4 of the classes present
+    assert summary['best_test_acc'] >= test_acc
+    for r in rows:
+        assert float(r['data_wait_s_per_batch']) >= 0 and float(r['step_s_per_batch']) > 0
+    for name in ('config.json', 'metrics.csv', 'summary.json', 'learning_curves.png'):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))
+    assert os.listdir(os.path.join(run_dir, 'checkpoints', 'best'))
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert config['n_in'] == (2312 if dataset == 'nmnist' else 700) and config['warmup_steps'] == 3
+    assert seen['schedule'] == (0.01, [3], 4)            # 64 samples / batch 16
+    assert seen['trainer']['weight_L2'] == 1e-5 and seen['trainer']['loss'] == 'cel'
+
+
+# --------------------------------------------------------------------------------------------
+# A missing dataset
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('dataset,folder', [('nmnist', 'NMNIST'), ('shd', 'SHD')])
+def test_missing_dataset_message(dataset, folder, tmp_path):
+    data_dir = tmp_path / 'nowhere' / 'data'
+    out_dir = tmp_path / 'run'
+    # A proxy on a closed port: the download fails at once even on a machine that is online.
+    env = dict(os.environ, http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9',
+               HTTP_PROXY='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
+    proc = subprocess.run([sys.executable, SCRIPT, '--dataset', dataset, '--data_dir', str(data_dir),
+                           '--out_dir', str(out_dir), '--devices', 'cpu'],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    msg = lines[0]
+    assert msg.startswith('error: ') and str(data_dir / folder) in msg
+    info = datasets.event_dataset(dataset)
+    for name, url in info.urls:
+        assert name in msg and url in msg
+    for f in info.train_files + info.test_files:
+        assert f.split(' ')[0] in msg
+    assert sorted(os.listdir(tmp_path)) == []           # neither the data folders nor the run folder
+
+
+def test_missing_dataset_keeps_what_was_there(tmp_path, monkeypatch):
+    """In-process: a failed download removes only what it created (a partial archive), not the user's files."""
+    import tonic.dataset
+    data_dir = tmp_path / 'data'
+    (data_dir / 'SHD').mkdir(parents=True)
+    (data_dir / 'SHD' / 'notes.txt').write_text('mine')
+
+    def failing_download(url, root, filename=None, md5=None, **k):
+        with open(os.path.join(root, filename), 'wb') as f:
+            f.write(b'partial')
+        raise OSError('connection reset')
+
+    monkeypatch.setattr(tonic.dataset, 'download_and_extract_archive', failing_download)
+    with pytest.raises(utils.UserError, match='connection reset'):
+        datasets.open_tonic_dataset('shd', str(data_dir), True)
+    assert sorted(os.listdir(data_dir / 'SHD')) == ['notes.txt']
