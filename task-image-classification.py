@@ -150,7 +150,7 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
     warm = warmup_steps(args.warmup_ratio, args.data_length)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {device}; '
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.device_name(device)}; '
           f'{n_batches} batches per epoch; loss on steps {warm}..{args.data_length - 1}; run folder {run_dir}',
           flush=True)
     summary = utils.fit(args, trainer, run_dir, train_batches, test_batches, ws,
@@ -158,7 +158,7 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
                                           batches_per_epoch_used=n_batches, n_train=len(splits[0]),
                                           n_test=len(splits[1]), train_cache=splits[0].folder,
                                           test_cache=splits[1].folder,
-                                          n_params=models.count_params(model), device=str(device)))
+                                          n_params=models.count_params(model), device=utils.device_name(device)))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 

@@ -91,14 +91,14 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time)
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {device}; run folder {run_dir}')
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.device_name(device)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
                                               args.n_data_worker)
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
     summary = utils.fit(args, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(),
                         acc_th=args.acc_th,
                         extra_config=dict(n_steps=cfg.n_steps, test_start=cfg.test_start,
-                                          n_params=models.count_params(model), device=str(device)))
+                                          n_params=models.count_params(model), device=utils.device_name(device)))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 

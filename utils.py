@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Callable, Iterable, Optional
 
 METHODS = ('bptt', 'diag', 'expsm_diag')
@@ -169,8 +168,12 @@ def cli_main(main: Callable[[list], int]):
 # --------------------------------------------------------------------------------------------
 
 
+def device_name(device) -> str:
+    return f'{device.platform}:{device.id}'
+
+
 def select_device(spec: str):
-    """Make the requested device jax's default and return it; warn (one line) when it is absent."""
+    """Make the requested device jax's default and return it; one warning line when it is absent."""
     import jax
     spec = str(spec).strip().lower()
     if spec == 'cpu':
@@ -185,9 +188,9 @@ def select_device(spec: str):
             device = accelerators[index]
         else:
             device = accelerators[0] if accelerators else jax.devices('cpu')[0]
-            have = ', '.join(str(d) for d in accelerators) or 'no accelerator'
-            warnings.warn(f'--devices {index}: this machine has {have}; running on {device}', stacklevel=2)
-            print(f'warning: --devices {index} not found ({have}); running on {device}', file=sys.stderr)
+            have = ', '.join(device_name(d) for d in accelerators) or 'no accelerator'
+            print(f'warning: --devices {index} not found ({have}); running on {device_name(device)}',
+                  file=sys.stderr, flush=True)
     jax.config.update('jax_default_device', device)
     return device
 
