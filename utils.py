@@ -638,8 +638,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 recent = (recent + [acc])[-smooth:]
                 bar.update(1)
                 bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(recent):.3f}')
-                if acc_th is not None and len(recent) >= min(smooth, len(batches) if hasattr(
-                        batches, '__len__') else smooth) and np.mean(recent) >= acc_th:
+                if acc_th is not None and len(recent) == smooth and np.mean(recent) >= acc_th:
                     stopped = 'acc_th'
                     break
             bar.close()

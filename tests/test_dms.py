@@ -185,3 +185,13 @@ def test_missing_device_warns_and_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'warning: --devices 3 not found' in proc.stderr
 
+
+
+def test_stops_at_acc_th(dms_script, tmp_path):
+    """acc_th 0: the smoothed accuracy (last 20 batches) passes it as soon as 20 batches are in."""
+    run_dir = str(tmp_path / 'th')
+    flags = [f if f != '1.1' else '0.0' for f in TINY_FLAGS]
+    assert dms_script.main(flags + ['--epochs', '10', '--out_dir', run_dir]) == 0
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    # 3 batches per epoch: the 20th batch is the 2nd of epoch 7.
+    assert summary['stopped_because'] == 'acc_th' and summary['epochs_run'] == 7
