@@ -1,5 +1,9 @@
 """What the three experiments share: arguments, device choice, the trainer for BPTT / D-RTRL /
-ES-D-RTRL, orbax checkpoints, the run folder (config, metrics, summary, plots) and the epoch loop."""
+ES-D-RTRL, orbax checkpoints, the run folder (config, metrics, summary, plots) and the epoch loop.
+
+jax, brainstate and brainscale are imported inside the functions that need them, so that `--help` and
+argument errors answer at once, before several seconds of imports.
+"""
 from __future__ import annotations
 
 import argparse
@@ -278,7 +282,8 @@ class Trainer:
         self.algo = None
         if method != 'bptt':
             mode = brainstate.mixin.Batching()
-            __import__('brainscale_speedups').install()  # same gradients, faster (see brainscale_speedups.py)
+            import brainscale_speedups
+            brainscale_speedups.install()  # same gradients, faster (see brainscale_speedups.py)
             if method == 'diag':
                 patch_brainscale_drtrl()
                 self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
