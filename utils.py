@@ -268,6 +268,7 @@ class Trainer:
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
                  grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0.):
+        __import__('compat').apply()  # brainscale 0.1.0 on jax >= 0.10: bridge its jax calls (no-op on old jax)
         import brainscale
         import brainstate
         import jax.numpy as jnp
@@ -433,6 +434,23 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
+def rng_key_data(key):
+    """The raw uint32 data of a PRNG key: brainstate >= 0.5 holds a typed key (dtype key<fry>), which
+    cannot become a numpy array; older brainstate holds the raw uint32 array already."""
+    import jax
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def rng_key_like(data, like):
+    """`data` (raw key data) in the form of `like` (typed key or raw array)."""
+    import jax
+    if jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=jax.random.key_impl(like))
+    return data
+
+
 class Checkpoints:
     """Orbax checkpoints of {params, opt_state, epoch, rng_key} + JSON meta in RUN_DIR/checkpoints/{last,best}.
 
@@ -456,7 +474,7 @@ class Checkpoints:
                  'epoch': np.asarray(epoch, np.int32),
                  # brainstate's global key (weight init, any stochastic layer); the data streams are
                  # seeded by (seed, epoch, batch) and need nothing else to continue identically
-                 'rng_key': np.asarray(brainstate.random.DEFAULT.value)}
+                 'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                        meta=self.ocp.args.JsonSave(meta))
         managers = [self.last] + ([self.best] if best else [])
@@ -478,13 +496,13 @@ class Checkpoints:
         import brainstate
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': jax.numpy.asarray(0, jax.numpy.int32),
-                  'rng_key': jax.numpy.asarray(brainstate.random.DEFAULT.value)}
+                  'rng_key': jax.numpy.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
         abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, target)
         restored = manager.restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
         trainer.set_param_values(restored['state']['params'])
         trainer.opt_state = restored['state']['opt_state']
-        brainstate.random.DEFAULT.value = restored['state']['rng_key']
+        brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
         return int(restored['state']['epoch']), dict(restored['meta'])
 
     def close(self):
