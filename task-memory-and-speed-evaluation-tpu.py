@@ -219,7 +219,8 @@ def probe(spec: str, size: int = 0) -> dict:
         t0 = time.perf_counter()
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return dict(platform=device.platform, device=str(device), device_kind=getattr(device, 'device_kind', ''),
+    return dict(platform=device.platform, device=utils.device_name(device),
+                device_kind=getattr(device, 'device_kind', ''),
                 matmul_n=n, matmul_gflops=2. * n ** 3 / float(np.median(times)) / 1e9, jax_version=jax.__version__,
                 n_cpu=os.cpu_count(), load_avg=load_average())
 
@@ -248,7 +249,7 @@ def measure(cfg: dict) -> dict:
     import models
     row['rss_base_mb'] = _rss_mb()
     device = pick_device(cfg['devices'])
-    row.update(platform=device.platform, device=str(device))
+    row.update(platform=device.platform, device=utils.device_name(device))
     brainstate.environ.set(dt=1.)
     T, B = cfg['T'], cfg['batch_size']
 
