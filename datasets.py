@@ -788,7 +788,8 @@ def write_fake_nmnist(data_dir: str, samples: dict, zip_folders: bool = True):
 def write_fake_shd(data_dir: str, samples: dict, n_speakers: int = 3):
     """Write <data_dir>/SHD/shd_{train,test}.h5 (+ the .zip files tonic checks for) in the layout of the
     release: spikes/times (vlen float16, s), spikes/units (vlen uint16), labels (uint16), extra/keys,
-    extra/speaker. samples: {'train': [(label, units, times_s), ...], 'test': [...]}."""
+    extra/speaker. samples: {'train': [(label, units, times_s), ...], 'test': [...]}; a row may carry a
+    fourth item, its speaker id (otherwise speakers cycle through n_speakers)."""
     import h5py
     import zipfile
     root = os.path.join(data_dir, 'SHD')
@@ -800,12 +801,13 @@ def write_fake_shd(data_dir: str, samples: dict, n_speakers: int = 3):
         with h5py.File(path, 'w') as f:
             times = f.create_dataset('spikes/times', (len(rows),), dtype=h5py.vlen_dtype(np.float16))
             units = f.create_dataset('spikes/units', (len(rows),), dtype=h5py.vlen_dtype(np.uint16))
-            for i, (_, u, t) in enumerate(rows):
+            for i, (_, u, t, *_) in enumerate(rows):
                 times[i] = np.asarray(t, np.float16)
                 units[i] = np.asarray(u, np.uint16)
             f.create_dataset('labels', data=np.asarray([r[0] for r in rows], np.uint16))
             f.create_dataset('extra/keys', data=np.asarray(keys))
-            f.create_dataset('extra/speaker', data=np.arange(len(rows), dtype=np.uint16) % n_speakers)
+            speaker = [r[3] if len(r) > 3 else i % n_speakers for i, r in enumerate(rows)]
+            f.create_dataset('extra/speaker', data=np.asarray(speaker, np.uint16))
         with zipfile.ZipFile(path + '.zip', 'w') as z:
             z.write(path, os.path.basename(path))
     return root

@@ -228,6 +228,145 @@ def nmnist_stats(samples) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# SHD
+# --------------------------------------------------------------------------------------------
+
+N_CHANNELS = 700
+N_WORDS = 20
+N_SYLLABLES = 12
+TRAIN_SPEAKERS = tuple(range(10))      # disjoint from the test speakers, as in the real SHD
+TEST_SPEAKERS = (10, 11, 12)
+BIN_S = 0.002                          # resolution of the rate map
+TEMPLATE_SEED = 2024                   # words and speakers do not depend on --seed
+
+
+def syllable_inventory():
+    """N_SYLLABLES syllables: duration, three formant trajectories (start / end channel, width,
+    amplitude) and an optional broadband onset burst (a consonant)."""
+    rng = np.random.default_rng([TEMPLATE_SEED, 1])
+    out = []
+    for _ in range(N_SYLLABLES):
+        start = np.array([rng.uniform(60, 220), rng.uniform(220, 450), rng.uniform(450, 640)])
+        out.append(dict(duration=rng.uniform(0.12, 0.22), f_start=start,
+                        f_end=np.clip(start + rng.uniform(-70, 70, 3), 20, 680),
+                        width=rng.uniform(8, 15, 3), amp=rng.uniform(0.6, 1.0, 3),
+                        burst=rng.random() < 0.5, burst_centre=rng.uniform(300, 650),
+                        burst_len=rng.uniform(0.015, 0.03)))
+    return out
+
+
+def word_templates():
+    """20 words = 10 syllable sets of 2, 3 or 4 syllables, each spoken in its order and reversed: a word
+    and its reversal hold the same syllables, so their time-collapsed channel counts match."""
+    rng = np.random.default_rng([TEMPLATE_SEED, 2])
+    words = []
+    for k in range(N_WORDS // 2):
+        seq = list(rng.choice(N_SYLLABLES, 2 + k % 3, replace=False))
+        words += [seq, seq[::-1]]
+    return words
+
+
+def speaker_params(speaker: int) -> dict:
+    rng = np.random.default_rng([TEMPLATE_SEED, 3, speaker])
+    return dict(shift=rng.uniform(0.94, 1.06), rate=rng.uniform(0.85, 1.15), loudness=rng.uniform(0.7, 1.3))
+
+
+def utterance(word: int, speaker: int, rng: np.random.Generator, *, peak_hz: float = 220.,
+              noise_hz: float = 1.5, syllables=None, words=None):
+    """One utterance: (units uint16, times_s float64), sorted by time."""
+    syllables = syllables or syllable_inventory()
+    words = words or word_templates()
+    sp = speaker_params(speaker)
+    rate = sp['rate'] * rng.uniform(0.92, 1.08)                       # overall +-20 % with the speaker's
+    shift = sp['shift'] * (1 + 0.01 * rng.standard_normal())
+    loud = sp['loudness'] * rng.uniform(0.8, 1.2)
+    seq = words[word]
+    t = rng.uniform(0.02, 0.08)                                       # leading silence
+    pieces = []
+    for s in seq:
+        syl = syllables[s]
+        dur = syl['duration'] / rate
+        t = max(t + 0.01 * rng.standard_normal(), 0.)
+        pieces.append((t, dur, syl))
+        t += dur + rng.uniform(0.02, 0.06) / rate                     # a short pause between syllables
+    total = t + rng.uniform(0.02, 0.08)
+    n_bins = int(np.ceil(total / BIN_S))
+    ch = np.arange(N_CHANNELS, dtype=np.float32)
+    lam = np.full((n_bins, N_CHANNELS), noise_hz * BIN_S, np.float32)
+    for start, dur, syl in pieces:
+        b0, b1 = int(start / BIN_S), min(n_bins, int((start + dur) / BIN_S) + 1)
+        tt = (np.arange(b0, b1) * BIN_S - start) / dur                # 0..1 within the syllable
+        env = np.clip(tt / 0.1, 0, 1) * np.clip((1 - tt) / 0.25, 0, 1)  # attack, decay
+        for f in range(3):
+            centre = (syl['f_start'][f] + (syl['f_end'][f] - syl['f_start'][f]) * tt) * shift
+            centre = centre + 4 * rng.standard_normal()
+            g = np.exp(-0.5 * ((ch[None] - centre[:, None]) / syl['width'][f]) ** 2)
+            lam[b0:b1] += (peak_hz * BIN_S * loud * syl['amp'][f]) * env[:, None] * g
+        if syl['burst']:
+            nb = max(1, int(syl['burst_len'] / BIN_S))
+            g = np.exp(-0.5 * ((ch - syl['burst_centre'] * shift) / 60.) ** 2)
+            lam[max(0, b0 - nb):b0] += 0.5 * peak_hz * BIN_S * loud * g[None]
+    counts = rng.poisson(lam)
+    b, u = np.nonzero(counts)
+    n = counts[b, u]
+    b, u = np.repeat(b, n), np.repeat(u, n)
+    times = (b + rng.random(len(b))) * BIN_S
+    order = np.argsort(times, kind='stable')
+    return u[order].astype(np.uint16), times[order]
+
+
+def shd_samples(n_train: int, n_test: int, seed: int = 0, **kw):
+    """{'train': [(label, units, times_s, speaker), ...], 'test': [...]}: train from TRAIN_SPEAKERS,
+    test from TEST_SPEAKERS, labels balanced."""
+    syllables, words = syllable_inventory(), word_templates()
+    rng = np.random.default_rng([seed, 2])
+    out = {}
+    for split, n, speakers in (('train', n_train, TRAIN_SPEAKERS), ('test', n_test, TEST_SPEAKERS)):
+        labels = rng.permutation(np.arange(n) % N_WORDS)
+        spk = rng.choice(speakers, n)
+        out[split] = [(int(lab), *utterance(int(lab), int(s), rng, syllables=syllables, words=words, **kw), int(s))
+                      for lab, s in zip(labels, spk)]
+    return out
+
+
+def shd_stats(samples) -> dict:
+    rows = samples['train'] + samples['test']
+    n = np.array([len(r[1]) for r in rows])
+    dur = np.array([r[2][-1] - r[2][0] for r in rows])
+    return dict(spikes_mean=float(n.mean()), spikes_std=float(n.std()), duration_s_mean=float(dur.mean()),
+                duration_s_min=float(dur.min()), duration_s_max=float(dur.max()),
+                train_speakers=sorted({r[3] for r in samples['train']}),
+                test_speakers=sorted({r[3] for r in samples['test']}))
+
+
+def shd_features(rows, n_time: int = 0, group: int = 10) -> np.ndarray:
+    """Spike counts per group of `group` channels; n_time > 0: also per n_time bins of each sample's own
+    first-to-last span (as ToFrame bins it), else time-collapsed."""
+    G = N_CHANNELS // group
+    X = np.zeros((len(rows), max(n_time, 1) * G), np.float32)
+    for i, (_, u, t, _) in enumerate(rows):
+        c = np.asarray(u, np.int64) // group
+        if n_time:
+            span = max(t[-1] - t[0], 1e-9)
+            k = np.minimum(((t - t[0]) / span * n_time).astype(np.int64), n_time - 1)
+            c = k * G + c
+        np.add.at(X[i], c, 1)
+    return X
+
+
+def shd_baselines(samples) -> dict:
+    ytr = np.array([r[0] for r in samples['train']])
+    yte = np.array([r[0] for r in samples['test']])
+    out = {}
+    for name, kw in (('logistic_channel_counts', dict(n_time=0, group=1)),
+                     ('logistic_time_resolved', dict(n_time=10, group=10))):
+        out[name] = logistic_accuracy(shd_features(samples['train'], **kw), ytr,
+                                      shd_features(samples['test'], **kw), yte)
+    out['chance'] = 1 / N_WORDS
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Baselines
 # --------------------------------------------------------------------------------------------
 
@@ -284,6 +423,13 @@ def write_nmnist(out: str, samples, params: dict) -> str:
     return root
 
 
+def write_shd(out: str, samples, params: dict) -> str:
+    root = datasets.write_fake_shd(out, samples)
+    write_marker(root, dict(generator='scripts/synthetic_events.py', dataset='shd',
+                            n_train=len(samples['train']), n_test=len(samples['test']), **params))
+    return root
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--dataset', choices=('nmnist', 'shd'), required=True)
@@ -295,23 +441,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
     params = dict(seed=args.seed)
-    if args.dataset == 'nmnist':
-        samples = nmnist_recordings(args.n_train, args.n_test, args.seed)
-        t1 = time.time()
-        root = write_nmnist(args.out, samples, params)
-        stats = nmnist_stats(samples)
-        base = {} if args.no_baselines else nmnist_baselines(samples)
-    else:
-        samples = shd_samples(args.n_train, args.n_test, args.seed)
-        t1 = time.time()
-        root = write_shd(args.out, samples, params)
-        stats = shd_stats(samples)
-        base = {} if args.no_baselines else shd_baselines(samples)
+    gen, write, stat, base_fn = ((nmnist_recordings, write_nmnist, nmnist_stats, nmnist_baselines)
+                                 if args.dataset == 'nmnist' else (shd_samples, write_shd, shd_stats, shd_baselines))
+    samples = gen(args.n_train, args.n_test, args.seed)
+    t1 = time.time()
+    root = write(args.out, samples, params)
     t2 = time.time()
-    print(f'wrote {root}: {args.n_train} train / {args.n_test} test recordings '
-          f'(generated in {t1 - t0:.1f} s, written in {t2 - t1 - 0:.1f} s incl. baselines)')
+    stats = stat(samples)
+    print(f'wrote {root}: {args.n_train} train / {args.n_test} test recordings (generated in {t1 - t0:.1f} s, '
+          f'written in {t2 - t1:.1f} s)', flush=True)
     print('stats:', {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()})
-    if base:
+    if not args.no_baselines and args.n_train and args.n_test:
+        base = base_fn(samples)
         print('baselines (test accuracy):', {k: round(v, 3) for k, v in base.items()})
     return 0
 
