@@ -163,6 +163,10 @@ class DMSNet(brainstate.nn.Module):
     def spikes(self):
         return self.rec.spike(self.rec.V.value)
 
+    def layer_spikes(self):
+        """The spikes of each spiking layer after the last update (firing rates in metrics.csv)."""
+        return [self.spikes()]
+
 
 class LIFDeltaLayer(brainstate.nn.Module):
     """Recurrent LIF layer: one Linear over concat([x_t, s_{t-1}]), soft reset.
@@ -278,6 +282,10 @@ class SpikingStack(brainstate.nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.out(x)
+
+    def layer_spikes(self):
+        """The spikes of each layer after the last update (firing rates in metrics.csv)."""
+        return [layer.spike() for layer in self.layers]
 
     def run_sequence(self, xs):
         """The readout for a whole sequence xs (T, B, n_in), layer after layer (BPTT; see Trainer)."""

@@ -390,10 +390,14 @@ class Trainer:
 
         def step(x, w):
             out = self.model(x)
-            return self._step_loss(out, labels, mask, w), w * out
+            # mean spikes per neuron of each layer over the real (unmasked) samples: the firing rates
+            spikes = self.model.layer_spikes() if hasattr(self.model, 'layer_spikes') else []
+            rates = [jnp.sum(mask * s.reshape(s.shape[0], -1).mean(-1)) / jnp.maximum(mask.sum(), 1.)
+                     for s in spikes]
+            return self._step_loss(out, labels, mask, w), w * out, jnp.asarray(rates, jnp.float32).reshape(-1)
 
-        losses, wouts = brainstate.transform.for_loop(step, xs, ws)
-        return self._summaries(losses, wouts, labels, mask, ws)
+        losses, wouts, rates = brainstate.transform.for_loop(step, xs, ws)
+        return (*self._summaries(losses, wouts, labels, mask, ws), rates.mean(0))
 
     # -- public -------------------------------------------------------------------------------
     def pad(self, xs, labels):
@@ -425,8 +429,18 @@ class Trainer:
         """(loss, accuracy, number of samples) of one batch, forward only."""
         n = xs.shape[1]
         xs, labels, mask = self.pad(xs, labels)
-        loss, acc = self._eval(xs, labels, mask, ws)
+        loss, acc, rates = self._eval(xs, labels, mask, ws)
+        import numpy as np
+        total, count = getattr(self, '_rate_sum', (0., 0))
+        self._rate_sum = (total + np.asarray(rates, np.float64) * n, count + n)
         return float(loss), float(acc), n
+
+    def pop_eval_rates(self) -> list:
+        """Each layer's mean firing rate (spikes per neuron per step) over the batches evaluated since the
+        last call."""
+        total, count = getattr(self, '_rate_sum', (0., 0))
+        self._rate_sum = (0., 0)
+        return [float(r) for r in (total / count if count else [])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,13 +685,21 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 break
             n_batches = max(len(losses), 1)
             train_loss, train_acc = float(np.mean(losses)), float(np.mean(accs))
+            trainer.pop_eval_rates()
             test_loss, test_acc = evaluate(trainer, test_batches(), step_weights)
+            rates = trainer.pop_eval_rates()
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)
             row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                        test_acc=test_acc, grad_norm=float(np.mean(gnorms)) if gnorms else float('nan'),
                        seconds=time.time() - ep_t0, data_wait_s_per_batch=wait_s / n_batches,
-                       step_s_per_batch=step_s / timed_steps if timed_steps else float('nan'))
+                       step_s_per_batch=step_s / timed_steps if timed_steps else float('nan'),
+                       **{f'rate_layer{i}': r for i, r in enumerate(rates)})
+            if epoch == 1:
+                warning = silence_warning(rates, losses, getattr(getattr(trainer.model, 'out', None), 'n_out', 0),
+                                          getattr(trainer, 'loss', 'cel'))
+                if warning:
+                    print(warning, flush=True)
             log.append(row)
             metrics.append(row)
             meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
@@ -704,6 +726,29 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
     finally:
         if ckpt is not None:
             ckpt.close()
+
+
+SILENT_RATE = 1e-3
+
+
+def silence_warning(rates: list, losses: list, n_classes: int, loss: str = 'cel') -> Optional[str]:
+    """One line when a layer is (nearly) silent (< SILENT_RATE spikes per neuron per step at the first
+    evaluation), or when the cross-entropy has stayed within 2 % of ln(n_classes) over the last batches of
+    the first epoch (at least 20 batches); None otherwise."""
+    silent = [(i, r) for i, r in enumerate(rates) if r < SILENT_RATE]
+    if silent:
+        i, r = silent[0]
+        flag = '--ff_scale (input weights)' if i == 0 else '--rec_scale or --ff_scale'
+        more = f' (layers {", ".join(str(j) for j, _ in silent)} are all below it)' if len(silent) > 1 else ''
+        return (f'warning: layer {i} fires {r:.2e} spikes per neuron per step at the first evaluation '
+                f'(< {SILENT_RATE:g}){more}: nothing reaches the readout; raise {flag}, or lower --V_th')
+    if loss == 'cel' and n_classes > 1 and len(losses) >= 20:
+        recent, chance = sum(losses[-10:]) / 10, math.log(n_classes)
+        if abs(recent - chance) <= 0.02 * chance:
+            return (f'warning: the training loss {recent:.4f} is still within 2 % of ln({n_classes}) = '
+                    f'{chance:.4f} after the first epoch: the network has not learned; check --lr, '
+                    f'--ff_scale / --rec_scale and the firing rates (rate_layer* in metrics.csv)')
+    return None
 
 
 def evaluate(trainer: Trainer, batches: Iterable, step_weights):

@@ -4,6 +4,7 @@ message for a missing dataset."""
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -311,3 +312,86 @@ def test_missing_dataset_keeps_what_was_there(tmp_path, monkeypatch):
     with pytest.raises(utils.UserError, match='connection reset'):
         datasets.open_tonic_dataset('shd', str(data_dir), True)
     assert sorted(os.listdir(data_dir / 'SHD')) == ['notes.txt']
+
+
+# --------------------------------------------------------------------------------------------
+# Realistic synthetic data (scripts/synthetic_events.py): learning, firing rates, the silent-layer warning
+# --------------------------------------------------------------------------------------------
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location('synthetic_events', os.path.join(ROOT, 'scripts',
+                                                                                   'synthetic_events.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope='module')
+def realistic_data(tmp_path_factory):
+    gen = load_generator()
+    root = str(tmp_path_factory.mktemp('realistic'))
+    gen.write_nmnist(root, gen.nmnist_recordings(300, 100, seed=0), dict(seed=0))
+    gen.write_shd(root, gen.shd_samples(300, 100, seed=0), dict(seed=0))
+    return root
+
+
+def test_generators_formats_and_stats(realistic_data):
+    gen = load_generator()
+    import tonic
+    ds = tonic.datasets.NMNIST(realistic_data, train=False)        # the whole recording, all saccades
+    assert len(ds) == 100 and os.path.isfile(os.path.join(realistic_data, 'NMNIST', 'SYNTHETIC.json'))
+    ev, label = ds[0]
+    assert 1500 < len(ev) < 7000 and np.all(np.diff(ev['t']) >= 0) and 0 <= label < 10
+    assert 250_000 < ev['t'][-1] <= 300_000 and 0.35 < ev['p'].mean() < 0.65
+    assert ev['x'].max() < 34 and ev['y'].max() < 34
+    shd = tonic.datasets.SHD(realistic_data, train=True)
+    ev, label = shd[0]
+    assert 2000 < len(ev) < 20000 and ev['x'].max() < 700 and 0 <= label < 20
+    import h5py
+    with h5py.File(os.path.join(realistic_data, 'SHD', 'shd_train.h5')) as f, \
+            h5py.File(os.path.join(realistic_data, 'SHD', 'shd_test.h5')) as g:
+        assert not set(f['extra/speaker'][:]) & set(g['extra/speaker'][:])   # disjoint speakers
+    # no blob: one pixel does not tell the digits apart
+    small = gen.nmnist_recordings(200, 100, seed=3)
+    Xtr, Xte = gen.nmnist_features(small['train']), gen.nmnist_features(small['test'])
+    ytr, yte = (np.array([r[0] for r in small[s]]) for s in ('train', 'test'))
+    assert gen.single_feature_accuracy(Xtr, ytr, Xte, yte, 10) < 0.35
+
+
+def _run(dataset, method, data_dir, tmp_path, extra=''):
+    run_dir = str(tmp_path / f'run-{dataset}-{method}')
+    argv = (f'--devices cpu --dataset {dataset} --data_dir {data_dir} --data_length 50 --n_layer 1 '
+            f'--n_rec 64 --method {method} --batch_size 50 --lr 0.01 --out_dir {run_dir} --no_progress '
+            f'--exp_name t {extra}').split()
+    args = utils.parse_args(task.build_parser(), argv)
+    summary = task.train_and_evaluate(args, run_dir)
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return summary, list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('dataset,method', [('nmnist', 'bptt'), ('nmnist', 'expsm_diag'), ('shd', 'bptt')])
+def test_learns_realistic_data(dataset, method, realistic_data, tmp_path, capsys):
+    summary, rows = _run(dataset, method, realistic_data, tmp_path, '--epochs 4')
+    chance = 0.1 if dataset == 'nmnist' else 0.05
+    assert summary['best_test_acc'] >= 3 * chance, rows
+    for r in rows:
+        assert 0 < float(r['rate_layer0']) < 1
+    assert 'warning' not in capsys.readouterr().out
+
+
+def test_silent_layer_warning(realistic_data, tmp_path, capsys):
+    summary, rows = _run('nmnist', 'bptt', realistic_data, tmp_path, '--epochs 1 --ff_scale 1e-4 --rec_scale 0 --lr 1e-7')
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith('warning')]
+    assert len(lines) == 1 and 'layer 0' in lines[0] and '--ff_scale' in lines[0], out
+    assert float(rows[0]['rate_layer0']) < 1e-3
+
+
+def test_silence_warning_rules():
+    assert utils.silence_warning([0.02, 0.01], [1.0] * 30, 10) is None
+    msg = utils.silence_warning([0.02, 1e-5], [1.0] * 30, 10)
+    assert 'layer 1' in msg and '--rec_scale' in msg
+    stuck = [math.log(10)] * 30
+    assert '--lr' in utils.silence_warning([0.02], stuck, 10)
+    assert utils.silence_warning([0.02], stuck[:5], 10) is None        # too few batches to judge
