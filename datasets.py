@@ -274,14 +274,26 @@ def is_synthetic(location: str) -> bool:
     return os.path.isfile(os.path.join(location, SYNTHETIC_MARKER))
 
 
-def _relaxed_nmnist(cls):
-    """tonic's NMNIST class, under the same name (so the same folder), whose existence check asks for
-    one .bin file per split instead of 10000: used only for a folder that holds SYNTHETIC_MARKER."""
+class _relaxed_nmnist_check:
+    """While active, tonic's NMNIST existence check asks for one .bin file per split instead of 10000:
+    used only for a folder that holds SYNTHETIC_MARKER. The dataset object stays a plain tonic NMNIST
+    (a subclass made on the fly could not be pickled into spawned loader workers)."""
 
-    def _check_exists(self):
-        return self._is_file_present() and self._folder_contains_at_least_n_files_of_type(1, '.bin')
+    def __init__(self, cls):
+        self.cls = cls
 
-    return type(cls.__name__, (cls,), dict(_check_exists=_check_exists, __module__=cls.__module__))
+    def __enter__(self):
+        def _check_exists(ds):
+            return ds._is_file_present() and ds._folder_contains_at_least_n_files_of_type(1, '.bin')
+        self.original = self.cls.__dict__.get('_check_exists')
+        self.cls._check_exists = _check_exists
+        return self.cls
+
+    def __exit__(self, *exc):
+        if self.original is None:
+            del self.cls._check_exists
+        else:
+            self.cls._check_exists = self.original
 
 
 def tonic_files_present(info: EventDataset, data_dir: str, train: bool) -> bool:
@@ -289,10 +301,12 @@ def tonic_files_present(info: EventDataset, data_dir: str, train: bool) -> bool:
     import tonic.datasets
     cls = getattr(tonic.datasets, info.tonic_class)
     location = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), cls.__name__)
-    if cls.__name__ == 'NMNIST' and is_synthetic(location):
-        cls = _relaxed_nmnist(cls)
     probe = _tonic_probe(cls, location, train)
-    ok = bool(probe._check_exists())
+    if cls.__name__ == 'NMNIST' and is_synthetic(location):
+        with _relaxed_nmnist_check(cls):
+            ok = bool(probe._check_exists())
+    else:
+        ok = bool(probe._check_exists())
     if ok and hasattr(probe, 'data_filename'):
         ok = os.path.isfile(os.path.join(location, probe.data_filename))
     return ok
@@ -365,7 +379,12 @@ def open_tonic_dataset(name: str, data_dir: str, train: bool, transform=None):
             # a synthetic set (scripts/synthetic_events.py) may hold fewer than tonic's 10000 files
             print(f'{location} holds a synthetic N-MNIST ({SYNTHETIC_MARKER}): tonic\'s 10000-file check '
                   f'relaxed to one .bin file per split', flush=True)
-            cls = _relaxed_nmnist(cls)
+            with _relaxed_nmnist_check(cls):
+                try:
+                    return cls(root, train=train, transform=transform, **kwargs)
+                except (OSError, KeyError, ValueError) as e:
+                    raise _user_error(f'{info.title} in {location} could not be read ({type(e).__name__}: '
+                                      f'{e}); regenerate it with scripts/synthetic_events.py')
         try:
             return cls(root, train=train, transform=transform, **kwargs)
         except (OSError, KeyError, ValueError) as e:

@@ -30,6 +30,8 @@ SURROGATES = {
     'piecewise_quadratic': lambda: braintools.surrogate.PiecewiseQuadratic(alpha=1.0),
 }
 
+assert tuple(sorted(SURROGATES)) == __import__('utils').SURROGATE_NAMES, 'keep utils.SURROGATE_NAMES in step'
+
 
 def make_surrogate(name: str):
     if name not in SURROGATES:

@@ -41,7 +41,6 @@ def nonneg_float(text: str) -> float:
 
 
 def build_parser():
-    import models
     p = utils.base_parser(__doc__.split('\n')[0], experiment='image')
     p.set_defaults(epochs=100, batch_size=128, etrace_decay=0.9)
     for action in p._actions:  # the run folder is named after --dataset (see main)
@@ -82,7 +81,7 @@ def build_parser():
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
     g.add_argument('--rec_scale', type=nonneg_float, default=2.,
                    help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
-    g.add_argument('--spk_fun', choices=sorted(models.SURROGATES), default='relu',
+    g.add_argument('--spk_fun', choices=utils.SURROGATE_NAMES, default='relu',
                    help='surrogate gradient of the spike')
     g.add_argument('--spk_reset', choices=('soft', 'hard'), default='soft',
                    help='soft: V -= V_th after a spike; hard: V = 0')

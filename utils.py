@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Optional
 METHODS = ('bptt', 'diag', 'expsm_diag')
 METHOD_NAMES = {'bptt': 'BPTT', 'diag': 'D-RTRL', 'expsm_diag': 'ES-D-RTRL'}
 VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
+# The surrogate gradients of models.SURROGATES, named here so that building a parser imports no jax.
+SURROGATE_NAMES = ('arctan', 'gaussian', 'multi_gaussian', 'piecewise_quadratic', 'relu', 'sigmoid', 'slayer')
 
 
 class UserError(Exception):
@@ -641,6 +643,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         first_step_s = None
         t0 = time.time()
         metrics = log.read_metrics()
+        batches_done = int(metrics[-1].get('batches', 0)) if metrics else 0  # optimizer updates so far
         train_loss = train_acc = float('nan')
         epoch = start_epoch - 1
         for epoch in range(start_epoch, args.epochs + 1):
@@ -672,6 +675,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 losses.append(loss)
                 accs.append(acc)
                 gnorms.append(gnorm)
+                batches_done += 1
                 recent = (recent + [acc])[-smooth:]
                 bar.update(1)
                 bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(recent):.3f}')
@@ -690,7 +694,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             rates = trainer.pop_eval_rates()
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)
-            row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+            row = dict(epoch=epoch, batches=batches_done, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                        test_acc=test_acc, grad_norm=float(np.mean(gnorms)) if gnorms else float('nan'),
                        seconds=time.time() - ep_t0, data_wait_s_per_batch=wait_s / n_batches,
                        step_s_per_batch=step_s / timed_steps if timed_steps else float('nan'),
@@ -715,6 +719,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                              f'{args.experiment} {METHOD_NAMES[args.method]}')
         last = metrics[-1] if metrics else {}
         summary = dict(method=args.method, epochs_run=int(last.get('epoch', 0)),
+                       batches_run=int(last.get('batches', 0)),
                        train_acc=last.get('train_acc'), test_acc=last.get('test_acc'),
                        best_test_acc=best_test_acc if best_test_acc >= 0 else None,
                        smoothed_train_acc=float(np.mean(recent)) if recent else None,
