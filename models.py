@@ -299,3 +299,49 @@ class SpikingStack(brainstate.nn.Module):
 def count_params(model) -> int:
     return int(sum(np.size(leaf) for s in model.states(brainstate.ParamState).values()
                    for leaf in jax.tree.leaves(s.value)))
+
+
+def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: int = 14) -> list:
+    """Data-dependent init: scale each layer's feed-forward weights so that, on the sample batch xs
+    (T, B, n_in), the layer fires target_rate spikes per neuron per step at initialization.
+
+    Kaiming's variance ff_scale / fan_in assumes every input is active with unit power. Event frames are
+    far sparser (N-MNIST at 400 bins: about 3 events per step over 2312 inputs), so layer 0 stays silent,
+    while the layers above, fed by spikes, fire at 0.2-0.5 and saturate. Layers are calibrated from the
+    bottom up (each sees the calibrated layers below), by bisection on a log scale. Returns the factors.
+    """
+    import jax.numpy as jnp
+    xs = jnp.asarray(xs, jnp.float32)
+    brainstate.nn.init_all_states(model, xs.shape[1])
+
+    @brainstate.transform.jit
+    def layer_rates(xs):
+        brainstate.nn.reset_all_states(model, xs.shape[1])
+        rates = []
+        for layer in model.layers:
+            xs = layer.run_sequence(xs)
+            rates.append(jnp.mean(xs))
+        return jnp.stack(rates)
+
+    factors = []
+    n_x = xs.shape[-1]
+    for i, layer in enumerate(model.layers):
+        state = layer.linear.weight_op
+        base = dict(state.value)
+        n_ff = n_x if i == 0 else model.layers[i - 1].n_rec
+
+        def set_factor(f):
+            w = base['weight']
+            state.value = dict(base, weight=jnp.concatenate([w[:n_ff] * f, w[n_ff:]], axis=0))
+
+        lo, hi = -4., 4.  # log10 of the factor
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            set_factor(10. ** mid)
+            if float(layer_rates(xs)[i]) < target_rate:
+                lo = mid
+            else:
+                hi = mid
+        factors.append(10. ** ((lo + hi) / 2))
+        set_factor(factors[-1])
+    return factors

@@ -5,8 +5,8 @@
     python scripts/reproduce_dms.py --tiny          # the same code path at toy sizes (seconds; CI)
 
 Every run is the README command of its method, as written, with the CPU settings of `make demo` added
-after it (explicit flags win): batch 32, 25 batches per epoch, a cosine learning rate over the cap, on
-the CPU. Each run is its own process (its peak RSS is the process's), in its own run folder under
+after it (explicit flags win): batch 32, 25 batches per epoch, on the CPU, and the stopping rule
+--acc_th 0.98 (the smoothed training accuracy; at 0.95 the held-out accuracy at the stop was 0.92-0.94). Each run is its own process (its peak RSS is the process's), in its own run folder under
 OUT/runs/; a run folder that already holds a finished run is reused, an interrupted one is resumed, so
 the script can be stopped and started again. Written to OUT (default results/dms/reproduce/):
 
@@ -49,18 +49,18 @@ COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 
 # What `make demo` adds to the README command (the preset `cpu-demo` of the task script), spelled out.
 CPU_FLAGS = ['--batch_size', '32', '--batches_per_epoch', '25', '--devices', 'cpu', '--n_data_worker', '1',
-             '--lr_schedule', 'cosine', '--no_progress']
+             '--no_progress']
 
 FULL = dict(
-    seeds=[0, 1, 2], epochs=32, acc_th=0.95,
-    drtrl_seeds=[0], drtrl_epochs=2,            # D-RTRL: about 40x slower per batch; a capped budget
-    control_epochs=12, delays=[0, 250, 500, 1000, 2000], sweep_epochs=12, sweep_methods=['expsm_diag', 'bptt'],
+    seeds=[0, 1, 2], epochs=40, acc_th=0.98,
+    drtrl_seeds=[0], drtrl_epochs=1,            # D-RTRL: about 40x slower per batch; a capped budget
+    control_epochs=12, delays=[0, 250, 500, 1000, 2000], sweep_epochs=10, sweep_methods=['expsm_diag', 'bptt'],
     extra=['--n_test_trials', '512'],
 )
 # Same code path, toy sizes: what CI runs.
 TINY = dict(
-    seeds=[0, 1], epochs=2, acc_th=0.95, drtrl_seeds=[0], drtrl_epochs=1,
-    control_epochs=1, delays=[0, 20], sweep_epochs=1, sweep_methods=['expsm_diag', 'bptt'],
+    seeds=[0, 1], epochs=2, acc_th=0.98, drtrl_seeds=[0], drtrl_epochs=1,
+    control_epochs=1, delays=[0, 20], sweep_epochs=1, sweep_methods=['expsm_diag'],
     extra=['--n_test_trials', '16', '--t_sample', '20', '--t_test', '20', '--t_delay', '20', '--n_rec', '16',
            '--batch_size', '8', '--batches_per_epoch', '3', '--n_data_worker', '0'],
 )
