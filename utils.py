@@ -372,15 +372,25 @@ class Trainer:
 
     def _train_step(self, opt_state, xs, labels, mask, ws):
         import jax
+        import jax.numpy as jnp
         import optax
         grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
         values = self.param_values()
         if self.weight_L2:
             grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, opt_state, values)
-        self.set_param_values(optax.apply_updates(values, updates))
-        return opt_state, loss, acc, grad_norm
+        updates, new_opt_state = self.tx.update(grads, opt_state, values)
+        new_values = optax.apply_updates(values, updates)
+        # A finite loss can still come with an infinite gradient norm, and then the clipped update is
+        # NaN: refuse such an update inside the step (parameters and optimizer state stay as they were)
+        # and report it, so that non-finite weights are never evaluated or saved.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(new_values):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        keep = lambda new, old: jnp.where(finite, new, old)
+        self.set_param_values(jax.tree.map(keep, new_values, values))
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return opt_state, loss, acc, grad_norm, finite
 
     def _eval_step(self, xs, labels, mask, ws):
         import brainstate
@@ -410,9 +420,13 @@ class Trainer:
         return xs, labels, mask
 
     def train_step(self, xs, labels, ws):
-        """One optimizer update; returns (loss, accuracy, gradient norm before clipping) as floats."""
+        """One optimizer update; returns (loss, accuracy, gradient norm before clipping) as floats.
+
+        An update whose loss, gradient norm or new parameters are not all finite is not applied (the
+        parameters and optimizer state stay as they were) and `self.last_update_finite` becomes False."""
         xs, labels, mask = self.pad(xs, labels)
-        self.opt_state, loss, acc, gnorm = self._train(self.opt_state, xs, labels, mask, ws)
+        self.opt_state, loss, acc, gnorm, finite = self._train(self.opt_state, xs, labels, mask, ws)
+        self.last_update_finite = bool(finite)
         return float(loss), float(acc), float(gnorm)
 
     def gradients(self, xs, labels, ws) -> dict:
@@ -477,6 +491,8 @@ class Checkpoints:
                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                        meta=self.ocp.args.JsonSave(meta))
+        if not params_finite(trainer):
+            raise RuntimeError(f'refusing to save non-finite weights as epoch {epoch}')
         managers = [self.last] + ([self.best] if best else [])
         for m in managers:
             m.save(epoch, args=args, force=True)
@@ -652,7 +668,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 else:
                     step_s += time.time() - ts
                     timed_steps += 1
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
                     stopped = 'nan'
                     break
                 losses.append(loss)
@@ -665,8 +681,11 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                     stopped = 'acc_th'
                     break
             bar.close()
+            if stopped != 'nan' and not params_finite(trainer):
+                stopped = 'nan'
             if stopped == 'nan':
-                print(f'epoch {epoch}: the loss became NaN; stopping (the last good checkpoint is kept)')
+                print(f'epoch {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
+                      f'stopping (the last good checkpoint is kept)')
                 epoch -= 1
                 break
             n_batches = max(len(losses), 1)
@@ -704,6 +723,13 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
     finally:
         if ckpt is not None:
             ckpt.close()
+
+
+def params_finite(trainer: Trainer) -> bool:
+    """Every weight finite (checked on the host before a checkpoint is written)."""
+    import jax
+    import numpy as np
+    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(trainer.param_values()))
 
 
 def evaluate(trainer: Trainer, batches: Iterable, step_weights):

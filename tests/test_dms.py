@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import brainstate
+import jax
 import numpy as np
 import pytest
 
@@ -195,3 +196,51 @@ def test_stops_at_acc_th(dms_script, tmp_path):
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     # 3 batches per epoch: the 20th batch is the 2nd of epoch 7.
     assert summary['stopped_because'] == 'acc_th' and summary['epochs_run'] == 7
+
+
+def saved_params(run_dir, which):
+    """{step: flat list of the saved weight arrays} of checkpoints/<which>."""
+    import orbax.checkpoint as ocp
+    root = os.path.join(run_dir, 'checkpoints', which)
+    out = {}
+    for step in sorted(d for d in os.listdir(root) if d.isdigit()):
+        state = ocp.PyTreeCheckpointer().restore(os.path.join(root, step, 'state'))
+        out[int(step)] = [np.asarray(v) for v in jax.tree.leaves(state['params'])]
+    return out
+
+
+def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path, monkeypatch):
+    """The last batch of epoch 2 has a finite loss but an infinite gradient: the clipped update would be
+    NaN. The run must stop ('nan') with epoch 1 as its last and best checkpoint, never a NaN one."""
+    import jax.numpy as jnp
+    original = utils.Trainer._loss_and_grads
+
+    def poisoned(self, xs, labels, mask, ws):
+        grads, loss, acc = original(self, xs, labels, mask, ws)
+        scale = jnp.where(xs[0, 0, 0] == 7, jnp.inf, 1.)
+        return jax.tree.map(lambda g: g * scale, grads), loss, acc
+
+    calls = []
+    real_step = utils.Trainer.train_step
+
+    def step(self, xs, labels, ws):
+        calls.append(1)
+        if len(calls) == 6:  # 3 batches per epoch: the last batch of epoch 2
+            xs = np.array(xs)
+            xs[0, 0, 0] = 7
+        loss, acc, gnorm = real_step(self, xs, labels, ws)
+        if len(calls) == 6:
+            assert np.isfinite(loss) and not np.isfinite(gnorm)
+        return loss, acc, gnorm
+
+    monkeypatch.setattr(utils.Trainer, '_loss_and_grads', poisoned)
+    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+    run_dir = str(tmp_path / 'nan')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', run_dir]) == 1
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['stopped_because'] == 'nan' and summary['epochs_run'] == 1
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1]
+    for which in ('last', 'best'):
+        saved = saved_params(run_dir, which)
+        assert list(saved) == [1], (which, list(saved))
+        assert all(np.all(np.isfinite(v)) for v in saved[1])
