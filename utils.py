@@ -631,14 +631,23 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         ckpt = Checkpoints(run_dir)
         if args.resume:
             done, meta = ckpt.restore(trainer)
+            finished = finished_because(meta, done, args.epochs)
+            if finished:
+                print(f'{run_dir} is finished ({finished}); nothing to train. '
+                      f'Its results are in {run_dir}/summary.json'
+                      + ('' if meta.get('stopped_because') == 'acc_th' else
+                         f'; give --epochs N > {done} to train it further'), flush=True)
+                summary = read_summary(run_dir)
+                summary.setdefault('stopped_because', meta.get('stopped_because') or 'epochs')
+                return dict(summary, finished=True)
             start_epoch = done + 1
             best_test_acc = meta.get('best_test_acc', -1.0)
             recent = list(meta.get('recent_train_acc', []))
             seconds_before = meta.get('seconds', 0.)
             log.truncate_after(done)
             print(f'resumed {run_dir} after epoch {done}')
-        else:
-            log.write_config(config)
+        # the configuration the run goes on with (a resume's overrides included): a later --resume reads it
+        log.write_config(config)
         stopped = 'epochs'
         first_step_s = None
         t0 = time.time()
@@ -700,7 +709,8 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             log.append(row)
             metrics.append(row)
             meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
-                        seconds=seconds_before + time.time() - t0, config=config)
+                        seconds=seconds_before + time.time() - t0, config=config,
+                        stopped_because=stopped if stopped == 'acc_th' else None, epochs=args.epochs)
             ckpt.save(trainer, epoch, meta, best=is_best)
             print(f'epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.3f} | test loss {test_loss:.4f} '
                   f'acc {test_acc:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
@@ -730,6 +740,23 @@ def params_finite(trainer: Trainer) -> bool:
     import jax
     import numpy as np
     return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(trainer.param_values()))
+
+
+def finished_because(meta: dict, done: int, epochs: int) -> Optional[str]:
+    """Why a run whose last checkpoint is epoch `done` has nothing left to train, or None."""
+    if meta.get('stopped_because') == 'acc_th':
+        return f'it stopped at acc_th after epoch {done}'
+    if done >= epochs:
+        return f'it ran its last epoch, {done} of --epochs {epochs}'
+    return None
+
+
+def read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, 'summary.json')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate(trainer: Trainer, batches: Iterable, step_weights):

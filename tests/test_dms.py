@@ -244,3 +244,54 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
         saved = saved_params(run_dir, which)
         assert list(saved) == [1], (which, list(saved))
         assert all(np.all(np.isfinite(v)) for v in saved[1])
+
+
+def interrupt_at_call(monkeypatch, n):
+    """Make the n-th training step of this process raise KeyboardInterrupt (Ctrl-C)."""
+    calls = []
+    real_step = utils.Trainer.train_step
+
+    def step(self, *a):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+
+
+def test_resume_keeps_the_overrides_of_an_earlier_resume(dms_script, tmp_path, monkeypatch):
+    """--epochs 1; --resume --epochs 4 interrupted in epoch 3; --resume alone must go on to epoch 4."""
+    run_dir = str(tmp_path / 'run')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '1', '--out_dir', run_dir]) == 0
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 5)  # epochs 2 and 3 have 3 batches each: the 2nd batch of epoch 3
+        with pytest.raises(KeyboardInterrupt):
+            dms_script.main(['--resume', run_dir, '--epochs', '4'])
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['epochs'] == 4
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    assert dms_script.main(['--resume', run_dir]) == 0
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['epochs_run'] == 4 and summary['stopped_because'] == 'epochs'
+
+
+@pytest.mark.parametrize('how', ['acc_th', 'last_epoch'])
+def test_resume_of_a_finished_run_does_not_train(dms_script, tmp_path, capsys, how):
+    run_dir = str(tmp_path / how)
+    if how == 'acc_th':  # acc_th 0: stops at the 20th batch, the 2nd of epoch 7 (of 10)
+        flags = [f if f != '1.1' else '0.0' for f in TINY_FLAGS] + ['--epochs', '10']
+    else:
+        flags = TINY_FLAGS + ['--epochs', '2']
+    assert dms_script.main(flags + ['--out_dir', run_dir]) == 0
+    files = {name: open(os.path.join(run_dir, name), 'rb').read()
+             for name in ('metrics.csv', 'summary.json', 'config.json')}
+    capsys.readouterr()
+    assert dms_script.main(['--resume', run_dir]) == 0
+    out = capsys.readouterr().out
+    assert 'is finished' in out and 'nothing to train' in out and 'epoch 8' not in out
+    for name, content in files.items():
+        assert open(os.path.join(run_dir, name), 'rb').read() == content, name
+    if how == 'acc_th':  # a larger --epochs does not reopen a run that reached its accuracy threshold
+        assert dms_script.main(['--resume', run_dir, '--epochs', '12']) == 0
+        assert open(os.path.join(run_dir, 'metrics.csv'), 'rb').read() == files['metrics.csv']
