@@ -136,20 +136,42 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
             if k not in given:
                 setattr(args, k, v)
     if args.resume:
-        saved = args_from_checkpoint(args.resume)
+        run_dir = args.resume
+        saved = args_from_checkpoint(run_dir)
         for k, v in saved.items():
             if k in vars(args) and k not in given:
                 setattr(args, k, v)
-        args.resume = args.out_dir = args.resume
+        if has_checkpoint(run_dir):
+            args.resume = args.out_dir = run_dir
+        else:  # interrupted before its first checkpoint: nothing to continue from
+            print(f'note: {run_dir} has no checkpoint yet (stopped before its first epoch ended); '
+                  f'starting it over in place with its saved configuration', file=sys.stderr, flush=True)
+            args.resume, args.out_dir = None, run_dir
     return args
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """A completed checkpoint step in RUN_DIR/checkpoints/last (orbax renames a step's temporary
+    folder to the bare step number when it is complete)."""
+    last = os.path.join(run_dir, 'checkpoints', 'last')
+    return os.path.isdir(last) and any(name.isdigit() for name in os.listdir(last))
 
 
 def prepare_run_dir(args) -> str:
     """The run folder; refuses to write over an earlier run unless resuming it."""
     run_dir = args.resume or args.out_dir or default_run_dir(args)
     if not args.resume and os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-        raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
-                        f'or choose another --out_dir')
+        if has_checkpoint(run_dir):
+            raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
+                            f'or choose another --out_dir')
+        # a run stopped before its first checkpoint left only an empty start: begin again in place
+        import shutil
+        shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
+        for name in ('metrics.csv', 'summary.json', 'learning_curves.png'):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+        print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting over there',
+              file=sys.stderr, flush=True)
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
@@ -599,7 +621,10 @@ def plot_learning_curves(metrics: list, path: str, title: str = ''):
 
 def args_from_checkpoint(run_dir: str) -> dict:
     path = os.path.join(run_dir, 'config.json')
-    if not os.path.isdir(os.path.join(run_dir, 'checkpoints', 'last')) or not os.path.exists(path):
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+            raise UserError(f'--resume {run_dir}: no checkpoint and no config.json there (stopped while '
+                            f'starting); start it again with its flags and --out_dir {run_dir}')
         raise UserError(f'--resume {run_dir}: no checkpoint there (expected {run_dir}/config.json and '
                         f'{run_dir}/checkpoints/last); give the folder of an earlier run')
     with open(path) as f:

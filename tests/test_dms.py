@@ -295,3 +295,20 @@ def test_resume_of_a_finished_run_does_not_train(dms_script, tmp_path, capsys, h
     if how == 'acc_th':  # a larger --epochs does not reopen a run that reached its accuracy threshold
         assert dms_script.main(['--resume', run_dir, '--epochs', '12']) == 0
         assert open(os.path.join(run_dir, 'metrics.csv'), 'rb').read() == files['metrics.csv']
+
+
+@pytest.mark.parametrize('again', ['out_dir', 'resume'])
+def test_run_stopped_before_its_first_checkpoint_starts_over(dms_script, tmp_path, monkeypatch, capsys, again):
+    run_dir = str(tmp_path / 'early')
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 2)  # Ctrl-C in the 2nd batch of epoch 1: no checkpoint yet
+        with pytest.raises(KeyboardInterrupt):
+            dms_script.main(TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir])
+    assert os.path.isdir(os.path.join(run_dir, 'checkpoints')) and not utils.has_checkpoint(run_dir)
+    capsys.readouterr()
+    argv = TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir] if again == 'out_dir' else ['--resume', run_dir]
+    assert dms_script.main(argv) == 0
+    assert 'starting' in capsys.readouterr().err
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
+    assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 2
