@@ -177,7 +177,7 @@ def classify_failure(text: str) -> str:
     """'OOM' for out-of-memory messages, else 'error'."""
     low = text.lower()
     keys = ('resource_exhausted', 'out of memory', 'memoryerror', 'cannot allocate memory', 'bad_alloc',
-            'failed to allocate', 'oom')
+            'failed to allocate')  # not a bare 'oom': 'room' and 'zoom' are no out-of-memory errors
     return 'OOM' if any(k in low for k in keys) else 'error'
 
 
@@ -345,6 +345,17 @@ def child_env(devices: str) -> dict:
     return env
 
 
+_WARNED = set()
+
+
+def forward_warnings(stderr: str):
+    """Repeat a child's own warning lines (such as a missing --devices) on our stderr, each once."""
+    for line in (stderr or '').splitlines():
+        if line.startswith('warning:') and line not in _WARNED:
+            _WARNED.add(line)
+            print(line, file=sys.stderr, flush=True)
+
+
 def run_child(flag: str, payload: dict, timeout: float, devices: str):
     """Run this script with a hidden flag in a fresh process; returns (result dict or None, failure row)."""
     cmd = [sys.executable, SCRIPT, flag, json.dumps(payload)]
@@ -353,6 +364,7 @@ def run_child(flag: str, payload: dict, timeout: float, devices: str):
                               cwd=os.path.dirname(SCRIPT))
     except subprocess.TimeoutExpired:
         return None, dict(status='timeout', reason=f'no result within --timeout {timeout:g} s')
+    forward_warnings(proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):]), None

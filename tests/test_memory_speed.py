@@ -110,6 +110,23 @@ def test_worker_failure_is_an_error_row_with_one_line(mem_script):
     assert mem_script.classify_failure('RESOURCE_EXHAUSTED: Out of memory while trying to allocate') == 'OOM'
     assert mem_script.classify_failure('MemoryError: ') == 'OOM'
     assert mem_script.classify_failure('ValueError: bad shape') == 'error'
+    for text in ('ValueError: no room for the readout', 'RuntimeError: zoom level', 'KeyError: bloom'):
+        assert mem_script.classify_failure(text) == 'error', text
+    assert mem_script.classify_failure('jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: ') == 'OOM'
+    assert mem_script.classify_failure('CUDA error: out of memory') == 'OOM'
+
+
+def test_missing_device_warning_reaches_the_user(mem_script, capfd):
+    """--devices 3 on a machine without a 4th accelerator: the child's warning is repeated here."""
+    if len([d for d in jax.devices() if d.platform != 'cpu']) > 3:
+        pytest.skip('this machine has a 4th accelerator')
+    mem_script._WARNED.clear()
+    info, failure = mem_script.run_child('--_probe', dict(devices='3', matmul_n=64), 300, '3')
+    assert failure is None and info['device'].endswith(':0')
+    err = capfd.readouterr().err
+    assert err.count('warning: --devices 3 not found') == 1, err
+    mem_script.forward_warnings('warning: --devices 3 not found (no accelerator); running on cpu:0\n')
+    assert 'warning' not in capfd.readouterr().err  # said once per sweep, not once per measurement
 
 
 def test_flops_and_predicted_state(mem_script):
