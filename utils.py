@@ -680,7 +680,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         train_loss = train_acc = float('nan')
         epoch = start_epoch - 1
         for epoch in range(start_epoch, args.epochs + 1):
-            ep_t0, losses, accs, gnorms = time.time(), [], [], []
+            ep_t0, losses, accs, gnorms, sizes = time.time(), [], [], [], []
             wait_s = step_s = 0.
             timed_steps = 0
             batches = train_batches(epoch)
@@ -707,6 +707,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                     break
                 losses.append(loss)
                 accs.append(acc)
+                sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
                 gnorms.append(gnorm)
                 recent = (recent + [acc])[-smooth:]
                 bar.update(1)
@@ -723,7 +724,9 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 epoch -= 1
                 break
             n_batches = max(len(losses), 1)
-            train_loss, train_acc = float(np.mean(losses)), float(np.mean(accs))
+            # per-sample means over the epoch, like test_loss and test_acc: batches weighted by their size
+            train_loss = float(np.average(losses, weights=sizes)) if losses else float('nan')
+            train_acc = float(np.average(accs, weights=sizes)) if accs else float('nan')
             test_loss, test_acc = evaluate(trainer, test_batches(), step_weights)
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)

@@ -312,3 +312,32 @@ def test_run_stopped_before_its_first_checkpoint_starts_over(dms_script, tmp_pat
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
     assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 2
+
+
+def test_train_acc_is_weighted_by_the_real_samples(dms_script, tmp_path, monkeypatch):
+    """An epoch of a full batch (8) and a short one (2, padded to 8): the epoch's train_acc and train_loss
+    are per-sample means, as test_acc is, not a plain mean over the two batches."""
+    args = utils.parse_args(dms_script.build_parser(), TINY_FLAGS + ['--epochs', '1', '--out_dir', str(tmp_path / 'w')])
+    run_dir = utils.prepare_run_dir(args)
+    brainstate.environ.set(dt=1.)
+    cfg = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
+    net = models.DMSNet(cfg.n_input, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
+                        rec_scale=2., seed=0)
+    trainer = utils.Trainer(net, 'bptt', cfg.n_input, 8)
+    x, y, _, _ = datasets.dms_trials(cfg, 10, np.random.default_rng(0))
+    batches = [(x[:, :8], y[:8]), (x[:, 8:], y[8:])]
+    seen = []
+    real_step = trainer.train_step
+
+    def step(xs, labels, ws):
+        out = real_step(xs, labels, ws)
+        seen.append((out[0], out[1], len(labels)))
+        return out
+
+    trainer.train_step = step
+    utils.fit(args, trainer, run_dir, lambda epoch: batches, lambda: batches[:1], cfg.loss_weights())
+    (l1, a1, n1), (l2, a2, n2) = seen
+    assert (n1, n2) == (8, 2) and a1 != a2
+    row = read_metrics(run_dir)[0]
+    assert np.isclose(row['train_acc'], (8 * a1 + 2 * a2) / 10, atol=1e-6), (row, seen)
+    assert np.isclose(row['train_loss'], (8 * l1 + 2 * l2) / 10, rtol=1e-5), (row, seen)
