@@ -115,8 +115,20 @@ def test_main_writes_the_run_folder(dms_script, tmp_path, method):
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['method'] == method and summary['epochs_run'] == 2 and summary['stopped_because'] == 'epochs'
     assert summary['test_acc'] == rows[-1]['test_acc']
+    assert summary['best_test_acc'] == max(r['test_acc'] for r in rows)
     assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
-    assert os.path.exists(os.path.join(run_dir, 'learning_curves.png'))
+    best_epoch = max(rows, key=lambda r: r['test_acc'])['epoch']  # the first epoch with the best accuracy
+    assert os.listdir(os.path.join(run_dir, 'checkpoints', 'best')) == [str(best_epoch)]
+    assert_png(os.path.join(run_dir, 'learning_curves.png'), (1000, 400))
+
+
+def assert_png(path, size):
+    """A PNG file of `size` (width, height) pixels, read back from its header."""
+    import struct
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert os.path.getsize(path) > 1000 and head[:8] == b'\x89PNG\r\n\x1a\n', path
+    assert struct.unpack('>II', head[16:24]) == size
 
 
 def test_resume_continues_where_it_stopped(dms_script, tmp_path):
@@ -154,11 +166,21 @@ def test_kill_while_saving_leaves_a_usable_checkpoint(dms_script, tmp_path):
     proc = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    # Epoch 2's checkpoint was not complete: the newest complete step is epoch 1's.
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(run_dir, 'checkpoints', 'last'))
+    assert manager.latest_step() == 1 and list(manager.all_steps()) == [1]
+    manager.close()
     assert dms_script.main(['--resume', run_dir, '--epochs', '3']) == 0
     rows = read_metrics(run_dir)
-    # Epoch 2's checkpoint was not complete: the run goes on from epoch 1 and redoes 2.
+    # The run goes on from epoch 1 and redoes 2, with the same numbers as a run never interrupted.
     assert [r['epoch'] for r in rows] == [1, 2, 3]
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 3
+    whole = str(tmp_path / 'whole')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', whole]) == 0
+    for a, b in zip(read_metrics(whole), rows):
+        for key in ('train_loss', 'train_acc', 'test_loss', 'test_acc'):
+            assert np.isclose(a[key], b[key], rtol=1e-4, atol=1e-6), (key, a, b)
 
 
 def run_cli(*flags):
@@ -166,18 +188,36 @@ def run_cli(*flags):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.parametrize('flags, fragment', [
-    (['--method', 'rtrl'], "invalid choice: 'rtrl'"),
-    (['--dataset', 'mnist'], "invalid choice: 'mnist'"),
-    (['--n_rec', '0'], 'must be > 0'),
-    (['--batch_size', '-3'], 'must be > 0'),
-    (['--t_delay', '-5', '--devices', 'cpu'], '--t_delay must be >= 0'),
-    (['--resume', '/nonexistent/run'], 'no checkpoint there'),
+def lines_besides_usage(stderr: str) -> list:
+    """stderr without argparse's usage block (the 'usage:' line and its indented continuations)."""
+    lines, in_usage = [], False
+    for line in stderr.splitlines():
+        if line.startswith('usage:'):
+            in_usage = True
+            continue
+        if in_usage and line.startswith(' '):
+            continue
+        in_usage = False
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize('flags, fragment, usage', [
+    (['--method', 'rtrl'], "invalid choice: 'rtrl'", True),
+    (['--dataset', 'mnist'], "invalid choice: 'mnist'", True),
+    (['--n_rec', '0'], 'must be > 0', True),
+    (['--batch_size', '-3'], 'must be > 0', True),
+    (['--t_delay', '-5', '--devices', 'cpu'], '--t_delay must be >= 0', False),
+    (['--resume', '/nonexistent/run'], 'no checkpoint there', False),
 ])
-def test_bad_input_is_one_line_with_exit_code_2(flags, fragment):
+def test_bad_input_is_one_line_with_exit_code_2(flags, fragment, usage):
     proc = run_cli(*flags)
     assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr and 'Traceback' not in proc.stderr
+    assert ('usage:' in proc.stderr) == usage, proc.stderr
+    lines = lines_besides_usage(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(('error:', 'task-rsnn-long-term-dependency.py: error:')), lines
+    assert fragment in lines[0]
 
 
 def test_missing_device_warns_and_runs(tmp_path):
