@@ -151,20 +151,27 @@ def flop_per_time_step(cfg) -> float:
     return total
 
 
+STATES_PER_NEURON = {'lif-delta': 1, 'alif-delta': 2, 'lif-exp-cu': 2}  # V; V, b; V, I
+
+
 def predicted_state_bytes(cfg, method: str, T: int) -> float:
     """The memory that the method's formula says grows (float32).
 
     bptt:       T x B x (2 n_layer n_rec + n_out): spikes and membrane potential of every layer and the
                 readout, kept for every step of the backward pass (grows with T);
-    diag:       B x #params: one eligibility trace per weight and sample (D-RTRL);
-    expsm_diag: B x sum over weight matrices of (inputs + outputs) (ES-D-RTRL).
+    diag:       B x (S x recurrent-layer weights + readout weights): one eligibility trace per weight,
+                sample and hidden state of the neuron the weight drives (D-RTRL);
+    expsm_diag: B x sum over weight matrices of (inputs + S x outputs) (ES-D-RTRL);
+    S = hidden states per neuron (lif-delta 1; alif-delta, lif-exp-cu 2; the readout 1).
     """
     B, n_rec, n_out, L = cfg['batch_size'], cfg['n_rec'], cfg['n_out'], cfg['n_layer']
+    S = STATES_PER_NEURON[cfg.get('model', 'lif-delta')]
     if method == 'bptt':
         return 4. * T * B * (2 * L * n_rec + n_out)
     if method == 'diag':
-        return 4. * B * n_params(cfg)
-    io = sum((n_x + n_rec) + n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
+        readout = n_rec * n_out + n_out
+        return 4. * B * (S * (n_params(cfg) - readout) + readout)
+    io = sum((n_x + n_rec) + S * n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
     return 4. * B * io
 
 
