@@ -23,3 +23,9 @@ test-all: $(VENV)/.installed
 
 clean-results:
 	rm -rf results
+
+# One table of every run under RESULTS (default results/): RESULTS/results.md and RESULTS/results.csv.
+RESULTS ?= results
+.PHONY: results-table
+results-table: $(VENV)/.installed
+	$(PY) scripts/results_table.py $(RESULTS)

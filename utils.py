@@ -755,7 +755,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                        smoothed_train_acc=float(np.mean(recent)) if recent else None,
                        stopped_because=stopped, seconds=seconds_before + time.time() - t0,
                        compile_and_first_step_s=first_step_s,
-                       step_s_per_batch=last.get('step_s_per_batch'), run_dir=run_dir)
+                       step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
         log.write_summary(summary)
         return summary
     finally:
@@ -768,6 +768,16 @@ def params_finite(trainer: Trainer) -> bool:
     import jax
     import numpy as np
     return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(trainer.param_values()))
+
+
+def peak_rss_mb() -> Optional[float]:
+    """The process's peak resident memory in MB (resource.getrusage; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024.  # bytes on macOS, KiB on Linux
 
 
 def finished_because(meta: dict, done: int, epochs: int) -> Optional[str]:
