@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) task-rsnn-long-term-dependency.py --preset cpu-demo
 
-# The CI suite (CPU, tiny networks); `make test-all` adds the checks marked slow.
+# The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
 
