@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 reproduce-dms: $(VENV)/.installed
 	$(PY) scripts/reproduce_dms.py
 
-# The CI suite (CPU, tiny networks); `make test-all` adds the checks marked slow.
+# The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
 
@@ -28,3 +28,9 @@ test-all: $(VENV)/.installed
 
 clean-results:
 	rm -rf results
+
+# One table of every run under RESULTS (default results/): RESULTS/results.md and RESULTS/results.csv.
+RESULTS ?= results
+.PHONY: results-table
+results-table: $(VENV)/.installed
+	$(PY) scripts/results_table.py $(RESULTS)

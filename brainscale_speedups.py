@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 
 _STATE = {}
-STATS = {'fast': 0, 'fallback': 0}  # relations traced through the fast path / brainscale's code
+STATS = {'fast': 0, 'fallback': 0}  # relations traced through the fast path / brainscale's code (every
+                                    # trace update and every gradient read counts)
 
 
 def _plain_dense(relation, mode) -> bool:
@@ -168,6 +169,7 @@ def _param_dim_solve(hist_etrace_data, dG_weights, dG_hidden_groups, weight_hidd
                 g['bias'] = jnp.sum(trace['bias'] * dl, axis=(0, 2))
             total = g if total is None else jax.tree.map(jnp.add, total, g)
         alg._update_dict(dG_weights, relation.path, total)
+    _count(len(weight_hidden_relations) - len(slow), len(slow))
     if slow:
         _STATE['param_dim_solve'](hist_etrace_data, dG_weights, dG_hidden_groups, slow, mode)
 

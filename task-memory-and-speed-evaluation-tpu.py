@@ -151,20 +151,27 @@ def flop_per_time_step(cfg) -> float:
     return total
 
 
+STATES_PER_NEURON = {'lif-delta': 1, 'alif-delta': 2, 'lif-exp-cu': 2}  # V; V, b; V, I
+
+
 def predicted_state_bytes(cfg, method: str, T: int) -> float:
     """The memory that the method's formula says grows (float32).
 
     bptt:       T x B x (2 n_layer n_rec + n_out): spikes and membrane potential of every layer and the
                 readout, kept for every step of the backward pass (grows with T);
-    diag:       B x #params: one eligibility trace per weight and sample (D-RTRL);
-    expsm_diag: B x sum over weight matrices of (inputs + outputs) (ES-D-RTRL).
+    diag:       B x (S x recurrent-layer weights + readout weights): one eligibility trace per weight,
+                sample and hidden state of the neuron the weight drives (D-RTRL);
+    expsm_diag: B x sum over weight matrices of (inputs + S x outputs) (ES-D-RTRL);
+    S = hidden states per neuron (lif-delta 1; alif-delta, lif-exp-cu 2; the readout 1).
     """
     B, n_rec, n_out, L = cfg['batch_size'], cfg['n_rec'], cfg['n_out'], cfg['n_layer']
+    S = STATES_PER_NEURON[cfg.get('model', 'lif-delta')]
     if method == 'bptt':
         return 4. * T * B * (2 * L * n_rec + n_out)
     if method == 'diag':
-        return 4. * B * n_params(cfg)
-    io = sum((n_x + n_rec) + n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
+        readout = n_rec * n_out + n_out
+        return 4. * B * (S * (n_params(cfg) - readout) + readout)
+    io = sum((n_x + n_rec) + S * n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
     return 4. * B * io
 
 
@@ -177,7 +184,7 @@ def classify_failure(text: str) -> str:
     """'OOM' for out-of-memory messages, else 'error'."""
     low = text.lower()
     keys = ('resource_exhausted', 'out of memory', 'memoryerror', 'cannot allocate memory', 'bad_alloc',
-            'failed to allocate', 'oom')
+            'failed to allocate')  # not a bare 'oom': 'room' and 'zoom' are no out-of-memory errors
     return 'OOM' if any(k in low for k in keys) else 'error'
 
 
@@ -345,6 +352,17 @@ def child_env(devices: str) -> dict:
     return env
 
 
+_WARNED = set()
+
+
+def forward_warnings(stderr: str):
+    """Repeat a child's own warning lines (such as a missing --devices) on our stderr, each once."""
+    for line in (stderr or '').splitlines():
+        if line.startswith('warning:') and line not in _WARNED:
+            _WARNED.add(line)
+            print(line, file=sys.stderr, flush=True)
+
+
 def run_child(flag: str, payload: dict, timeout: float, devices: str):
     """Run this script with a hidden flag in a fresh process; returns (result dict or None, failure row)."""
     cmd = [sys.executable, SCRIPT, flag, json.dumps(payload)]
@@ -353,6 +371,7 @@ def run_child(flag: str, payload: dict, timeout: float, devices: str):
                               cwd=os.path.dirname(SCRIPT))
     except subprocess.TimeoutExpired:
         return None, dict(status='timeout', reason=f'no result within --timeout {timeout:g} s')
+    forward_warnings(proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):]), None

@@ -31,7 +31,7 @@ PRESETS = {
 
 
 def build_parser():
-    p = utils.base_parser(__doc__.split('\n\n')[0].replace('\n', ' '), experiment='dms')
+    p = utils.base_parser(' '.join(__doc__.split('\n\n')[0].split()), experiment='dms')
     p.set_defaults(epochs=2000, batch_size=128, etrace_decay=0.99)
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help="a named set of defaults; flags given explicitly win. cpu-demo: the paper's 1000 ms "

@@ -138,20 +138,42 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
             if k not in given:
                 setattr(args, k, v)
     if args.resume:
-        saved = args_from_checkpoint(args.resume)
+        run_dir = args.resume
+        saved = args_from_checkpoint(run_dir)
         for k, v in saved.items():
             if k in vars(args) and k not in given:
                 setattr(args, k, v)
-        args.resume = args.out_dir = args.resume
+        if has_checkpoint(run_dir):
+            args.resume = args.out_dir = run_dir
+        else:  # interrupted before its first checkpoint: nothing to continue from
+            print(f'note: {run_dir} has no checkpoint yet (stopped before its first epoch ended); '
+                  f'starting it over in place with its saved configuration', file=sys.stderr, flush=True)
+            args.resume, args.out_dir = None, run_dir
     return args
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """A completed checkpoint step in RUN_DIR/checkpoints/last (orbax renames a step's temporary
+    folder to the bare step number when it is complete)."""
+    last = os.path.join(run_dir, 'checkpoints', 'last')
+    return os.path.isdir(last) and any(name.isdigit() for name in os.listdir(last))
 
 
 def prepare_run_dir(args) -> str:
     """The run folder; refuses to write over an earlier run unless resuming it."""
     run_dir = args.resume or args.out_dir or default_run_dir(args)
     if not args.resume and os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-        raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
-                        f'or choose another --out_dir')
+        if has_checkpoint(run_dir):
+            raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
+                            f'or choose another --out_dir')
+        # a run stopped before its first checkpoint left only an empty start: begin again in place
+        import shutil
+        shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
+        for name in ('metrics.csv', 'summary.json', 'learning_curves.png'):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+        print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting over there',
+              file=sys.stderr, flush=True)
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
@@ -374,15 +396,25 @@ class Trainer:
 
     def _train_step(self, opt_state, xs, labels, mask, ws):
         import jax
+        import jax.numpy as jnp
         import optax
         grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
         values = self.param_values()
         if self.weight_L2:
             grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, opt_state, values)
-        self.set_param_values(optax.apply_updates(values, updates))
-        return opt_state, loss, acc, grad_norm
+        updates, new_opt_state = self.tx.update(grads, opt_state, values)
+        new_values = optax.apply_updates(values, updates)
+        # A finite loss can still come with an infinite gradient norm, and then the clipped update is
+        # NaN: refuse such an update inside the step (parameters and optimizer state stay as they were)
+        # and report it, so that non-finite weights are never evaluated or saved.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(new_values):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        keep = lambda new, old: jnp.where(finite, new, old)
+        self.set_param_values(jax.tree.map(keep, new_values, values))
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return opt_state, loss, acc, grad_norm, finite
 
     def _eval_step(self, xs, labels, mask, ws):
         import brainstate
@@ -416,9 +448,13 @@ class Trainer:
         return xs, labels, mask
 
     def train_step(self, xs, labels, ws):
-        """One optimizer update; returns (loss, accuracy, gradient norm before clipping) as floats."""
+        """One optimizer update; returns (loss, accuracy, gradient norm before clipping) as floats.
+
+        An update whose loss, gradient norm or new parameters are not all finite is not applied (the
+        parameters and optimizer state stay as they were) and `self.last_update_finite` becomes False."""
         xs, labels, mask = self.pad(xs, labels)
-        self.opt_state, loss, acc, gnorm = self._train(self.opt_state, xs, labels, mask, ws)
+        self.opt_state, loss, acc, gnorm, finite = self._train(self.opt_state, xs, labels, mask, ws)
+        self.last_update_finite = bool(finite)
         return float(loss), float(acc), float(gnorm)
 
     def gradients(self, xs, labels, ws) -> dict:
@@ -493,6 +529,8 @@ class Checkpoints:
                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                        meta=self.ocp.args.JsonSave(meta))
+        if not params_finite(trainer):
+            raise RuntimeError(f'refusing to save non-finite weights as epoch {epoch}')
         managers = [self.last] + ([self.best] if best else [])
         for m in managers:
             m.save(epoch, args=args, force=True)
@@ -599,7 +637,10 @@ def plot_learning_curves(metrics: list, path: str, title: str = ''):
 
 def args_from_checkpoint(run_dir: str) -> dict:
     path = os.path.join(run_dir, 'config.json')
-    if not os.path.isdir(os.path.join(run_dir, 'checkpoints', 'last')) or not os.path.exists(path):
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+            raise UserError(f'--resume {run_dir}: no checkpoint and no config.json there (stopped while '
+                            f'starting); start it again with its flags and --out_dir {run_dir}')
         raise UserError(f'--resume {run_dir}: no checkpoint there (expected {run_dir}/config.json and '
                         f'{run_dir}/checkpoints/last); give the folder of an earlier run')
     with open(path) as f:
@@ -631,14 +672,23 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         ckpt = Checkpoints(run_dir)
         if args.resume:
             done, meta = ckpt.restore(trainer)
+            finished = finished_because(meta, done, args.epochs)
+            if finished:
+                print(f'{run_dir} is finished ({finished}); nothing to train. '
+                      f'Its results are in {run_dir}/summary.json'
+                      + ('' if meta.get('stopped_because') == 'acc_th' else
+                         f'; give --epochs N > {done} to train it further'), flush=True)
+                summary = read_summary(run_dir)
+                summary.setdefault('stopped_because', meta.get('stopped_because') or 'epochs')
+                return dict(summary, finished=True)
             start_epoch = done + 1
             best_test_acc = meta.get('best_test_acc', -1.0)
             recent = list(meta.get('recent_train_acc', []))
             seconds_before = meta.get('seconds', 0.)
             log.truncate_after(done)
             print(f'resumed {run_dir} after epoch {done}')
-        else:
-            log.write_config(config)
+        # the configuration the run goes on with (a resume's overrides included): a later --resume reads it
+        log.write_config(config)
         stopped = 'epochs'
         first_step_s = None
         t0 = time.time()
@@ -647,7 +697,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         train_loss = train_acc = float('nan')
         epoch = start_epoch - 1
         for epoch in range(start_epoch, args.epochs + 1):
-            ep_t0, losses, accs, gnorms = time.time(), [], [], []
+            ep_t0, losses, accs, gnorms, sizes = time.time(), [], [], [], []
             wait_s = step_s = 0.
             timed_steps = 0
             batches = train_batches(epoch)
@@ -669,11 +719,12 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 else:
                     step_s += time.time() - ts
                     timed_steps += 1
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
                     stopped = 'nan'
                     break
                 losses.append(loss)
                 accs.append(acc)
+                sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
                 gnorms.append(gnorm)
                 batches_done += 1
                 recent = (recent + [acc])[-smooth:]
@@ -683,12 +734,17 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                     stopped = 'acc_th'
                     break
             bar.close()
+            if stopped != 'nan' and not params_finite(trainer):
+                stopped = 'nan'
             if stopped == 'nan':
-                print(f'epoch {epoch}: the loss became NaN; stopping (the last good checkpoint is kept)')
+                print(f'epoch {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
+                      f'stopping (the last good checkpoint is kept)')
                 epoch -= 1
                 break
             n_batches = max(len(losses), 1)
-            train_loss, train_acc = float(np.mean(losses)), float(np.mean(accs))
+            # per-sample means over the epoch, like test_loss and test_acc: batches weighted by their size
+            train_loss = float(np.average(losses, weights=sizes)) if losses else float('nan')
+            train_acc = float(np.average(accs, weights=sizes)) if accs else float('nan')
             trainer.pop_eval_rates()
             test_loss, test_acc = evaluate(trainer, test_batches(), step_weights)
             rates = trainer.pop_eval_rates()
@@ -707,7 +763,8 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             log.append(row)
             metrics.append(row)
             meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
-                        seconds=seconds_before + time.time() - t0, config=config)
+                        seconds=seconds_before + time.time() - t0, config=config,
+                        stopped_because=stopped if stopped == 'acc_th' else None, epochs=args.epochs)
             ckpt.save(trainer, epoch, meta, best=is_best)
             print(f'epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.3f} | test loss {test_loss:.4f} '
                   f'acc {test_acc:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
@@ -725,7 +782,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                        smoothed_train_acc=float(np.mean(recent)) if recent else None,
                        stopped_because=stopped, seconds=seconds_before + time.time() - t0,
                        compile_and_first_step_s=first_step_s,
-                       step_s_per_batch=last.get('step_s_per_batch'), run_dir=run_dir)
+                       step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
         log.write_summary(summary)
         return summary
     finally:
@@ -754,6 +811,40 @@ def silence_warning(rates: list, losses: list, n_classes: int, loss: str = 'cel'
                     f'{chance:.4f} after the first epoch: the network has not learned; check --lr, '
                     f'--ff_scale / --rec_scale and the firing rates (rate_layer* in metrics.csv)')
     return None
+
+
+def params_finite(trainer: Trainer) -> bool:
+    """Every weight finite (checked on the host before a checkpoint is written)."""
+    import jax
+    import numpy as np
+    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(trainer.param_values()))
+
+
+def peak_rss_mb() -> Optional[float]:
+    """The process's peak resident memory in MB (resource.getrusage; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024.  # bytes on macOS, KiB on Linux
+
+
+def finished_because(meta: dict, done: int, epochs: int) -> Optional[str]:
+    """Why a run whose last checkpoint is epoch `done` has nothing left to train, or None."""
+    if meta.get('stopped_because') == 'acc_th':
+        return f'it stopped at acc_th after epoch {done}'
+    if done >= epochs:
+        return f'it ran its last epoch, {done} of --epochs {epochs}'
+    return None
+
+
+def read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, 'summary.json')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate(trainer: Trainer, batches: Iterable, step_weights):

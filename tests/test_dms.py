@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import brainstate
+import jax
 import numpy as np
 import pytest
 
@@ -114,8 +115,20 @@ def test_main_writes_the_run_folder(dms_script, tmp_path, method):
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['method'] == method and summary['epochs_run'] == 2 and summary['stopped_because'] == 'epochs'
     assert summary['test_acc'] == rows[-1]['test_acc']
+    assert summary['best_test_acc'] == max(r['test_acc'] for r in rows)
     assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
-    assert os.path.exists(os.path.join(run_dir, 'learning_curves.png'))
+    best_epoch = max(rows, key=lambda r: r['test_acc'])['epoch']  # the first epoch with the best accuracy
+    assert os.listdir(os.path.join(run_dir, 'checkpoints', 'best')) == [str(best_epoch)]
+    assert_png(os.path.join(run_dir, 'learning_curves.png'), (1000, 400))
+
+
+def assert_png(path, size):
+    """A PNG file of `size` (width, height) pixels, read back from its header."""
+    import struct
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert os.path.getsize(path) > 1000 and head[:8] == b'\x89PNG\r\n\x1a\n', path
+    assert struct.unpack('>II', head[16:24]) == size
 
 
 def test_resume_continues_where_it_stopped(dms_script, tmp_path):
@@ -153,11 +166,21 @@ def test_kill_while_saving_leaves_a_usable_checkpoint(dms_script, tmp_path):
     proc = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    # Epoch 2's checkpoint was not complete: the newest complete step is epoch 1's.
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(run_dir, 'checkpoints', 'last'))
+    assert manager.latest_step() == 1 and list(manager.all_steps()) == [1]
+    manager.close()
     assert dms_script.main(['--resume', run_dir, '--epochs', '3']) == 0
     rows = read_metrics(run_dir)
-    # Epoch 2's checkpoint was not complete: the run goes on from epoch 1 and redoes 2.
+    # The run goes on from epoch 1 and redoes 2, with the same numbers as a run never interrupted.
     assert [r['epoch'] for r in rows] == [1, 2, 3]
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 3
+    whole = str(tmp_path / 'whole')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', whole]) == 0
+    for a, b in zip(read_metrics(whole), rows):
+        for key in ('train_loss', 'train_acc', 'test_loss', 'test_acc'):
+            assert np.isclose(a[key], b[key], rtol=1e-4, atol=1e-6), (key, a, b)
 
 
 def run_cli(*flags):
@@ -165,18 +188,36 @@ def run_cli(*flags):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.parametrize('flags, fragment', [
-    (['--method', 'rtrl'], "invalid choice: 'rtrl'"),
-    (['--dataset', 'mnist'], "invalid choice: 'mnist'"),
-    (['--n_rec', '0'], 'must be > 0'),
-    (['--batch_size', '-3'], 'must be > 0'),
-    (['--t_delay', '-5', '--devices', 'cpu'], '--t_delay must be >= 0'),
-    (['--resume', '/nonexistent/run'], 'no checkpoint there'),
+def lines_besides_usage(stderr: str) -> list:
+    """stderr without argparse's usage block (the 'usage:' line and its indented continuations)."""
+    lines, in_usage = [], False
+    for line in stderr.splitlines():
+        if line.startswith('usage:'):
+            in_usage = True
+            continue
+        if in_usage and line.startswith(' '):
+            continue
+        in_usage = False
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize('flags, fragment, usage', [
+    (['--method', 'rtrl'], "invalid choice: 'rtrl'", True),
+    (['--dataset', 'mnist'], "invalid choice: 'mnist'", True),
+    (['--n_rec', '0'], 'must be > 0', True),
+    (['--batch_size', '-3'], 'must be > 0', True),
+    (['--t_delay', '-5', '--devices', 'cpu'], '--t_delay must be >= 0', False),
+    (['--resume', '/nonexistent/run'], 'no checkpoint there', False),
 ])
-def test_bad_input_is_one_line_with_exit_code_2(flags, fragment):
+def test_bad_input_is_one_line_with_exit_code_2(flags, fragment, usage):
     proc = run_cli(*flags)
     assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr and 'Traceback' not in proc.stderr
+    assert ('usage:' in proc.stderr) == usage, proc.stderr
+    lines = lines_besides_usage(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(('error:', 'task-rsnn-long-term-dependency.py: error:')), lines
+    assert fragment in lines[0]
 
 
 def test_missing_device_warns_and_runs(tmp_path):
@@ -195,3 +236,148 @@ def test_stops_at_acc_th(dms_script, tmp_path):
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     # 3 batches per epoch: the 20th batch is the 2nd of epoch 7.
     assert summary['stopped_because'] == 'acc_th' and summary['epochs_run'] == 7
+
+
+def saved_params(run_dir, which):
+    """{step: flat list of the saved weight arrays} of checkpoints/<which>."""
+    import orbax.checkpoint as ocp
+    root = os.path.join(run_dir, 'checkpoints', which)
+    out = {}
+    for step in sorted(d for d in os.listdir(root) if d.isdigit()):
+        state = ocp.PyTreeCheckpointer().restore(os.path.join(root, step, 'state'))
+        out[int(step)] = [np.asarray(v) for v in jax.tree.leaves(state['params'])]
+    return out
+
+
+def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path, monkeypatch):
+    """The last batch of epoch 2 has a finite loss but an infinite gradient: the clipped update would be
+    NaN. The run must stop ('nan') with epoch 1 as its last and best checkpoint, never a NaN one."""
+    import jax.numpy as jnp
+    original = utils.Trainer._loss_and_grads
+
+    def poisoned(self, xs, labels, mask, ws):
+        grads, loss, acc = original(self, xs, labels, mask, ws)
+        scale = jnp.where(xs[0, 0, 0] == 7, jnp.inf, 1.)
+        return jax.tree.map(lambda g: g * scale, grads), loss, acc
+
+    calls = []
+    real_step = utils.Trainer.train_step
+
+    def step(self, xs, labels, ws):
+        calls.append(1)
+        if len(calls) == 6:  # 3 batches per epoch: the last batch of epoch 2
+            xs = np.array(xs)
+            xs[0, 0, 0] = 7
+        loss, acc, gnorm = real_step(self, xs, labels, ws)
+        if len(calls) == 6:
+            assert np.isfinite(loss) and not np.isfinite(gnorm)
+        return loss, acc, gnorm
+
+    monkeypatch.setattr(utils.Trainer, '_loss_and_grads', poisoned)
+    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+    run_dir = str(tmp_path / 'nan')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', run_dir]) == 1
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['stopped_because'] == 'nan' and summary['epochs_run'] == 1
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1]
+    for which in ('last', 'best'):
+        saved = saved_params(run_dir, which)
+        assert list(saved) == [1], (which, list(saved))
+        assert all(np.all(np.isfinite(v)) for v in saved[1])
+
+
+def interrupt_at_call(monkeypatch, n):
+    """Make the n-th training step of this process raise KeyboardInterrupt (Ctrl-C)."""
+    calls = []
+    real_step = utils.Trainer.train_step
+
+    def step(self, *a):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+
+
+def test_resume_keeps_the_overrides_of_an_earlier_resume(dms_script, tmp_path, monkeypatch):
+    """--epochs 1; --resume --epochs 4 interrupted in epoch 3; --resume alone must go on to epoch 4."""
+    run_dir = str(tmp_path / 'run')
+    assert dms_script.main(TINY_FLAGS + ['--epochs', '1', '--out_dir', run_dir]) == 0
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 5)  # epochs 2 and 3 have 3 batches each: the 2nd batch of epoch 3
+        with pytest.raises(KeyboardInterrupt):
+            dms_script.main(['--resume', run_dir, '--epochs', '4'])
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['epochs'] == 4
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    assert dms_script.main(['--resume', run_dir]) == 0
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['epochs_run'] == 4 and summary['stopped_because'] == 'epochs'
+
+
+@pytest.mark.parametrize('how', ['acc_th', 'last_epoch'])
+def test_resume_of_a_finished_run_does_not_train(dms_script, tmp_path, capsys, how):
+    run_dir = str(tmp_path / how)
+    if how == 'acc_th':  # acc_th 0: stops at the 20th batch, the 2nd of epoch 7 (of 10)
+        flags = [f if f != '1.1' else '0.0' for f in TINY_FLAGS] + ['--epochs', '10']
+    else:
+        flags = TINY_FLAGS + ['--epochs', '2']
+    assert dms_script.main(flags + ['--out_dir', run_dir]) == 0
+    files = {name: open(os.path.join(run_dir, name), 'rb').read()
+             for name in ('metrics.csv', 'summary.json', 'config.json')}
+    capsys.readouterr()
+    assert dms_script.main(['--resume', run_dir]) == 0
+    out = capsys.readouterr().out
+    assert 'is finished' in out and 'nothing to train' in out and 'epoch 8' not in out
+    for name, content in files.items():
+        assert open(os.path.join(run_dir, name), 'rb').read() == content, name
+    if how == 'acc_th':  # a larger --epochs does not reopen a run that reached its accuracy threshold
+        assert dms_script.main(['--resume', run_dir, '--epochs', '12']) == 0
+        assert open(os.path.join(run_dir, 'metrics.csv'), 'rb').read() == files['metrics.csv']
+
+
+@pytest.mark.parametrize('again', ['out_dir', 'resume'])
+def test_run_stopped_before_its_first_checkpoint_starts_over(dms_script, tmp_path, monkeypatch, capsys, again):
+    run_dir = str(tmp_path / 'early')
+    with monkeypatch.context() as m:
+        interrupt_at_call(m, 2)  # Ctrl-C in the 2nd batch of epoch 1: no checkpoint yet
+        with pytest.raises(KeyboardInterrupt):
+            dms_script.main(TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir])
+    assert os.path.isdir(os.path.join(run_dir, 'checkpoints')) and not utils.has_checkpoint(run_dir)
+    capsys.readouterr()
+    argv = TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir] if again == 'out_dir' else ['--resume', run_dir]
+    assert dms_script.main(argv) == 0
+    assert 'starting' in capsys.readouterr().err
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+    assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))) == ['1', '2']
+    assert json.load(open(os.path.join(run_dir, 'summary.json')))['epochs_run'] == 2
+
+
+def test_train_acc_is_weighted_by_the_real_samples(dms_script, tmp_path, monkeypatch):
+    """An epoch of a full batch (8) and a short one (2, padded to 8): the epoch's train_acc and train_loss
+    are per-sample means, as test_acc is, not a plain mean over the two batches."""
+    args = utils.parse_args(dms_script.build_parser(), TINY_FLAGS + ['--epochs', '1', '--out_dir', str(tmp_path / 'w')])
+    run_dir = utils.prepare_run_dir(args)
+    brainstate.environ.set(dt=1.)
+    cfg = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
+    net = models.DMSNet(cfg.n_input, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
+                        rec_scale=2., seed=0)
+    trainer = utils.Trainer(net, 'bptt', cfg.n_input, 8)
+    x, y, _, _ = datasets.dms_trials(cfg, 10, np.random.default_rng(0))
+    batches = [(x[:, :8], y[:8]), (x[:, 8:], y[8:])]
+    seen = []
+    real_step = trainer.train_step
+
+    def step(xs, labels, ws):
+        out = real_step(xs, labels, ws)
+        seen.append((out[0], out[1], len(labels)))
+        return out
+
+    trainer.train_step = step
+    utils.fit(args, trainer, run_dir, lambda epoch: batches, lambda: batches[:1], cfg.loss_weights())
+    (l1, a1, n1), (l2, a2, n2) = seen
+    assert (n1, n2) == (8, 2) and a1 != a2
+    row = read_metrics(run_dir)[0]
+    assert np.isclose(row['train_acc'], (8 * a1 + 2 * a2) / 10, atol=1e-6), (row, seen)
+    assert np.isclose(row['train_loss'], (8 * l1 + 2 * l2) / 10, rtol=1e-5), (row, seen)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -255,11 +256,15 @@ def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
     assert losses[-1] < 0.7 * losses[0], losses
     test_acc = float(rows[-1]['test_acc'])
     assert test_acc >= 0.75, (test_acc, rows)            # chance: 1/4 of the classes present
-    assert summary['best_test_acc'] >= test_acc
+    assert summary['best_test_acc'] == max(float(r['test_acc']) for r in rows)
+    assert summary['test_acc'] == test_acc
     for r in rows:
         assert float(r['data_wait_s_per_batch']) >= 0 and float(r['step_s_per_batch']) > 0
     for name in ('config.json', 'metrics.csv', 'summary.json', 'learning_curves.png'):
-        assert os.path.isfile(os.path.join(run_dir, name)), name
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    with open(os.path.join(run_dir, 'learning_curves.png'), 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n' and struct.unpack('>II', head[16:24]) == (1000, 400)
     assert os.listdir(os.path.join(run_dir, 'checkpoints', 'last'))
     assert os.listdir(os.path.join(run_dir, 'checkpoints', 'best'))
     config = json.load(open(os.path.join(run_dir, 'config.json')))

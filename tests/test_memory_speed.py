@@ -110,6 +110,47 @@ def test_worker_failure_is_an_error_row_with_one_line(mem_script):
     assert mem_script.classify_failure('RESOURCE_EXHAUSTED: Out of memory while trying to allocate') == 'OOM'
     assert mem_script.classify_failure('MemoryError: ') == 'OOM'
     assert mem_script.classify_failure('ValueError: bad shape') == 'error'
+    for text in ('ValueError: no room for the readout', 'RuntimeError: zoom level', 'KeyError: bloom'):
+        assert mem_script.classify_failure(text) == 'error', text
+    assert mem_script.classify_failure('jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: ') == 'OOM'
+    assert mem_script.classify_failure('CUDA error: out of memory') == 'OOM'
+
+
+def test_missing_device_warning_reaches_the_user(mem_script, capfd):
+    """--devices 3 on a machine without a 4th accelerator: the child's warning is repeated here."""
+    if len([d for d in jax.devices() if d.platform != 'cpu']) > 3:
+        pytest.skip('this machine has a 4th accelerator')
+    mem_script._WARNED.clear()
+    info, failure = mem_script.run_child('--_probe', dict(devices='3', matmul_n=64), 300, '3')
+    assert failure is None and info['device'].endswith(':0')
+    err = capfd.readouterr().err
+    assert err.count('warning: --devices 3 not found') == 1, err
+    mem_script.forward_warnings('warning: --devices 3 not found (no accelerator); running on cpu:0\n')
+    assert 'warning' not in capfd.readouterr().err  # said once per sweep, not once per measurement
+
+
+@pytest.mark.parametrize('model', ['lif-delta', 'alif-delta', 'lif-exp-cu'])
+def test_formulas_match_the_real_network_and_traces(mem_script, model):
+    """n_params against the built network's weights; the predicted online state against the traces that
+    brainscale actually allocates after compile_graph (D-RTRL: etrace_bwg; ES-D-RTRL: etrace_xs + etrace_dfs).
+    alif-delta and lif-exp-cu have two hidden states per neuron, so twice the hidden layers' traces."""
+    cfg = dict(batch_size=4, n_in=20, n_rec=16, n_layer=3, n_out=5, model=model)
+    brainstate.environ.set(dt=1.)
+    sizes = {}
+    for method in ('diag', 'expsm_diag'):
+        net = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=model, seed=0)
+        trainer = utils.Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
+        assert mem_script.n_params(cfg) == models.count_params(net)
+        algo = trainer.algo
+        states = list(algo.etrace_bwg.values()) if method == 'diag' else \
+            list(algo.etrace_xs.values()) + list(algo.etrace_dfs.values())
+        sizes[method] = 4. * sum(np.size(leaf) for st in states for leaf in jax.tree.leaves(st.value))
+        assert sizes[method] > 0
+        assert mem_script.predicted_state_bytes(cfg, method, 10) == sizes[method], (method, sizes[method])
+    if model == 'lif-delta':
+        assert sizes['diag'] == 4. * cfg['batch_size'] * mem_script.n_params(cfg)
+    else:
+        assert sizes['diag'] > 1.9 * 4. * cfg['batch_size'] * mem_script.n_params(cfg)
 
 
 def test_flops_and_predicted_state(mem_script):
@@ -176,6 +217,30 @@ def test_brainscale_speedups_give_brainscale_gradients(method, kind, monkeypatch
         assert (traced_fast > 0) == fast
         assert brainscale_speedups.STATS['fallback'] == before['fallback']  # every layer took the fast path
     assert_same(grads[False], grads[True])
+
+
+def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
+    """A D-RTRL gradient read (_param_dim_solve) that falls back to brainscale's code is counted."""
+    monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
+    net, n_out = build('lif-delta')
+    trainer = utils.Trainer(net, 'diag', N_IN, B)
+    real = brainscale_speedups._plain_dense
+
+    def plain_dense_but_not_in_solve(relation, mode):  # the 2nd call of each trace: the gradient read
+        import sys
+        if sys._getframe(1).f_code.co_name == "_param_dim_solve":
+            return False
+        return real(relation, mode)
+
+    monkeypatch.setattr(brainscale_speedups, '_plain_dense', plain_dense_but_not_in_solve)
+    before = dict(brainscale_speedups.STATS)
+    xs, labels, ws = data(n_out)
+    trainer.gradients(xs, labels, ws)
+    # every dense layer's gradient read fell back (brainscale may trace the step more than once)
+    n_relations = len(trainer.algo.etrace_bwg)
+    fallback = brainscale_speedups.STATS['fallback'] - before['fallback']
+    assert fallback > 0 and fallback % n_relations == 0, fallback
+    assert brainscale_speedups.STATS['fast'] - before['fast'] > 0  # the trace updates stayed fast
 
 
 class PerStep(brainstate.nn.Module):
