@@ -306,8 +306,8 @@ def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: in
     (T, B, n_in), the layer fires target_rate spikes per neuron per step at initialization.
 
     Kaiming's variance ff_scale / fan_in assumes every input is active with unit power. Event frames are
-    far sparser (N-MNIST at 400 bins: about 3 events per step over 2312 inputs), so layer 0 stays silent,
-    while the layers above, fed by spikes, fire at 0.2-0.5 and saturate. Layers are calibrated from the
+    far sparser (N-MNIST at 400 bins: about 3 events per step over 2312 inputs), so layer 0 stays silent;
+    a --ff_scale large enough to wake it makes the layers above, fed by spikes, fire at 0.2-0.5. Layers are calibrated from the
     bottom up (each sees the calibrated layers below), by bisection on a log scale. Returns the factors.
     """
     import jax.numpy as jnp

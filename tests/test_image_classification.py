@@ -386,7 +386,7 @@ def test_learns_realistic_data(dataset, method, realistic_data, tmp_path, capsys
 
 
 def test_silent_layer_warning(realistic_data, tmp_path, capsys):
-    summary, rows = _run('nmnist', 'bptt', realistic_data, tmp_path, '--epochs 1 --ff_scale 1e-4 --rec_scale 0 --lr 1e-7')
+    summary, rows = _run('nmnist', 'bptt', realistic_data, tmp_path, '--epochs 1 --ff_scale 1e-4 --rec_scale 0 --lr 1e-7 --init_rate 0')
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith('warning')]
     assert len(lines) == 1 and 'layer 0' in lines[0] and '--ff_scale' in lines[0], out
@@ -400,3 +400,33 @@ def test_silence_warning_rules():
     stuck = [math.log(10)] * 30
     assert '--lr' in utils.silence_warning([0.02], stuck, 10)
     assert utils.silence_warning([0.02], stuck[:5], 10) is None        # too few batches to judge
+
+
+def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_data, tmp_path):
+    """The root cause of the README N-MNIST size not learning, and its fix: on sparse event frames
+    (T = 400) Kaiming's fan-in init leaves layer 0 all but silent, and a --ff_scale large enough to wake
+    it makes the layers above saturate; models.calibrate_feedforward brings every layer to the target rate."""
+    import brainstate
+    import jax.numpy as jnp
+    import models
+    split = datasets.load_framed_split('nmnist', realistic_data, True, 400, progress=False)
+    xs, _ = split.batch(np.arange(16))
+    brainstate.environ.set(dt=1.)
+
+    def rates(model):
+        brainstate.nn.init_all_states(model, xs.shape[1])
+        h = jnp.asarray(xs)
+        out = []
+        for layer in model.layers:
+            h = layer.run_sequence(h)
+            out.append(float(h.mean()))
+        return out
+
+    r = rates(models.SpikingStack(2312, 64, 10, 3, ff_scale=10., rec_scale=2., seed=0))
+    assert r[0] < 1e-3, r
+    r = rates(models.SpikingStack(2312, 64, 10, 3, ff_scale=100., rec_scale=0.5, seed=0))
+    assert r[0] > 5e-3 and r[2] > 0.2, r
+    model = models.SpikingStack(2312, 64, 10, 3, ff_scale=10., rec_scale=0.5, seed=0)
+    factors = models.calibrate_feedforward(model, xs, 0.05)
+    assert factors[0] > 2 and all(f < 1 for f in factors[1:]), factors
+    assert np.allclose(rates(model), 0.05, rtol=0.15), rates(model)
