@@ -308,7 +308,8 @@ def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: in
     Kaiming's variance ff_scale / fan_in assumes every input is active with unit power. Event frames are
     far sparser (N-MNIST at 400 bins: about 3 events per step over 2312 inputs), so layer 0 stays silent;
     a --ff_scale large enough to wake it makes the layers above, fed by spikes, fire at 0.2-0.5. Layers are calibrated from the
-    bottom up (each sees the calibrated layers below), by bisection on a log scale. Returns the factors.
+    bottom up (each sees the calibrated layers below), by bisection on a log scale. Returns the factors
+    and the layers' rates on xs after the calibration.
     """
     import jax.numpy as jnp
     xs = jnp.asarray(xs, jnp.float32)
@@ -344,4 +345,4 @@ def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: in
                 hi = mid
         factors.append(10. ** ((lo + hi) / 2))
         set_factor(factors[-1])
-    return factors
+    return factors, [float(r) for r in layer_rates(xs)]

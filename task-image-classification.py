@@ -79,10 +79,9 @@ def build_parser():
     g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
     g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
-    g.add_argument('--rec_scale', type=nonneg_float, default=0.5,
-                   help="recurrent weights: Kaiming normal with variance rec_scale / n_rec (the authors' SHD "
-                        'value; 2 put the upper layers at 0.3-0.5 spikes per step, README "Why the README '
-                        'size learns")')
+    g.add_argument('--rec_scale', type=nonneg_float, default=0.1,
+                   help='recurrent weights: Kaiming normal with variance rec_scale / n_rec (0.1: at T 400 a '
+                        "larger one makes BPTT's gradient explode, README \"Why the README size learns\")")
     g.add_argument('--init_rate', type=nonneg_float, default=0.05,
                    help='data-dependent init: scale each layer\'s feed-forward weights (bottom up) so that it '
                         'fires this many spikes per neuron per step on 16 training samples; 0 = plain Kaiming '
@@ -149,13 +148,13 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
                                 tau_o=args.tau_o, V_th=args.V_th, ff_scale=args.ff_scale,
                                 rec_scale=args.rec_scale, spk_fun=args.spk_fun, spk_reset=args.spk_reset,
                                 readout_scale=args.readout_scale, seed=args.seed)
-    ff_factors = None
+    ff_factors = init_rates = None
     if args.init_rate > 0:  # event frames are far sparser than Kaiming assumes (models.calibrate_feedforward)
-        calib_split = splits[0]
-        idx = np.random.default_rng([args.seed, 7]).permutation(len(calib_split))[:16]
-        ff_factors = models.calibrate_feedforward(model, calib_split.batch(idx)[0], args.init_rate)
+        idx = np.random.default_rng([args.seed, 7]).permutation(len(splits[0]))[:16]
+        ff_factors, init_rates = models.calibrate_feedforward(model, splits[0].batch(idx)[0], args.init_rate)
         print('init: feed-forward weights of layer ' + ', '.join(f'{i} x{f:.3g}' for i, f in enumerate(ff_factors))
-              + f' for {args.init_rate} spikes per neuron per step (--init_rate)', flush=True)
+              + f' for {args.init_rate} spikes per neuron per step (--init_rate); rates '
+              + ', '.join(f'{r:.4f}' for r in init_rates), flush=True)
     lr = utils.step_schedule(args.lr, args.lr_milestones, n_batches)
     trainer = utils.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                             grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
@@ -172,7 +171,7 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
                                           n_test=len(splits[1]), train_cache=splits[0].folder,
                                           test_cache=splits[1].folder,
                                           n_params=models.count_params(model), device=utils.device_name(device),
-                                          ff_factors=ff_factors))
+                                          ff_factors=ff_factors, init_rates=init_rates))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 

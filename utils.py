@@ -565,11 +565,13 @@ class Checkpoints:
 
 
 class RunLog:
-    """config.json, metrics.csv (one row per epoch, flushed) and summary.json of a run folder."""
+    """config.json, metrics.csv (one row per epoch, flushed), batches.csv (one row per training batch)
+    and summary.json of a run folder."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, 'metrics.csv')
+        self.batches_path = os.path.join(run_dir, 'batches.csv')
         self.fields = None
 
     def write_config(self, config: dict):
@@ -589,6 +591,21 @@ class RunLog:
             os.remove(self.metrics_path)
         for r in rows:
             self.append(r)
+        batch_rows = [r for r in read_csv(self.batches_path) if int(r['epoch']) <= epoch]
+        if os.path.exists(self.batches_path):
+            os.remove(self.batches_path)
+        for r in batch_rows:
+            self.append_batch(r)
+
+    def append_batch(self, row: dict):
+        """One training batch (flushed, not synced: a crash loses at most the rows of the last epoch,
+        which the resume drops anyway)."""
+        new = not os.path.exists(self.batches_path)
+        with open(self.batches_path, 'a', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
 
     def append(self, row: dict):
         new = not os.path.exists(self.metrics_path)
@@ -602,6 +619,13 @@ class RunLog:
 
     def write_summary(self, summary: dict):
         write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+def read_csv(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def write_json(path: str, obj):
@@ -727,6 +751,8 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                 sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
                 gnorms.append(gnorm)
                 batches_done += 1
+                log.append_batch(dict(epoch=epoch, batch=batches_done, loss=loss, acc=acc, grad_norm=gnorm,
+                                      seconds=round(time.time() - ts, 4)))
                 recent = (recent + [acc])[-smooth:]
                 bar.update(1)
                 bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(recent):.3f}')

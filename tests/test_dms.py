@@ -140,7 +140,10 @@ def test_resume_continues_where_it_stopped(dms_script, tmp_path):
     rows_full, rows_part = read_metrics(full), read_metrics(part)
     assert [r['epoch'] for r in rows_part] == [1, 2, 3, 4]
     assert json.load(open(os.path.join(part, 'summary.json')))['epochs_run'] == 4
-    # Same batches, same restored parameters and optimizer state: the same numbers.
+    # Same batches, same restored parameters and optimizer state: the same numbers, batch by batch too.
+    batches_full, batches_part = (utils.read_csv(os.path.join(d, 'batches.csv')) for d in (full, part))
+    assert [int(r['batch']) for r in batches_part] == list(range(1, 13))
+    assert np.allclose([float(r['loss']) for r in batches_full], [float(r['loss']) for r in batches_part], rtol=1e-4)
     for a, b in zip(rows_full, rows_part):
         assert np.isclose(a['train_loss'], b['train_loss'], rtol=1e-4), (a, b)
         assert np.isclose(a['test_loss'], b['test_loss'], rtol=1e-4), (a, b)
