@@ -181,14 +181,14 @@ class LIFDeltaLayer(brainstate.nn.Module):
     def __init__(self, n_in: int, n_rec: int, *, dt: float, tau_mem: float, tau_mem_sigma: float,
                  V_th: float, ff_scale: float, rec_scale: float, spk_fun: str, spk_reset: str,
                  rng: np.random.Generator, neuron: str = 'lif', synapse: str = 'delta',
-                 tau_syn: float = 5., tau_adapt: float = 200., beta: float = 1.8):
+                 tau_syn: float = 5., tau_adapt: float = 200., beta: float = 1.8, detach_reset: bool = True):
         super().__init__()
         if neuron not in ('lif', 'alif') or synapse not in ('delta', 'exp'):
             raise ValueError(f'unknown neuron/synapse {neuron}/{synapse}')
         if spk_reset not in ('soft', 'hard'):
             raise ValueError(f'--spk_reset must be soft or hard, got {spk_reset!r}')
         self.n_rec, self.V_th, self.neuron, self.synapse = n_rec, V_th, neuron, synapse
-        self.spk_reset, self.beta = spk_reset, beta
+        self.spk_reset, self.beta, self.detach_reset = spk_reset, beta, detach_reset
         self.spk_fun = make_surrogate(spk_fun)
         tau = np.clip(rng.normal(tau_mem, tau_mem_sigma, n_rec), dt, None)
         self.mem_decay = jnp.asarray(np.exp(-dt / tau), dtype=jnp.float32)
@@ -244,7 +244,7 @@ class LIFDeltaLayer(brainstate.nn.Module):
         return brainstate.transform.scan(step, s0, currents)[1]
 
     def _integrate(self, c, s, th):
-        s_reset = jax.lax.stop_gradient(s)
+        s_reset = jax.lax.stop_gradient(s) if self.detach_reset else s
         if self.synapse == 'exp':
             c = self.I.value * self.syn_decay + c
             self.I.value = c
@@ -266,7 +266,7 @@ class SpikingStack(brainstate.nn.Module):
     def __init__(self, n_in: int, n_rec: int, n_out: int, n_layer: int, *, model: str = 'lif-delta',
                  dt: float = 1., tau_mem: float = 10., tau_mem_sigma: float = 1., tau_o: float = 10.,
                  V_th: float = 1., ff_scale: float = 1., rec_scale: float = 0.5, spk_fun: str = 'relu',
-                 spk_reset: str = 'soft', readout_scale: float = 1., seed: int = 0):
+                 spk_reset: str = 'soft', readout_scale: float = 1., detach_reset: bool = True, seed: int = 0):
         super().__init__()
         if model not in self.MODELS:
             raise ValueError(f'unknown --model {model!r}; choose one of {sorted(self.MODELS)}')
@@ -275,7 +275,8 @@ class SpikingStack(brainstate.nn.Module):
         self.layers = [
             LIFDeltaLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
                           V_th=V_th, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
-                          spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse)
+                          spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse,
+                          detach_reset=detach_reset)
             for i in range(n_layer)
         ]
         self.out = LeakyReadout(n_rec, n_out, tau_o=tau_o, dt=dt, w_scale=readout_scale, rng=rng)

@@ -79,9 +79,12 @@ def build_parser():
     g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
     g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
-    g.add_argument('--rec_scale', type=nonneg_float, default=0.1,
-                   help='recurrent weights: Kaiming normal with variance rec_scale / n_rec (0.1: at T 400 a '
-                        "larger one makes BPTT's gradient explode, README \"Why the README size learns\")")
+    g.add_argument('--rec_scale', type=nonneg_float, default=0.5,
+                   help="recurrent weights: Kaiming normal with variance rec_scale / n_rec (the authors' SHD "
+                        'value; their default 2 learned less here, README "Why the README size learns")')
+    g.add_argument('--detach_reset', type=int, choices=(0, 1), default=0,
+                   help="1 = no gradient through the reset (V -= V_th s); 0 (the authors' LIF) keeps it: at T 400 "
+                        "BPTT's gradient explodes when it is detached")
     g.add_argument('--init_rate', type=nonneg_float, default=0.05,
                    help='data-dependent init: scale each layer\'s feed-forward weights (bottom up) so that it '
                         'fires this many spikes per neuron per step on 16 training samples; 0 = plain Kaiming '
@@ -147,7 +150,8 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
                                 dt=args.dt, tau_mem=args.tau_mem, tau_mem_sigma=args.tau_mem_sigma,
                                 tau_o=args.tau_o, V_th=args.V_th, ff_scale=args.ff_scale,
                                 rec_scale=args.rec_scale, spk_fun=args.spk_fun, spk_reset=args.spk_reset,
-                                readout_scale=args.readout_scale, seed=args.seed)
+                                readout_scale=args.readout_scale, detach_reset=bool(args.detach_reset),
+                                seed=args.seed)
     ff_factors = init_rates = None
     if args.init_rate > 0:  # event frames are far sparser than Kaiming assumes (models.calibrate_feedforward)
         idx = np.random.default_rng([args.seed, 7]).permutation(len(splits[0]))[:16]
