@@ -430,3 +430,30 @@ def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_d
     factors, after = models.calibrate_feedforward(model, xs, 0.05)
     assert factors[0] > 2 and all(f < 1 for f in factors[1:]), factors
     assert np.allclose(rates(model), 0.05, rtol=0.15) and np.allclose(after, rates(model), rtol=1e-5), after
+
+
+@pytest.mark.parametrize('detach', [True, False])
+def test_gradient_through_the_reset(detach):
+    """dV_t/dV_{t-1} of a LIF neuron: decay with a detached reset; decay * (1 - V_th * surrogate') when the
+    reset carries gradient (the authors' LIF, --detach_reset 0), which keeps BPTT's backward pass through
+    400 steps from growing (README "Why the README size learns")."""
+    import brainstate
+    import jax
+    import jax.numpy as jnp
+    import models
+    layer = models.LIFDeltaLayer(3, 4, dt=1., tau_mem=10., tau_mem_sigma=0., V_th=1., ff_scale=1., rec_scale=0.,
+                                 spk_fun='relu', spk_reset='soft', rng=np.random.default_rng(0),
+                                 detach_reset=detach)
+    brainstate.nn.init_all_states(layer, 1)
+    v0 = jnp.array([[0.2, 0.8, 1.3, 2.5]])
+
+    def step(v):
+        layer.V.value = v
+        layer.update(jnp.zeros((1, 3)))
+        return layer.V.value
+
+    jac = np.diag(np.asarray(jax.jacobian(step)(v0))[0, :, 0, :])
+    decay = np.exp(-1. / 10.)
+    surrogate = 0.3 * np.maximum(0., 1. - np.abs(np.asarray(v0[0]) - 1.))
+    expected = decay * (1. if detach else 1. - surrogate)
+    assert np.allclose(jac, expected, rtol=1e-5), (jac, expected)
