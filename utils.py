@@ -260,26 +260,6 @@ def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
 
-def patch_brainscale_drtrl():
-    """Stop brainscale 0.1.0 from rescaling D-RTRL eligibility traces.
-
-    `_update_param_dim_etrace_scan_fn` divides each new trace (and each trace increment) by its largest
-    absolute element whenever that exceeds 1 (`_normalize_vector`). That silently shrinks the gradient:
-    a leaky readout's trace grows towards 1/(1 - decay), so after a few steps its D-RTRL gradient is
-    several times too small (tests/test_gradients.py measures it). Without the rescaling the traces stay
-    bounded whenever the diagonal Jacobians are below 1, and D-RTRL is exact where theory says so.
-    Looked up when the step is traced, so it must run before the first compile.
-    """
-    import brainscale._etrace_vjp_algorithms as alg
-    if getattr(alg, '_our_patch', False):
-        return
-    if not hasattr(alg, '_normalize_vector'):
-        raise RuntimeError('brainscale internals changed: re-check patch_brainscale_drtrl')
-    alg._original_normalize_vector = alg._normalize_vector
-    alg._normalize_vector = lambda v: v
-    alg._our_patch = True
-
-
 class Trainer:
     """One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL.
 
@@ -292,7 +272,7 @@ class Trainer:
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
                  grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0.):
-        __import__('compat').apply()  # brainscale 0.1.0 on jax >= 0.10: bridge its jax calls (no-op on old jax)
+        __import__('brainscale_adapter').adapt_brainscale()  # every change to brainscale 0.1.0: brainscale_adapter.py
         import brainscale
         import brainstate
         import jax.numpy as jnp
@@ -307,10 +287,7 @@ class Trainer:
         self.algo = None
         if method != 'bptt':
             mode = brainstate.mixin.Batching()
-            import brainscale_speedups
-            brainscale_speedups.install()  # same gradients, faster (see brainscale_speedups.py)
             if method == 'diag':
-                patch_brainscale_drtrl()
                 self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
             else:
                 self.algo = brainscale.IODimVjpAlgorithm(model, decay_or_rank=etrace_decay, mode=mode,
