@@ -112,37 +112,27 @@ def default_run_dir(args) -> str:
     return os.path.join('results', args.experiment, args.exp_name, f'{args.method}-{stamp}')
 
 
-def explicitly_given(parser: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags that appear in argv (not filled in from defaults)."""
-    defaults = {a: a.default for a in parser._actions}
-    parser_defaults = dict(parser._defaults)  # set_defaults() values are filled in too: hide them
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        parser._defaults.clear()
-        given = parser.parse_args(argv)
-    finally:
-        for a, d in defaults.items():
-            a.default = d
-        parser._defaults.update(parser_defaults)
-    return set(vars(given)) - {'experiment'}
-
-
 def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = None) -> argparse.Namespace:
-    """Parse argv; a --preset fills in its values for flags not given; --resume RUN_DIR takes the saved
-    config of that run, and flags given on the command line override it."""
+    """Parse argv with this precedence: flags on the command line > the saved config of --resume RUN_DIR
+    > the values of --preset NAME (presets[NAME]) > the parser's defaults.
+
+    A first parse (which also answers --help and rejects bad flags) finds --preset and --resume; the
+    preset and the saved config then become the parser's defaults (`set_defaults`) and argv is parsed
+    once more, so the flags given on the command line win.
+    """
+    argv = list(argv)
     args = parser.parse_args(argv)
-    given = explicitly_given(parser, argv)
+    defaults = {}
     if getattr(args, 'preset', None):
-        for k, v in presets[args.preset].items():
-            if k not in given:
-                setattr(args, k, v)
-    if args.resume:
-        run_dir = args.resume
+        defaults.update(presets[args.preset])
+    run_dir = getattr(args, 'resume', None)
+    if run_dir:
         saved = args_from_checkpoint(run_dir)
-        for k, v in saved.items():
-            if k in vars(args) and k not in given:
-                setattr(args, k, v)
+        defaults.update({k: v for k, v in saved.items() if k in vars(args) and k != 'resume'})
+    if defaults:
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    if run_dir:
         if has_checkpoint(run_dir):
             args.resume = args.out_dir = run_dir
         else:  # interrupted before its first checkpoint: nothing to continue from
