@@ -27,6 +27,11 @@ class DMSConfig:
     rate_background: float = 1.  # Hz, everywhere
     rate_stimulus: float = 100.  # Hz x tuning, during sample and test
 
+    @property
+    def n_output(self) -> int:
+        """The answers: match / non-match."""
+        return 2
+
     def steps(self, ms: float) -> int:
         return int(round(ms / self.dt))
 

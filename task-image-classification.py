@@ -76,6 +76,12 @@ def build_parser():
     g.add_argument('--tau_mem_sigma', type=nonneg_float, default=1.,
                    help='standard deviation (ms) of the per-neuron membrane time constants')
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
+    g.add_argument('--tau_syn', type=utils.positive_float, default=5.,
+                   help='lif-exp-cu: time constant (ms) of the exponential current synapse')
+    g.add_argument('--tau_adapt', type=utils.positive_float, default=200.,
+                   help='alif-delta: time constant (ms) of the threshold adaptation b')
+    g.add_argument('--beta', type=nonneg_float, default=1.8,
+                   help='alif-delta: threshold V_th + beta b, b jumps by 1 at each spike')
     g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
     g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
@@ -152,7 +158,8 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
                                 dt=args.dt, tau_mem=args.tau_mem, tau_mem_sigma=args.tau_mem_sigma,
                                 tau_o=args.tau_o, V_th=args.V_th, ff_scale=args.ff_scale,
                                 rec_scale=args.rec_scale, spk_fun=args.spk_fun, spk_reset=args.spk_reset,
-                                readout_scale=args.readout_scale, seed=args.seed)
+                                readout_scale=args.readout_scale, seed=args.seed, tau_syn=args.tau_syn,
+                                tau_adapt=args.tau_adapt, beta=args.beta)
     ff_factors = init_rates = None
     if args.init_rate > 0:  # event frames are far sparser than Kaiming assumes (models.calibrate_feedforward)
         idx = np.random.default_rng([args.seed, 7]).permutation(len(splits[0]))[:16]

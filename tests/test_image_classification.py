@@ -216,12 +216,25 @@ def test_readme_flags_parse():
     assert args.lr_milestones == [30, 60] and args.weight_L2 == 1e-4 and args.loss == 'mse'
     assert (args.tau_mem, args.tau_mem_sigma, args.tau_o, args.V_th) == (20, 2, 15, 0.5)
     assert (args.ff_scale, args.rec_scale, args.spk_reset, args.drop_last) == (3, 1, 'hard', 0)
+    args = task.build_parser().parse_args('--tau_syn 8 --tau_adapt 50 --beta 0.7'.split())
+    assert (args.tau_syn, args.tau_adapt, args.beta) == (8, 50, 0.7)
     helptext = task.build_parser().format_help()
     for flag in ('--dataset', '--data_length', '--n_layer', '--n_rec', '--model', '--warmup_ratio', '--exp_name',
                  '--data_dir', '--loss', '--tau_mem', '--tau_mem_sigma', '--tau_o', '--V_th', '--ff_scale',
                  '--rec_scale', '--spk_reset', '--lr_milestones', '--weight_L2', '--drop_last',
-                 '--batches_per_epoch', '--eval_batches', '--n_data_worker', '--epoch'):
+                 '--batches_per_epoch', '--eval_batches', '--n_data_worker', '--epoch', '--tau_syn', '--tau_adapt',
+                 '--beta'):
         assert flag in helptext
+
+
+def test_neuron_constants_reach_the_layers():
+    import models
+    net = models.SpikingStack(4, 3, 2, 2, model='alif-delta', tau_syn=8., tau_adapt=50., beta=0.7)
+    for layer in net.layers:
+        assert layer.beta == 0.7 and np.isclose(layer.adapt_decay, np.exp(-1 / 50))
+        assert np.isclose(layer.syn_decay, np.exp(-1 / 8))
+    default = models.SpikingStack(4, 3, 2, 1, model='alif-delta').layers[0]
+    assert default.beta == 1.8 and np.isclose(default.adapt_decay, np.exp(-1 / 200))
 
 
 # --------------------------------------------------------------------------------------------
