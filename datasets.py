@@ -27,6 +27,11 @@ class DMSConfig:
     rate_background: float = 1.  # Hz, everywhere
     rate_stimulus: float = 100.  # Hz x tuning, during sample and test
 
+    @property
+    def n_output(self) -> int:
+        """The answers: match / non-match."""
+        return 2
+
     def steps(self, ms: float) -> int:
         return int(round(ms / self.dt))
 
@@ -362,14 +367,13 @@ def _remove_new(location: str, before: set, created: list):
             os.rmdir(p)
 
 
-def open_tonic_dataset(name: str, data_dir: str, train: bool, transform=None):
-    """tonic's NMNIST (first saccade) or SHD on `data_dir`.
+def open_tonic_dataset(info: EventDataset, data_dir: str, train: bool, transform=None):
+    """tonic's NMNIST (first saccade) or SHD (`info`, from event_dataset) on `data_dir`.
 
     When the files are absent, tonic's constructor downloads them (online). If that fails, whatever it
     created is removed and a UserError says where the files were expected and where to get them.
     """
     import tonic.datasets
-    info = event_dataset(name)
     cls = getattr(tonic.datasets, info.tonic_class)
     root = os.path.abspath(os.path.expanduser(data_dir))
     location = os.path.join(root, cls.__name__)
@@ -451,9 +455,9 @@ def _source_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def frame_cache_key(name: str, train: bool, n_time_bins: int, ds) -> tuple:
+def frame_cache_key(info: EventDataset, train: bool, n_time_bins: int, ds) -> tuple:
     import tonic
-    info = event_dataset(name)
+    name = info.key
     params = dict(format=CACHE_FORMAT, dataset=name, split='train' if train else 'test',
                   transform=f'ToFrame(sensor_size={tuple(info.sensor_size)}, n_time_bins={int(n_time_bins)})',
                   first_saccade_only=bool(getattr(ds, 'first_saccade_only', False)),
@@ -586,19 +590,18 @@ class _FileLock:
         self.f.close()
 
 
-def load_framed_split(name: str, data_dir: str, train: bool, n_time_bins: int, cache_dir: str = None,
+def load_framed_split(info: EventDataset, data_dir: str, train: bool, n_time_bins: int, cache_dir: str = None,
                       n_workers: int = 0, ds=None, progress: bool = True) -> FramedSplit:
-    """The framed split from the cache, framing it (tonic ToFrame) on first use."""
-    info = event_dataset(name)
+    """The framed split of `info` (from event_dataset) from the cache, framing it (tonic ToFrame) on first use."""
     if n_time_bins < 1:
         raise _user_error(f'--data_length must be >= 1, got {n_time_bins}')
     transform = FrameToSparse(info.sensor_size, n_time_bins)
     if ds is None:
-        ds = open_tonic_dataset(name, data_dir, train, transform=transform)
+        ds = open_tonic_dataset(info, data_dir, train, transform=transform)
     else:
         ds.transform = transform
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or os.path.join(data_dir, 'cache')))
-    key, params = frame_cache_key(name, train, n_time_bins, ds)
+    key, params = frame_cache_key(info, train, n_time_bins, ds)
     folder = os.path.join(cache_dir, key)
     if not os.path.isfile(os.path.join(folder, 'meta.json')):
         try:
@@ -612,7 +615,7 @@ def load_framed_split(name: str, data_dir: str, train: bool, n_time_bins: int, c
                 split = 'train' if train else 'test'
                 print(f'framing {info.title} {split} ({len(ds)} samples, {n_time_bins} bins) into {folder} '
                       f'(once; later runs read the cache)', flush=True)
-                tmp = build_frame_cache(ds, transform, folder, n_workers, desc=f'framing {name} {split}',
+                tmp = build_frame_cache(ds, transform, folder, n_workers, desc=f'framing {info.key} {split}',
                                          progress=progress)
                 meta = dict(params, n_time_bins=int(n_time_bins), n_in=info.n_in, n_samples=len(ds),
                             index_dtype=np.dtype(transform.index_dtype).name,
@@ -728,22 +731,26 @@ class DenseBatches:
             thread.join()
 
 
-def event_loaders(args, train_split: FramedSplit, test_split: FramedSplit):
+def event_loaders(train_split: FramedSplit, test_split: FramedSplit, *, batch_size: int, seed: int,
+                  n_workers: int = 0, drop_last: bool = False, batches_per_epoch: int = None,
+                  eval_batches: int = None):
     """train_batches(epoch) and test_batches() for utils.fit, each an iterable of numpy
-    (xs float32 (T, B, n_in), labels int32 (B,)), loaded by --n_data_worker spawned workers."""
-    train_sampler = EpochBatchSampler(len(train_split), args.batch_size, shuffle=True,
-                                      drop_last=bool(args.drop_last), seed=args.seed,
-                                      max_batches=args.batches_per_epoch)
+    (xs float32 (T, B, n_in), labels int32 (B,)), loaded by `n_workers` spawned workers.
+
+    Training batches are a permutation seeded by (seed, epoch), at most `batches_per_epoch` of them;
+    the test batches a fixed permutation, at most `eval_batches`."""
+    train_sampler = EpochBatchSampler(len(train_split), batch_size, shuffle=True,
+                                      drop_last=bool(drop_last), seed=seed, max_batches=batches_per_epoch)
     # The test order is a fixed permutation: --eval_batches then evaluates a random, fixed subset
     # (tonic lists N-MNIST sorted by digit).
-    test_sampler = EpochBatchSampler(len(test_split), args.batch_size, shuffle=True, drop_last=False,
-                                     seed=args.seed, max_batches=args.eval_batches)
+    test_sampler = EpochBatchSampler(len(test_split), batch_size, shuffle=True, drop_last=False,
+                                     seed=seed, max_batches=eval_batches)
     if len(train_sampler) == 0:
         raise _user_error(f'the training split has {len(train_split)} samples: no full batch of '
-                          f'{args.batch_size} (drop --drop_last or lower --batch_size)')
-    train_loader = worker_loader(FrameBatches(train_split), args.n_data_worker, batch_size=None,
+                          f'{batch_size} (drop --drop_last or lower --batch_size)')
+    train_loader = worker_loader(FrameBatches(train_split), n_workers, batch_size=None,
                                  sampler=train_sampler)
-    test_loader = worker_loader(FrameBatches(test_split), args.n_data_worker, batch_size=None,
+    test_loader = worker_loader(FrameBatches(test_split), n_workers, batch_size=None,
                                 sampler=test_sampler)
 
     def train_batches(epoch: int):
@@ -754,109 +761,3 @@ def event_loaders(args, train_split: FramedSplit, test_split: FramedSplit):
         return DenseBatches(test_loader)
 
     return train_batches, test_batches
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic N-MNIST / SHD files in the official on-disk formats (tests, benchmarks)
-# --------------------------------------------------------------------------------------------
-
-
-def encode_nmnist_events(x, y, t_us, p) -> bytes:
-    """N-MNIST's 40-bit events: x, y, polarity in bit 7 + timestamp bits 22-16, timestamp bits 15-0."""
-    x, y, t, p = (np.asarray(a, np.int64) for a in (x, y, t_us, p))
-    if np.any(t >= 2 ** 23) or np.any(t < 0):
-        raise ValueError('N-MNIST timestamps must lie in [0, 2^23) microseconds')
-    raw = np.empty((len(t), 5), np.uint8)
-    raw[:, 0], raw[:, 1] = x, y
-    raw[:, 2] = (p << 7) | ((t >> 16) & 0x7F)
-    raw[:, 3], raw[:, 4] = (t >> 8) & 0xFF, t & 0xFF
-    return raw.tobytes()
-
-
-def _zip_folder(zip_path: str, folder: str):
-    import zipfile
-    with zipfile.ZipFile(zip_path, 'w', zipfile.ZIP_STORED) as z:
-        for root, _, files in os.walk(folder):
-            for n in sorted(files):
-                p = os.path.join(root, n)
-                z.write(p, os.path.relpath(p, os.path.dirname(folder)))
-
-
-def write_fake_nmnist(data_dir: str, samples: dict, zip_folders: bool = True):
-    """Write <data_dir>/NMNIST/{Train,Test}/<digit>/<id>.bin and train.zip/test.zip.
-
-    samples: {'train': [(label, x, y, t_us, p), ...], 'test': [...]}. tonic demands 10000 .bin files per
-    split before it reads any; a smaller set needs tonic.datasets.NMNIST._check_exists patched.
-    """
-    root = os.path.join(data_dir, 'NMNIST')
-    for split, folder, zname in (('train', 'Train', 'train.zip'), ('test', 'Test', 'test.zip')):
-        base = os.path.join(root, folder)
-        for k, (label, x, y, t, p) in enumerate(samples.get(split, [])):
-            d = os.path.join(base, str(int(label)))
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, f'{k:05d}.bin'), 'wb') as f:
-                f.write(encode_nmnist_events(x, y, t, p))
-        os.makedirs(base, exist_ok=True)
-        if zip_folders:
-            _zip_folder(os.path.join(root, zname), base)
-        else:
-            open(os.path.join(root, zname), 'wb').close()
-    return root
-
-
-def write_fake_shd(data_dir: str, samples: dict, n_speakers: int = 3):
-    """Write <data_dir>/SHD/shd_{train,test}.h5 (+ the .zip files tonic checks for) in the layout of the
-    release: spikes/times (vlen float16, s), spikes/units (vlen uint16), labels (uint16), extra/keys,
-    extra/speaker. samples: {'train': [(label, units, times_s), ...], 'test': [...]}; a row may carry a
-    fourth item, its speaker id (otherwise speakers cycle through n_speakers)."""
-    import h5py
-    import zipfile
-    root = os.path.join(data_dir, 'SHD')
-    os.makedirs(root, exist_ok=True)
-    keys = [f'{lang}-{d}'.encode() for lang in ('english', 'german') for d in range(10)]
-    for split in ('train', 'test'):
-        rows = samples.get(split, [])
-        path = os.path.join(root, f'shd_{split}.h5')
-        with h5py.File(path, 'w') as f:
-            times = f.create_dataset('spikes/times', (len(rows),), dtype=h5py.vlen_dtype(np.float16))
-            units = f.create_dataset('spikes/units', (len(rows),), dtype=h5py.vlen_dtype(np.uint16))
-            for i, (_, u, t, *_) in enumerate(rows):
-                times[i] = np.asarray(t, np.float16)
-                units[i] = np.asarray(u, np.uint16)
-            f.create_dataset('labels', data=np.asarray([r[0] for r in rows], np.uint16))
-            f.create_dataset('extra/keys', data=np.asarray(keys))
-            speaker = [r[3] if len(r) > 3 else i % n_speakers for i, r in enumerate(rows)]
-            f.create_dataset('extra/speaker', data=np.asarray(speaker, np.uint16))
-        with zipfile.ZipFile(path + '.zip', 'w') as z:
-            z.write(path, os.path.basename(path))
-    return root
-
-
-def synthetic_event_samples(name: str, n_train: int, n_test: int, *, n_classes: int = None,
-                            events_per_sample: int = 300, duration_us: int = 100_000, seed: int = 0):
-    """Class-separable random samples for write_fake_nmnist / write_fake_shd: class k fires inside its
-    own band of pixels (N-MNIST: rows, both polarities) or channels (SHD), with 10 % uniform noise."""
-    info = event_dataset(name)
-    n_classes = n_classes or info.n_classes
-    rng = np.random.default_rng(seed)
-    out = {}
-    for split, n in (('train', n_train), ('test', n_test)):
-        rows = []
-        for k in range(n):
-            label = k % n_classes
-            m = events_per_sample
-            t = np.sort(rng.integers(0, duration_us, m))
-            t[0], t[-1] = 0, duration_us - 1
-            noise = rng.random(m) < 0.1
-            if name == 'nmnist':
-                band = 34 // n_classes
-                y = np.where(noise, rng.integers(0, 34, m), label * band + rng.integers(0, max(band, 1), m))
-                x = rng.integers(0, 34, m)
-                p = rng.integers(0, 2, m)
-                rows.append((label, x, y, t, p))
-            else:
-                band = 700 // n_classes
-                u = np.where(noise, rng.integers(0, 700, m), label * band + rng.integers(0, band, m))
-                rows.append((label, u, t / 1e6))
-        out[split] = rows
-    return out

@@ -266,7 +266,9 @@ class SpikingStack(brainstate.nn.Module):
     def __init__(self, n_in: int, n_rec: int, n_out: int, n_layer: int, *, model: str = 'lif-delta',
                  dt: float = 1., tau_mem: float = 10., tau_mem_sigma: float = 1., tau_o: float = 10.,
                  V_th: float = 1., ff_scale: float = 1., rec_scale: float = 0.5, spk_fun: str = 'relu',
-                 spk_reset: str = 'soft', readout_scale: float = 1., detach_reset: bool = True, seed: int = 0):
+                 spk_reset: str = 'soft', readout_scale: float = 1., detach_reset: bool = True, seed: int = 0,
+                 tau_syn: float = 5.,
+                 tau_adapt: float = 200., beta: float = 1.8):
         super().__init__()
         if model not in self.MODELS:
             raise ValueError(f'unknown --model {model!r}; choose one of {sorted(self.MODELS)}')
@@ -275,8 +277,8 @@ class SpikingStack(brainstate.nn.Module):
         self.layers = [
             LIFDeltaLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
                           V_th=V_th, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
-                          spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse,
-                          detach_reset=detach_reset)
+                          spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse, tau_syn=tau_syn,
+                          tau_adapt=tau_adapt, beta=beta, detach_reset=detach_reset)
             for i in range(n_layer)
         ]
         self.out = LeakyReadout(n_rec, n_out, tau_o=tau_o, dt=dt, w_scale=readout_scale, rng=rng)

@@ -76,6 +76,12 @@ def build_parser():
     g.add_argument('--tau_mem_sigma', type=nonneg_float, default=1.,
                    help='standard deviation (ms) of the per-neuron membrane time constants')
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
+    g.add_argument('--tau_syn', type=utils.positive_float, default=5.,
+                   help='lif-exp-cu: time constant (ms) of the exponential current synapse')
+    g.add_argument('--tau_adapt', type=utils.positive_float, default=200.,
+                   help='alif-delta: time constant (ms) of the threshold adaptation b')
+    g.add_argument('--beta', type=nonneg_float, default=1.8,
+                   help='alif-delta: threshold V_th + beta b, b jumps by 1 at each spike')
     g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
     g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
@@ -122,26 +128,31 @@ def step_weights(T: int, warmup_ratio: float):
 
 
 def open_data(args):
-    """tonic's train and test datasets (raises a UserError, leaving nothing behind, when absent)."""
+    """(the dataset's description, tonic's train and test datasets); raises a UserError, leaving nothing
+    behind, when the files are absent."""
     import datasets
-    return (datasets.open_tonic_dataset(args.dataset, args.data_dir, True),
-            datasets.open_tonic_dataset(args.dataset, args.data_dir, False))
+    info = datasets.event_dataset(args.dataset)
+    return (info, datasets.open_tonic_dataset(info, args.data_dir, True),
+            datasets.open_tonic_dataset(info, args.data_dir, False))
 
 
-def train_and_evaluate(args, run_dir: str, data=None) -> dict:
+def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
+    """data: open_data(args), ws: step_weights(...) when main has them already."""
     import brainstate
     import numpy as np
     import datasets
     import models
 
-    info = datasets.event_dataset(args.dataset)
-    ws = step_weights(args.data_length, args.warmup_ratio)
-    train_ds, test_ds = data if data is not None else open_data(args)
-    splits = [datasets.load_framed_split(args.dataset, args.data_dir, train, args.data_length,
+    ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
+    warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
+    info, train_ds, test_ds = data if data is not None else open_data(args)
+    splits = [datasets.load_framed_split(info, args.data_dir, train, args.data_length,
                                          cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
                                          progress=not args.no_progress)
               for train, ds in ((True, train_ds), (False, test_ds))]
-    train_batches, test_batches = datasets.event_loaders(args, *splits)
+    train_batches, test_batches = datasets.event_loaders(
+        *splits, batch_size=args.batch_size, seed=args.seed, n_workers=args.n_data_worker,
+        drop_last=bool(args.drop_last), batches_per_epoch=args.batches_per_epoch, eval_batches=args.eval_batches)
     n_batches = len(train_batches(1))
 
     device = utils.select_device(args.devices)
@@ -150,8 +161,9 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
                                 dt=args.dt, tau_mem=args.tau_mem, tau_mem_sigma=args.tau_mem_sigma,
                                 tau_o=args.tau_o, V_th=args.V_th, ff_scale=args.ff_scale,
                                 rec_scale=args.rec_scale, spk_fun=args.spk_fun, spk_reset=args.spk_reset,
-                                readout_scale=args.readout_scale, detach_reset=bool(args.detach_reset),
-                                seed=args.seed)
+                                readout_scale=args.readout_scale, seed=args.seed, tau_syn=args.tau_syn,
+                                tau_adapt=args.tau_adapt, beta=args.beta,
+                                detach_reset=bool(args.detach_reset))
     ff_factors = init_rates = None
     if args.init_rate > 0:  # event frames are far sparser than Kaiming assumes (models.calibrate_feedforward)
         idx = np.random.default_rng([args.seed, 7]).permutation(len(splits[0]))[:16]
@@ -163,7 +175,6 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
     trainer = utils.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                             grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
                             loss=args.loss, weight_L2=args.weight_L2)
-    warm = warmup_steps(args.warmup_ratio, args.data_length)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.device_name(device)}; '
@@ -183,10 +194,10 @@ def train_and_evaluate(args, run_dir: str, data=None) -> dict:
 def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
-    step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
+    ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
     data = open_data(args)  # a missing dataset fails before the run folder exists
     run_dir = utils.prepare_run_dir(args)
-    summary = train_and_evaluate(args, run_dir, data)
+    summary = train_and_evaluate(args, run_dir, data, ws)
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

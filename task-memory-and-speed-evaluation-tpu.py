@@ -50,6 +50,11 @@ CSV_COLUMNS = [
 
 MB = 2.0 ** 20
 
+# The README's speed targets, set for the CPU preset: BPTT reaches at least this fraction of the machine's
+# float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
+BPTT_MIN_FRAC_OF_MATMUL = 0.5
+MAX_STEP_TIME_OVER_BPTT = {'expsm_diag': 0.6, 'diag': 10.}
+
 
 # --------------------------------------------------------------------------------------------
 # Arguments
@@ -75,7 +80,7 @@ def length_list(text: str):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one (None means: from the preset)."""
+    """Shows a default only where there is one."""
 
     def _get_help_string(self, action):
         if action.default in (None, False):
@@ -84,22 +89,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
+    """The defaults of the size flags are the paper's; --preset cpu (or auto on a CPU) replaces them."""
+    paper = PRESETS['paper']
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--preset', choices=('auto', 'paper', 'cpu'), default='auto',
                    help='sizes to use: paper (accelerator), cpu (scaled down), auto = paper on a GPU/TPU, '
                         'cpu on a CPU; explicit flags override the preset')
-    p.add_argument('--methods', type=method_list, default=None,
-                   help='comma list of bptt, expsm_diag, diag (preset: all three)')
-    p.add_argument('--lengths', type=length_list, default=None,
-                   help='comma list of sequence lengths T (preset: paper 50,...,1000; cpu 25,50,100,200)')
-    p.add_argument('--batch_size', type=utils.positive_int, default=None, help='batch size (preset: 128 / 32)')
-    p.add_argument('--n_in', type=utils.positive_int, default=None,
-                   help='binary input channels (preset: 32768 = 128x128x2 / 2312 = 34x34x2)')
-    p.add_argument('--n_rec', type=utils.positive_int, default=None, help='neurons per recurrent layer (preset: 512)')
-    p.add_argument('--n_layer', type=utils.positive_int, default=None, help='recurrent layers (preset: 3)')
-    p.add_argument('--n_out', type=utils.positive_int, default=None, help='classes of the readout (preset: 11)')
-    p.add_argument('--repeats', type=utils.positive_int, default=None,
-                   help='timed training steps after the warm-up step; the median is reported (preset: 5 / 3)')
+    p.add_argument('--methods', type=method_list, default=paper['methods'],
+                   help='comma list of bptt, expsm_diag, diag')
+    p.add_argument('--lengths', type=length_list, default=paper['lengths'],
+                   help='comma list of sequence lengths T (cpu preset: 25,50,100,200)')
+    p.add_argument('--batch_size', type=utils.positive_int, default=paper['batch_size'],
+                   help='batch size (cpu preset: 32)')
+    p.add_argument('--n_in', type=utils.positive_int, default=paper['n_in'],
+                   help='binary input channels (128x128x2; cpu preset: 2312 = 34x34x2)')
+    p.add_argument('--n_rec', type=utils.positive_int, default=paper['n_rec'], help='neurons per recurrent layer')
+    p.add_argument('--n_layer', type=utils.positive_int, default=paper['n_layer'], help='recurrent layers')
+    p.add_argument('--n_out', type=utils.positive_int, default=paper['n_out'], help='classes of the readout')
+    p.add_argument('--repeats', type=utils.positive_int, default=paper['repeats'],
+                   help='timed training steps after the warm-up step; the median is reported (cpu preset: 3)')
     p.add_argument('--density', type=float, default=0.1, help='probability that an input channel spikes in a step')
     p.add_argument('--etrace_decay', type=utils.decay_or_rank, default=0.9,
                    help='ES-D-RTRL decay in (0,1) or integer rank')
@@ -121,8 +129,20 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+def auto_preset(platform: str) -> str:
+    """What --preset auto means on this platform."""
+    return 'cpu' if platform == 'cpu' else 'paper'
+
+
+def parse_args(argv=None, platform: str = None):
+    """utils.parse_args: explicit flags > --preset > defaults. --preset auto needs the platform, which
+    only the probe process knows: until then (platform None) auto reads as paper, and run_sweep parses
+    `args.argv` again with the platform."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    presets = dict(PRESETS, auto=PRESETS[auto_preset(platform)] if platform else {})
+    args = utils.parse_args(build_parser(), argv, presets)
+    args.argv = argv
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,14 +405,12 @@ def run_child(flag: str, payload: dict, timeout: float, devices: str):
 
 
 def resolve_config(args, platform: str) -> dict:
-    preset = args.preset if args.preset != 'auto' else ('cpu' if platform == 'cpu' else 'paper')
-    base = PRESETS[preset]
+    preset = args.preset if args.preset != 'auto' else auto_preset(platform)
+    if args.preset == 'auto':  # the preset's values now that the platform is known (flags still win)
+        args = parse_args(args.argv, platform)
     cfg = dict(preset=preset)
-    for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats'):
-        value = getattr(args, key)
-        cfg[key] = value if value is not None else base[key]
-    cfg['methods'] = args.methods or method_list(base['methods'])
-    cfg['lengths'] = args.lengths or length_list(base['lengths'])
+    for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
+        cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
                devices=args.devices, timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
     return cfg
@@ -458,9 +476,11 @@ def speed_targets(rows: list) -> dict:
     if bptt_T:
         b = ok[('bptt', bptt_T[-1])]
         if b.get('frac_of_matmul') is not None:
-            out['bptt_frac_of_matmul'] = dict(T=b['T'], value=b['frac_of_matmul'], target='>= 0.5',
-                                              met=b['frac_of_matmul'] >= 0.5)
-    for method, key, limit in (('expsm_diag', 'esdrtrl_over_bptt', 0.6), ('diag', 'drtrl_over_bptt', 10.)):
+            out['bptt_frac_of_matmul'] = dict(T=b['T'], value=b['frac_of_matmul'],
+                                              target=f'>= {BPTT_MIN_FRAC_OF_MATMUL:g}',
+                                              met=b['frac_of_matmul'] >= BPTT_MIN_FRAC_OF_MATMUL)
+    for method, key in (('expsm_diag', 'esdrtrl_over_bptt'), ('diag', 'drtrl_over_bptt')):
+        limit = MAX_STEP_TIME_OVER_BPTT[method]
         common = sorted(T for (m, T) in ok if m == method and ('bptt', T) in ok)
         if common:
             T = common[-1]

@@ -51,7 +51,10 @@ def build_parser():
     g.add_argument('--n_test_trials', type=utils.positive_int, default=512,
                    help='size of the fixed held-out set of trials for test accuracy')
     g.add_argument('--acc_th', type=float, default=0.95,
-                   help='stop when the training accuracy averaged over the last 20 batches reaches this')
+                   help='stop when the training accuracy averaged over the last --acc_th_window batches '
+                        'reaches this')
+    g.add_argument('--acc_th_window', type=utils.positive_int, default=20,
+                   help='training batches whose accuracies are averaged for --acc_th')
     g = p.add_argument_group('network')
     g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent GIF neurons')
     g.add_argument('--tau_neu', type=utils.positive_float, default=100., help='membrane time constant (ms)')
@@ -90,7 +93,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
         cfg.validate()
     except ValueError as e:
         raise utils.UserError(str(e))
-    model = models.DMSNet(cfg.n_input, args.n_rec, 2, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
+    model = models.DMSNet(cfg.n_input, args.n_rec, cfg.n_output, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
                           tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
                           spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
                           tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
@@ -105,7 +108,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                                               args.n_data_worker)
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
     summary = utils.fit(args, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(),
-                        acc_th=args.acc_th,
+                        acc_th=args.acc_th, smooth=args.acc_th_window,
                         extra_config=dict(n_steps=cfg.n_steps, test_start=cfg.test_start,
                                           n_params=models.count_params(model), device=utils.device_name(device)))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})

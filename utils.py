@@ -112,37 +112,27 @@ def default_run_dir(args) -> str:
     return os.path.join('results', args.experiment, args.exp_name, f'{args.method}-{stamp}')
 
 
-def explicitly_given(parser: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags that appear in argv (not filled in from defaults)."""
-    defaults = {a: a.default for a in parser._actions}
-    parser_defaults = dict(parser._defaults)  # set_defaults() values are filled in too: hide them
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        parser._defaults.clear()
-        given = parser.parse_args(argv)
-    finally:
-        for a, d in defaults.items():
-            a.default = d
-        parser._defaults.update(parser_defaults)
-    return set(vars(given)) - {'experiment'}
-
-
 def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = None) -> argparse.Namespace:
-    """Parse argv; a --preset fills in its values for flags not given; --resume RUN_DIR takes the saved
-    config of that run, and flags given on the command line override it."""
+    """Parse argv with this precedence: flags on the command line > the saved config of --resume RUN_DIR
+    > the values of --preset NAME (presets[NAME]) > the parser's defaults.
+
+    A first parse (which also answers --help and rejects bad flags) finds --preset and --resume; the
+    preset and the saved config then become the parser's defaults (`set_defaults`) and argv is parsed
+    once more, so the flags given on the command line win.
+    """
+    argv = list(argv)
     args = parser.parse_args(argv)
-    given = explicitly_given(parser, argv)
+    defaults = {}
     if getattr(args, 'preset', None):
-        for k, v in presets[args.preset].items():
-            if k not in given:
-                setattr(args, k, v)
-    if args.resume:
-        run_dir = args.resume
+        defaults.update(presets[args.preset])
+    run_dir = getattr(args, 'resume', None)
+    if run_dir:
         saved = args_from_checkpoint(run_dir)
-        for k, v in saved.items():
-            if k in vars(args) and k not in given:
-                setattr(args, k, v)
+        defaults.update({k: v for k, v in saved.items() if k in vars(args) and k != 'resume'})
+    if defaults:
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    if run_dir:
         if has_checkpoint(run_dir):
             args.resume = args.out_dir = run_dir
         else:  # interrupted before its first checkpoint: nothing to continue from
@@ -260,26 +250,6 @@ def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
 
-def patch_brainscale_drtrl():
-    """Stop brainscale 0.1.0 from rescaling D-RTRL eligibility traces.
-
-    `_update_param_dim_etrace_scan_fn` divides each new trace (and each trace increment) by its largest
-    absolute element whenever that exceeds 1 (`_normalize_vector`). That silently shrinks the gradient:
-    a leaky readout's trace grows towards 1/(1 - decay), so after a few steps its D-RTRL gradient is
-    several times too small (tests/test_gradients.py measures it). Without the rescaling the traces stay
-    bounded whenever the diagonal Jacobians are below 1, and D-RTRL is exact where theory says so.
-    Looked up when the step is traced, so it must run before the first compile.
-    """
-    import brainscale._etrace_vjp_algorithms as alg
-    if getattr(alg, '_our_patch', False):
-        return
-    if not hasattr(alg, '_normalize_vector'):
-        raise RuntimeError('brainscale internals changed: re-check patch_brainscale_drtrl')
-    alg._original_normalize_vector = alg._normalize_vector
-    alg._normalize_vector = lambda v: v
-    alg._our_patch = True
-
-
 class Trainer:
     """One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL.
 
@@ -292,7 +262,7 @@ class Trainer:
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
                  grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0.):
-        __import__('compat').apply()  # brainscale 0.1.0 on jax >= 0.10: bridge its jax calls (no-op on old jax)
+        __import__('brainscale_adapter').adapt_brainscale()  # every change to brainscale 0.1.0: brainscale_adapter.py
         import brainscale
         import brainstate
         import jax.numpy as jnp
@@ -307,10 +277,7 @@ class Trainer:
         self.algo = None
         if method != 'bptt':
             mode = brainstate.mixin.Batching()
-            import brainscale_speedups
-            brainscale_speedups.install()  # same gradients, faster (see brainscale_speedups.py)
             if method == 'diag':
-                patch_brainscale_drtrl()
                 self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
             else:
                 self.algo = brainscale.IODimVjpAlgorithm(model, decay_or_rank=etrace_decay, mode=mode,

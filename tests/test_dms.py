@@ -231,14 +231,17 @@ def test_missing_device_warns_and_runs(tmp_path):
 
 
 
-def test_stops_at_acc_th(dms_script, tmp_path):
-    """acc_th 0: the smoothed accuracy (last 20 batches) passes it as soon as 20 batches are in."""
+@pytest.mark.parametrize('window,epochs_run', [(None, 7), (5, 2)])
+def test_stops_at_acc_th(dms_script, tmp_path, window, epochs_run):
+    """acc_th 0: the smoothed accuracy (last --acc_th_window batches, default 20) passes it as soon as
+    that many batches are in."""
     run_dir = str(tmp_path / 'th')
     flags = [f if f != '1.1' else '0.0' for f in TINY_FLAGS]
+    flags += ['--acc_th_window', str(window)] if window else []
     assert dms_script.main(flags + ['--epochs', '10', '--out_dir', run_dir]) == 0
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
-    # 3 batches per epoch: the 20th batch is the 2nd of epoch 7.
-    assert summary['stopped_because'] == 'acc_th' and summary['epochs_run'] == 7
+    # 3 batches per epoch: the 20th batch is the 2nd of epoch 7, the 5th the 2nd of epoch 2.
+    assert summary['stopped_because'] == 'acc_th' and summary['epochs_run'] == epochs_run
 
 
 def saved_params(run_dir, which):

@@ -143,12 +143,16 @@ def test_esdrtrl_scale_on_a_leaky_readout(every_step):
 
 def test_unpatched_brainscale_gets_the_leaky_readout_wrong(every_step, monkeypatch):
     """The bug the patch fixes: brainscale 0.1.0 rescales traces by their max, shrinking gradients."""
-    import brainscale._etrace_vjp_algorithms as alg
+    import brainscale_adapter
     xs, labels = batch()
     g_bptt = gradients(lambda: FeedForwardLIF(True), 'bptt', xs, labels, every_step)
-    monkeypatch.setattr(utils, 'patch_brainscale_drtrl', lambda: None)
-    monkeypatch.setattr(alg, '_normalize_vector', getattr(alg, '_original_normalize_vector', alg._normalize_vector))
-    g_diag = gradients(lambda: FeedForwardLIF(True), 'diag', xs, labels, every_step)
+    adapt = brainscale_adapter.adapt_brainscale
+    monkeypatch.setattr(brainscale_adapter, 'adapt_brainscale', lambda **kw: adapt(**dict(kw, drtrl_fix=False)))
+    try:
+        g_diag = gradients(lambda: FeedForwardLIF(True), 'diag', xs, labels, every_step)
+        assert not brainscale_adapter.drtrl_fix_active()
+    finally:
+        adapt()  # the fix back on for the tests that follow
     rel = [r for k, (c, r) in compare(g_bptt, g_diag).items() if "['out/" in k and 'weight' in k][0]
     assert rel > 0.3
 

@@ -18,10 +18,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
+import fake_data as fakes  # noqa: E402  (the fixture below is called fake_data)
 import utils  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'task-image-classification.py')
 N_CLASSES = 4          # classes present in the fake sets (the networks still have 10 / 20 outputs)
+NMNIST, SHD = datasets.event_dataset('nmnist'), datasets.event_dataset('shd')
 
 
 def load_task():
@@ -49,9 +51,9 @@ def small_nmnist_ok(monkeypatch):
 def fake_data(tmp_path_factory):
     """Class-separable fake N-MNIST and SHD (64 train / 32 test samples, 4 classes) in one --data_dir."""
     root = str(tmp_path_factory.mktemp('data'))
-    datasets.write_fake_nmnist(root, datasets.synthetic_event_samples(
+    fakes.write_nmnist_files(root, fakes.synthetic_event_samples(
         'nmnist', 64, 32, n_classes=N_CLASSES, events_per_sample=200, seed=1))
-    datasets.write_fake_shd(root, datasets.synthetic_event_samples(
+    fakes.write_shd_files(root, fakes.synthetic_event_samples(
         'shd', 64, 32, n_classes=N_CLASSES, events_per_sample=200, seed=2))
     return root
 
@@ -91,9 +93,9 @@ def test_nmnist_frames_through_tonic(tmp_path):
     y = np.array([0, 1, 2, 3, 4, 33, 0])
     p = np.array([0, 1, 0, 1, 0, 1, 1])
     samples.append((5, x, y, t, p))
-    datasets.write_fake_nmnist(str(tmp_path), {'train': samples, 'test': samples[:1]})
+    fakes.write_nmnist_files(str(tmp_path), {'train': samples, 'test': samples[:1]})
 
-    split = datasets.load_framed_split('nmnist', str(tmp_path), True, T, progress=False)
+    split = datasets.load_framed_split(NMNIST, str(tmp_path), True, T, progress=False)
     assert len(split) == 3
     by_label = {s[0]: s for s in samples}                  # tonic lists the samples digit by digit
     for i in range(3):
@@ -131,8 +133,8 @@ def test_shd_frames_through_tonic(tmp_path):
         times = np.sort(rng.uniform(0., 0.9, n))
         samples.append((label, rng.integers(0, 700, n), times))
     samples.append((2, np.array([699, 0, 5]), np.array([0., 0.5, 0.75])))
-    datasets.write_fake_shd(str(tmp_path), {'train': samples, 'test': samples})
-    split = datasets.load_framed_split('shd', str(tmp_path), False, T, progress=False)
+    fakes.write_shd_files(str(tmp_path), {'train': samples, 'test': samples})
+    split = datasets.load_framed_split(SHD, str(tmp_path), False, T, progress=False)
     assert len(split) == 4
     for i, (label, units, times) in enumerate(samples):
         frame, target = split[i]
@@ -147,27 +149,27 @@ def test_shd_frames_through_tonic(tmp_path):
 def test_cache_is_reused_and_keyed_by_transform(fake_data, tmp_path, monkeypatch):
     import tonic.transforms
     cache = str(tmp_path / 'cache')
-    first = datasets.load_framed_split('shd', fake_data, True, 12, cache_dir=cache, progress=False)
+    first = datasets.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
 
     def no_framing(*a, **k):
         raise AssertionError('the cached split was framed again')
 
     monkeypatch.setattr(tonic.transforms.ToFrame, '__call__', no_framing)
-    again = datasets.load_framed_split('shd', fake_data, True, 12, cache_dir=cache, progress=False)
+    again = datasets.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
     assert again.folder == first.folder
     np.testing.assert_array_equal(again[5][0], first[5][0])
     monkeypatch.undo()
-    other = datasets.load_framed_split('shd', fake_data, True, 13, cache_dir=cache, progress=False)
+    other = datasets.load_framed_split(SHD, fake_data, True, 13, cache_dir=cache, progress=False)
     assert other.folder != first.folder and other[0][0].shape == (13, 700)
     meta = json.load(open(os.path.join(other.folder, 'meta.json')))
     assert 'n_time_bins=13' in meta['transform'] and meta['n_samples'] == 64
 
 
 def test_batches_time_major_padding_and_workers(fake_data, tmp_path):
-    split = datasets.load_framed_split('nmnist', fake_data, True, 6, cache_dir=str(tmp_path), progress=False)
-    test = datasets.load_framed_split('nmnist', fake_data, False, 6, cache_dir=str(tmp_path), progress=False)
-    args = task.build_parser().parse_args(['--batch_size', '24', '--n_data_worker', '1', '--eval_batches', '1'])
-    train_batches, test_batches = datasets.event_loaders(args, split, test)
+    split = datasets.load_framed_split(NMNIST, fake_data, True, 6, cache_dir=str(tmp_path), progress=False)
+    test = datasets.load_framed_split(NMNIST, fake_data, False, 6, cache_dir=str(tmp_path), progress=False)
+    train_batches, test_batches = datasets.event_loaders(split, test, batch_size=24, seed=0, n_workers=1,
+                                                         eval_batches=1)
     batches = list(train_batches(1))        # 64 samples: 24 + 24 + 16 (the short one is kept)
     assert [b[0].shape for b in batches] == [(6, 24, 2312), (6, 24, 2312), (6, 16, 2312)]
     assert all(b[0].dtype == np.float32 and b[1].dtype == np.int32 for b in batches)
@@ -184,7 +186,8 @@ def test_batches_time_major_padding_and_workers(fake_data, tmp_path):
     assert len(list(train_batches(1))) == 3
     args = task.build_parser().parse_args(['--batch_size', '24', '--drop_last'])
     assert args.drop_last == 1
-    train_batches, _ = datasets.event_loaders(args, split, test)
+    train_batches, _ = datasets.event_loaders(split, test, batch_size=args.batch_size, seed=args.seed,
+                                              drop_last=args.drop_last)
     assert [b[0].shape[1] for b in train_batches(1)] == [24, 24]
 
 
@@ -213,12 +216,25 @@ def test_readme_flags_parse():
     assert args.lr_milestones == [30, 60] and args.weight_L2 == 1e-4 and args.loss == 'mse'
     assert (args.tau_mem, args.tau_mem_sigma, args.tau_o, args.V_th) == (20, 2, 15, 0.5)
     assert (args.ff_scale, args.rec_scale, args.spk_reset, args.drop_last) == (3, 1, 'hard', 0)
+    args = task.build_parser().parse_args('--tau_syn 8 --tau_adapt 50 --beta 0.7'.split())
+    assert (args.tau_syn, args.tau_adapt, args.beta) == (8, 50, 0.7)
     helptext = task.build_parser().format_help()
     for flag in ('--dataset', '--data_length', '--n_layer', '--n_rec', '--model', '--warmup_ratio', '--exp_name',
                  '--data_dir', '--loss', '--tau_mem', '--tau_mem_sigma', '--tau_o', '--V_th', '--ff_scale',
                  '--rec_scale', '--spk_reset', '--lr_milestones', '--weight_L2', '--drop_last',
-                 '--batches_per_epoch', '--eval_batches', '--n_data_worker', '--epoch'):
+                 '--batches_per_epoch', '--eval_batches', '--n_data_worker', '--epoch', '--tau_syn', '--tau_adapt',
+                 '--beta'):
         assert flag in helptext
+
+
+def test_neuron_constants_reach_the_layers():
+    import models
+    net = models.SpikingStack(4, 3, 2, 2, model='alif-delta', tau_syn=8., tau_adapt=50., beta=0.7)
+    for layer in net.layers:
+        assert layer.beta == 0.7 and np.isclose(layer.adapt_decay, np.exp(-1 / 50))
+        assert np.isclose(layer.syn_decay, np.exp(-1 / 8))
+    default = models.SpikingStack(4, 3, 2, 1, model='alif-delta').layers[0]
+    assert default.beta == 1.8 and np.isclose(default.adapt_decay, np.exp(-1 / 200))
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +331,7 @@ def test_missing_dataset_keeps_what_was_there(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tonic.dataset, 'download_and_extract_archive', failing_download)
     with pytest.raises(utils.UserError, match='connection reset'):
-        datasets.open_tonic_dataset('shd', str(data_dir), True)
+        datasets.open_tonic_dataset(SHD, str(data_dir), True)
     assert sorted(os.listdir(data_dir / 'SHD')) == ['notes.txt']
 
 
@@ -324,12 +340,7 @@ def test_missing_dataset_keeps_what_was_there(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location('synthetic_events', os.path.join(ROOT, 'scripts',
-                                                                                   'synthetic_events.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+load_generator = fakes.load_generator
 
 
 @pytest.fixture(scope='module')
@@ -409,7 +420,7 @@ def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_d
     import brainstate
     import jax.numpy as jnp
     import models
-    split = datasets.load_framed_split('nmnist', realistic_data, True, 400, progress=False)
+    split = datasets.load_framed_split(NMNIST, realistic_data, True, 400, progress=False)
     xs, _ = split.batch(np.arange(16))
     brainstate.environ.set(dt=1.)
 

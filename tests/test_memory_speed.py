@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-import brainscale_speedups
+import brainscale_adapter
 import models
 import utils
 from conftest import load_script
@@ -206,16 +206,15 @@ def test_brainscale_speedups_give_brainscale_gradients(method, kind, monkeypatch
             monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
         else:
             monkeypatch.setenv('BRAINSCALE_SPEEDUPS', '0')
-            brainscale_speedups.uninstall()
         net, n_out = build(kind)
         trainer = utils.Trainer(net, method, N_IN, B, etrace_decay=0.9)
-        before = dict(brainscale_speedups.STATS)
+        before = dict(brainscale_adapter.STATS)
         xs, labels, ws = data(n_out)
         grads[fast] = trainer.gradients(xs, labels, ws)
-        traced_fast = brainscale_speedups.STATS['fast'] - before['fast']
-        assert brainscale_speedups.installed() == fast
+        traced_fast = brainscale_adapter.STATS['fast'] - before['fast']
+        assert brainscale_adapter.speedups_active() == fast
         assert (traced_fast > 0) == fast
-        assert brainscale_speedups.STATS['fallback'] == before['fallback']  # every layer took the fast path
+        assert brainscale_adapter.STATS['fallback'] == before['fallback']  # every layer took the fast path
     assert_same(grads[False], grads[True])
 
 
@@ -224,7 +223,7 @@ def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
     monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
     net, n_out = build('lif-delta')
     trainer = utils.Trainer(net, 'diag', N_IN, B)
-    real = brainscale_speedups._plain_dense
+    real = brainscale_adapter._plain_dense
 
     def plain_dense_but_not_in_solve(relation, mode):  # the 2nd call of each trace: the gradient read
         import sys
@@ -232,15 +231,15 @@ def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
             return False
         return real(relation, mode)
 
-    monkeypatch.setattr(brainscale_speedups, '_plain_dense', plain_dense_but_not_in_solve)
-    before = dict(brainscale_speedups.STATS)
+    monkeypatch.setattr(brainscale_adapter, '_plain_dense', plain_dense_but_not_in_solve)
+    before = dict(brainscale_adapter.STATS)
     xs, labels, ws = data(n_out)
     trainer.gradients(xs, labels, ws)
     # every dense layer's gradient read fell back (brainscale may trace the step more than once)
     n_relations = len(trainer.algo.etrace_bwg)
-    fallback = brainscale_speedups.STATS['fallback'] - before['fallback']
+    fallback = brainscale_adapter.STATS['fallback'] - before['fallback']
     assert fallback > 0 and fallback % n_relations == 0, fallback
-    assert brainscale_speedups.STATS['fast'] - before['fast'] > 0  # the trace updates stayed fast
+    assert brainscale_adapter.STATS['fast'] - before['fast'] > 0  # the trace updates stayed fast
 
 
 class PerStep(brainstate.nn.Module):
