@@ -134,13 +134,36 @@ def _param_dim_update(hist_etrace_vals, jacobians, weight_path_to_vals, hidden_p
     return new, None
 
 
+_BATCH_SHARDS = [1]
+
+
+class batch_shards:
+    """`with batch_shards(n):` while a step is traced whose batch axis is split over n devices (utils.Trainer
+    on several devices): _batch_sum then reduces the batch with one einsum instead of slicing single
+    samples out of the split axis (which made XLA gather the whole trace onto every device: 3.5 copies
+    of a device's trace in temporaries, against 1.4 with the einsum, D-RTRL on 2 CPU devices)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __enter__(self):
+        _BATCH_SHARDS.append(self.n)
+
+    def __exit__(self, *exc):
+        _BATCH_SHARDS.pop()
+
+
 def _batch_sum(trace, dl):
     """sum_b sum_s trace[b, :, :, s] * dl[b, None, :, s], as one element-wise sum of B x S slices.
 
     Written out term by term on purpose: as `jnp.sum(..., axis=0)` XLA's CPU backend fuses the surrogate
     derivative and the running gradient sum into the reduction loop and runs it as scalar code; a chain
-    of slice products is one vectorized loop over the weight's elements.
+    of slice products is one vectorized loop over the weight's elements. With the batch split over
+    several devices (batch_shards) it is one einsum: XLA reduces each device's part and then across them.
     """
+    if _BATCH_SHARDS[-1] > 1:
+        import jax.numpy as jnp
+        return jnp.einsum('bijs,bjs->ij', trace, dl)
     total = None
     for b in range(trace.shape[0]):
         for s in range(trace.shape[-1]):
