@@ -1,5 +1,6 @@
 """Data parallel training on several devices (--devices 0,1): two CPU devices, asked for with
 XLA_FLAGS=--xla_force_host_platform_device_count=2 in a fresh process (jax reads it at import)."""
+import csv
 import json
 import os
 import subprocess
@@ -125,3 +126,24 @@ def test_memory_sweep_on_two_devices_reports_memory_per_device(tmp_path):
                           cwd=ROOT, env=TWO_CPUS)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         'error: ' + utils.batch_error(7, 2, '0,1')], proc.stderr
+
+
+def test_image_classification_on_two_devices_with_check_grad(tmp_path):
+    """The other training script on --devices 0,1 (SHD-format fake data), with --check_grad on top."""
+    import datasets
+    data = str(tmp_path / 'data')
+    datasets.write_fake_shd(data, datasets.synthetic_event_samples('shd', 32, 16, n_classes=4, events_per_sample=200,
+                                                                   seed=2))
+    run_dir = str(tmp_path / 'run')
+    argv = (f'--devices 0,1 --dataset shd --data_dir {data} --data_length 12 --epoch 1 --n_layer 1 --n_rec 16 '
+            f'--method expsm_diag --batch_size 16 --check_grad --out_dir {run_dir} --no_progress').split()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'task-image-classification.py'), *argv],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=TWO_CPUS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'on cpu:0,cpu:1' in proc.stdout
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    assert config['n_devices'] == 2 and config['device'] == 'cpu:0,cpu:1'
+    rows = list(csv.DictReader(open(os.path.join(run_dir, 'grad_fidelity.csv'))))
+    assert sorted({int(r['epoch']) for r in rows}) == [0, 1] and len(rows) == 2 * 4  # layer + readout, w + b
+    assert all(-1 <= float(r['cosine']) <= 1 for r in rows)
+    assert np.isfinite(float(read_metrics(run_dir)[0]['test_loss']))
