@@ -538,7 +538,7 @@ class Trainer:
         method = method or self.method
         if self.mesh is not None and method != 'bptt':
             import brainscale_speedups  # its D-RTRL gradient read must slice each device's part of the batch
-            with brainscale_speedups.batch_shards(self.mesh.size):
+            with brainscale_speedups.batch_shards(self.mesh):
                 return self._loss_and_grads_traced(xs, labels, mask, ws, method)
         return self._loss_and_grads_traced(xs, labels, mask, ws, method)
 

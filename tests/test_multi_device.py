@@ -96,9 +96,9 @@ def test_bad_device_input_is_one_line(tmp_path, flags, fragment):
 
 
 def test_memory_sweep_on_two_devices_reports_memory_per_device(tmp_path):
-    """--devices 0,1: every row is per device. BPTT's activations are batch x T: split over two devices,
-    each device's compiled step needs less than one device with the whole batch; the predicted state
-    is per device (half). D-RTRL's numbers are printed (README, "Several devices")."""
+    """--devices 0,1: every row is per device. BPTT's activations (batch x T) and D-RTRL's traces
+    (batch x #weights) split over two devices: each device's compiled step needs less than one device
+    with the whole batch, and the predicted state is per device (half). (README, "Several devices".)"""
     mem = os.path.join(ROOT, 'task-memory-and-speed-evaluation-tpu.py')
     rows = {}
     for devices in ('cpu', '0,1'):
@@ -117,9 +117,12 @@ def test_memory_sweep_on_two_devices_reports_memory_per_device(tmp_path):
         assert (one['n_devices'], two['n_devices']) == (1, 2) and two['device'] == 'cpu:0,cpu:1'
         assert np.isclose(two['predicted_state_mb'], one['predicted_state_mb'] / 2)
         assert two['input_mb'] < one['input_mb']
-    assert rows['0,1']['bptt']['step_mb'] < 0.8 * rows['cpu']['bptt']['step_mb']
-    # D-RTRL's traces (outputs of the step) are half as large on each device
+    for method in ('bptt', 'diag'):
+        assert rows['0,1'][method]['step_mb'] < 0.8 * rows['cpu'][method]['step_mb'], method
+    # D-RTRL's traces (outputs of the step) are half as large on each device, and no copy of them is
+    # kept in temporaries (brainscale_speedups reads the gradient per device: shard_map)
     assert np.isclose(rows['0,1']['diag']['xla_out_mb'], rows['cpu']['diag']['xla_out_mb'] / 2, rtol=0.1)
+    assert rows['0,1']['diag']['xla_temp_mb'] < 0.1 * rows['0,1']['diag']['xla_out_mb']
     # a batch that does not split evenly: one error line before any measurement
     proc = subprocess.run([sys.executable, mem, '--batch_size', '7', '--devices', '0,1', '--lengths', '8',
                            '--out_dir', str(tmp_path / 'bad')], capture_output=True, text=True, timeout=300,
