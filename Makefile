@@ -34,3 +34,10 @@ RESULTS ?= results
 .PHONY: results-table
 results-table: $(VENV)/.installed
 	$(PY) scripts/results_table.py $(RESULTS)
+
+# For a machine with a GPU/TPU, once: environment, test suite, paper-size memory sweep (T = 100, 400, 1000)
+# and the README's DMS BPTT / ES-D-RTRL commands, capped (about 10 min of device time after the install);
+# everything in results/accelerator-check-<timestamp>/ (README, "Accelerator check"). TINY=1: toy sizes.
+.PHONY: accelerator-check
+accelerator-check:
+	bash scripts/accelerator-check.sh

@@ -321,13 +321,46 @@ def _param_dim_update(hist_etrace_vals, jacobians, weight_path_to_vals, hidden_p
     return new, None
 
 
+_BATCH_SHARDS = [None]
+
+
+class batch_shards:
+    """`with batch_shards(mesh):` while a step is traced whose batch axis is split over the mesh axis
+    'batch' (utils.Trainer on several devices): _batch_sum then runs on each device's own samples
+    (shard_map) and adds the devices' sums (psum). Slicing single samples out of the split axis, as on
+    one device, made XLA gather the whole trace onto every device (3.5 copies of a device's traces in
+    temporaries; one einsum still left 1.4 copies; this: none, as on one device; D-RTRL on 2 CPU devices)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __enter__(self):
+        _BATCH_SHARDS.append(self.mesh)
+
+    def __exit__(self, *exc):
+        _BATCH_SHARDS.pop()
+
+
 def _batch_sum(trace, dl):
     """sum_b sum_s trace[b, :, :, s] * dl[b, None, :, s], as one element-wise sum of B x S slices.
 
     Written out term by term on purpose: as `jnp.sum(..., axis=0)` XLA's CPU backend fuses the surrogate
     derivative and the running gradient sum into the reduction loop and runs it as scalar code; a chain
-    of slice products is one vectorized loop over the weight's elements.
+    of slice products is one vectorized loop over the weight's elements. With the batch split over
+    several devices (batch_shards) the same chain runs on each device's samples and the sums are added.
     """
+    mesh = _BATCH_SHARDS[-1]
+    if mesh is not None:
+        import jax
+        from jax.sharding import PartitionSpec as P
+
+        def local(t, d):
+            return jax.lax.psum(_batch_sum_local(t, d), 'batch')
+        return jax.shard_map(local, mesh=mesh, in_specs=(P('batch'), P('batch')), out_specs=P())(trace, dl)
+    return _batch_sum_local(trace, dl)
+
+
+def _batch_sum_local(trace, dl):
     total = None
     for b in range(trace.shape[0]):
         for s in range(trace.shape[-1]):

@@ -155,7 +155,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
         drop_last=bool(args.drop_last), batches_per_epoch=args.batches_per_epoch, eval_batches=args.eval_batches)
     n_batches = len(train_batches(1))
 
-    device = utils.select_device(args.devices)
+    devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
     model = models.SpikingStack(info.n_in, args.n_rec, info.n_classes, args.n_layer, model=args.model,
                                 dt=args.dt, tau_mem=args.tau_mem, tau_mem_sigma=args.tau_mem_sigma,
@@ -174,10 +174,10 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
     lr = utils.step_schedule(args.lr, args.lr_milestones, n_batches)
     trainer = utils.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                             grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
-                            loss=args.loss, weight_L2=args.weight_L2)
+                            loss=args.loss, weight_L2=args.weight_L2, devices=devices)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.device_name(device)}; '
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; '
           f'{n_batches} batches per epoch; loss on steps {warm}..{args.data_length - 1}; run folder {run_dir}',
           flush=True)
     summary = utils.fit(args, trainer, run_dir, train_batches, test_batches, ws,
@@ -185,7 +185,8 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
                                           batches_per_epoch_used=n_batches, n_train=len(splits[0]),
                                           n_test=len(splits[1]), train_cache=splits[0].folder,
                                           test_cache=splits[1].folder,
-                                          n_params=models.count_params(model), device=utils.device_name(device),
+                                          n_params=models.count_params(model), device=utils.devices_name(devices),
+                                          n_devices=len(devices),
                                           ff_factors=ff_factors, init_rates=init_rates))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
@@ -195,6 +196,7 @@ def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
+    utils.check_batch_for_devices(args.batch_size, args.devices)
     data = open_data(args)  # a missing dataset fails before the run folder exists
     run_dir = utils.prepare_run_dir(args)
     summary = train_and_evaluate(args, run_dir, data, ws)

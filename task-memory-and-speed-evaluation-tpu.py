@@ -45,7 +45,7 @@ CSV_COLUMNS = [
     'gflop_per_step', 'gflops', 'matmul_gflops', 'frac_of_matmul',
     'input_mb', 'xla_args_mb', 'xla_out_mb', 'xla_alias_mb', 'xla_temp_mb', 'step_mb',
     'predicted_state_mb', 'params_mb', 'device_peak_mb', 'device_peak_minus_input_mb',
-    'rss_base_mb', 'peak_rss_mb', 'platform', 'device',
+    'rss_base_mb', 'peak_rss_mb', 'platform', 'device', 'n_devices', 'device_peak_mb_per_device',
 ]
 
 MB = 2.0 ** 20
@@ -114,7 +114,8 @@ def build_parser():
     p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
     p.add_argument('--devices', default='auto',
-                   help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; or an accelerator index")
+                   help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; an accelerator index; or "
+                        "a comma list of indices / 'all': the batch split across several devices (memory per device)")
     p.add_argument('--out_dir', default=None,
                    help='run folder (default results/memory_speed/<timestamp>)')
     p.add_argument('--timeout', type=utils.positive_float, default=1800.,
@@ -231,12 +232,20 @@ def pick_device(spec: str):
     return utils.select_device(spec)
 
 
+def pick_devices(spec: str) -> list:
+    """The devices of a measurement: one (auto, cpu, an index) or several (a comma list, all)."""
+    if spec != 'auto' and (utils.parse_devices(spec) == 'all' or isinstance(utils.parse_devices(spec), list)):
+        return utils.select_devices(spec)
+    return [pick_device(spec)]
+
+
 def probe(spec: str, size: int = 0) -> dict:
-    """The device, and its float32 matmul GFLOP/s measured like the steps (jit, median, block)."""
+    """The (first) device, and its float32 matmul GFLOP/s measured like the steps (jit, median, block)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    device = pick_device(spec)
+    devices = pick_devices(spec)
+    device = devices[0]
     n = size or (2048 if device.platform == 'cpu' else 8192)
     a = jax.device_put(jnp.ones((n, n), jnp.float32) / n, device)
     f = jax.jit(lambda x, y: x @ y)
@@ -246,7 +255,7 @@ def probe(spec: str, size: int = 0) -> dict:
         t0 = time.perf_counter()
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return dict(platform=device.platform, device=utils.device_name(device),
+    return dict(platform=device.platform, device=utils.devices_name(devices), n_devices=len(devices),
                 device_kind=getattr(device, 'device_kind', ''),
                 matmul_n=n, matmul_gflops=2. * n ** 3 / float(np.median(times)) / 1e9, jax_version=jax.__version__,
                 n_cpu=os.cpu_count(), load_avg=load_average())
@@ -275,15 +284,16 @@ def measure(cfg: dict) -> dict:
     import numpy as np
     import models
     row['rss_base_mb'] = _rss_mb()
-    device = pick_device(cfg['devices'])
-    row.update(platform=device.platform, device=utils.device_name(device))
+    devices = pick_devices(cfg['devices'])
+    device = devices[0]
+    row.update(platform=device.platform, device=utils.devices_name(devices), n_devices=len(devices))
     brainstate.environ.set(dt=1.)
     T, B = cfg['T'], cfg['batch_size']
 
     t0 = time.perf_counter()
     model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
                                 seed=cfg['seed'])
-    trainer = utils.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'])
+    trainer = utils.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices)
     row['setup_s'] = time.perf_counter() - t0
 
     rng = np.random.default_rng(cfg['seed'] + 1)
@@ -291,15 +301,21 @@ def measure(cfg: dict) -> dict:
     labels = rng.integers(0, cfg['n_out'], B).astype(np.int32)
     mask = np.ones(B, np.float32)
     ws = np.full(T, 1. / T, np.float32)
-    args = jax.device_put((trainer.opt_state, xs, labels, mask, ws), device)
+    if trainer.mesh is None:
+        args = jax.device_put((trainer.opt_state, xs, labels, mask, ws), device)
+    else:  # several devices: the batch split across them, weights replicated (as Trainer.train_step)
+        args = (trainer.opt_state, *trainer._device_batch(xs, labels, mask, ws))
     del xs
-    row['input_mb'] = (args[1].nbytes + args[4].nbytes) / MB   # the input spikes and per-step loss weights
+    # the input spikes and per-step loss weights (per device: memory_analysis is per device)
+    row['input_mb'] = (args[1].nbytes / len(devices) + args[4].nbytes) / MB
 
     # compile exactly the step that Trainer.train_step runs
     stateful, jit_fun = get_jitted_parts(trainer._train)
     t0 = time.perf_counter()
     state_trace = stateful.get_state_trace(*args, compile_if_miss=True)
-    state_vals = jax.device_put(state_trace.get_state_values(), device)
+    state_vals = state_trace.get_state_values()
+    if trainer.mesh is None:
+        state_vals = jax.device_put(state_vals, device)
     compiled = jit_fun.lower(state_vals, *args).compile()
     row['compile_s'] = time.perf_counter() - t0
 
@@ -329,14 +345,18 @@ def measure(cfg: dict) -> dict:
         del out
     row.update(step_s=float(np.median(times)), step_s_min=float(min(times)), step_s_max=float(max(times)),
                status='ok', reason='')
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:
-        pass
-    if stats and 'peak_bytes_in_use' in stats:
-        row['device_peak_mb'] = stats['peak_bytes_in_use'] / MB
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:
+            stats = None
+        if stats and 'peak_bytes_in_use' in stats:
+            peaks.append(stats['peak_bytes_in_use'] / MB)
+    if peaks:  # the largest device's peak; each device's in device_peak_mb_per_device
+        row['device_peak_mb'] = max(peaks)
         row['device_peak_minus_input_mb'] = row['device_peak_mb'] - row['input_mb']
+        row['device_peak_mb_per_device'] = ';'.join(f'{p:.1f}' for p in peaks)
     row['peak_rss_mb'] = _rss_mb()
     return row
 
@@ -421,7 +441,8 @@ def complete_row(row: dict, cfg: dict, probe_info: dict) -> dict:
     method, T = row['method'], int(row['T'])
     row.update(method_name=utils.METHOD_NAMES[method], batch_size=cfg['batch_size'], n_in=cfg['n_in'],
                n_rec=cfg['n_rec'], n_layer=cfg['n_layer'], n_out=cfg['n_out'], n_params=n_params(cfg))
-    row['predicted_state_mb'] = predicted_state_bytes(cfg, method, T) / MB
+    n_dev = int(row.get('n_devices') or 1)  # per device: each holds batch / n_devices samples
+    row['predicted_state_mb'] = predicted_state_bytes(dict(cfg, batch_size=cfg['batch_size'] // n_dev), method, T) / MB
     row['params_mb'] = 4. * n_params(cfg) / MB
     row['gflop_per_step'] = flop_per_time_step(cfg) * T / 1e9
     row['matmul_gflops'] = probe_info.get('matmul_gflops')
@@ -560,6 +581,7 @@ def run_sweep(args, out_dir: str) -> dict:
     if probe_info is None:
         raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
     cfg = resolve_config(args, probe_info['platform'])
+    utils.check_batch_for_devices(cfg['batch_size'], args.devices)
     print(f"device: {probe_info['device']} ({probe_info['platform']}, {probe_info['n_cpu']} CPU cores, load average "
           f"{probe_info['load_avg']}), float32 matmul {probe_info['matmul_gflops']:.1f} GFLOP/s "
           f"({probe_info['matmul_n']}^3)")

@@ -85,7 +85,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     import datasets
     import models
 
-    device = utils.select_device(args.devices)
+    devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample,
                              t_delay=args.t_delay, t_test=args.t_test)
@@ -101,22 +101,24 @@ def train_and_evaluate(args, run_dir: str) -> dict:
         utils.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = utils.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
-                            vjp_time=args.vjp_time)
+                            vjp_time=args.vjp_time, devices=devices)
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.device_name(device)}; run folder {run_dir}')
+          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
                                               args.n_data_worker)
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
     summary = utils.fit(args, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(),
                         acc_th=args.acc_th, smooth=args.acc_th_window,
                         extra_config=dict(n_steps=cfg.n_steps, test_start=cfg.test_start,
-                                          n_params=models.count_params(model), device=utils.device_name(device)))
+                                          n_params=models.count_params(model), device=utils.devices_name(devices),
+                                          n_devices=len(devices)))
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 
 
 def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv, PRESETS)
+    utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     run_dir = utils.prepare_run_dir(args)
     summary = train_and_evaluate(args, run_dir)
     return 1 if summary['stopped_because'] == 'nan' else 0

@@ -95,7 +95,13 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=0, help='seed of the weights and the data order')
     g.add_argument('--devices', default='0',
                    help="accelerator index to run on, or 'cpu'; an index that does not exist gives "
-                        'a warning and the run goes on on the device that exists')
+                        'a warning and the run goes on on the device that exists. A comma list (0,1,2,3) '
+                        "or 'all' trains data parallel on several devices (the batch split across them; "
+                        'CPU devices where there is no accelerator)')
+    g.add_argument('--distributed', action='store_true',
+                   help='several hosts: call jax.distributed.initialize() first (a TPU pod slice or a '
+                        'SLURM/Open MPI cluster detect themselves; else set JAX_COORDINATOR_ADDRESS, '
+                        'JAX_NUM_PROCESSES, JAX_PROCESS_ID); use with --devices all')
     g.add_argument('--n_data_worker', type=nonneg_int, default=0,
                    help='torch DataLoader worker processes preparing batches (0 = in the main process)')
     g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
@@ -104,6 +110,13 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run saved in RUN_DIR from its last checkpoint')
     g.add_argument('--no_progress', action='store_true', help='hide the progress bars')
+    g = p.add_argument_group('gradient fidelity')
+    g.add_argument('--check_grad', action='store_true',
+                   help='before training and after every --check_grad_every epochs, compare the online '
+                        "method's gradient of each weight with BPTT's on the first test batch (same weights, "
+                        'same initial states): cosine, norm ratio, sign agreement in grad_fidelity.csv')
+    g.add_argument('--check_grad_every', type=positive_int, default=None, metavar='N',
+                   help='epochs between gradient checks (implies --check_grad; 1 when only --check_grad is given)')
     return p
 
 
@@ -159,7 +172,7 @@ def prepare_run_dir(args) -> str:
         # a run stopped before its first checkpoint left only an empty start: begin again in place
         import shutil
         shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
-        for name in ('metrics.csv', 'summary.json', 'learning_curves.png'):
+        for name in ('metrics.csv', 'summary.json', 'learning_curves.png', 'grad_fidelity.csv'):
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
         print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting over there',
@@ -213,6 +226,90 @@ def select_device(spec: str):
     return device
 
 
+def parse_devices(spec):
+    """--devices without jax: 'cpu', an index N (one device), 'all', or a list of distinct indices."""
+    text = str(spec).strip().lower()
+    if text in ('cpu', 'all'):
+        return text
+    try:
+        indices = [int(p) for p in text.split(',') if p.strip()]
+    except ValueError:
+        indices = []
+    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
+        raise UserError(f"--devices must be an index (0, 1, ...), a comma list of distinct indices (0,1,2,3), "
+                        f"'all' or 'cpu', got {spec!r}")
+    return indices[0] if len(indices) == 1 else indices
+
+
+def check_batch_for_devices(batch_size: int, spec):
+    """One error line when --batch_size does not divide by the number of devices a --devices list names
+    (checked before anything is written; 'all' is checked by the Trainer once the devices are known)."""
+    devices = parse_devices(spec)
+    if isinstance(devices, list) and batch_size % len(devices):
+        raise UserError(batch_error(batch_size, len(devices), spec))
+
+
+def batch_error(batch_size: int, n: int, spec) -> str:
+    lower, upper = batch_size // n * n, (batch_size // n + 1) * n
+    options = ' or '.join(str(b) for b in (lower, upper) if b > 0)
+    return (f'--batch_size {batch_size} does not divide by the {n} devices of --devices {spec}: every device '
+            f'takes an equal part of the batch; use a multiple of {n} ({options})')
+
+
+def init_distributed():
+    """jax.distributed.initialize() for a multi-host run (once). TPU pods, SLURM and Open MPI are detected
+    by jax; elsewhere JAX_COORDINATOR_ADDRESS (read by jax), JAX_NUM_PROCESSES and JAX_PROCESS_ID say
+    who is who."""
+    import jax
+    if getattr(init_distributed, 'done', False):
+        return
+    kw = {}
+    if os.environ.get('JAX_NUM_PROCESSES'):
+        kw['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
+    if os.environ.get('JAX_PROCESS_ID'):
+        kw['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+    try:
+        jax.distributed.initialize(**kw)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f'--distributed: jax.distributed.initialize() failed ({str(e).splitlines()[0]}); '
+                        f'set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID')
+    init_distributed.done = True
+
+
+def select_devices(spec, distributed: bool = False) -> list:
+    """The devices a run trains on. 'cpu' and a single index behave as select_device (one device, with
+    a warning and a fall-back when the index is absent). A comma list of indices, or 'all', names several
+    devices: the accelerators, or the CPU devices where there is none (XLA_FLAGS=
+    --xla_force_host_platform_device_count=N gives N); an absent index is an error. The first local one
+    becomes jax's default device."""
+    parsed = parse_devices(spec)
+    if distributed:
+        init_distributed()
+    if parsed == 'cpu' or isinstance(parsed, int):
+        return [select_device(spec)]
+    import jax
+    accelerators = [d for d in jax.devices() if d.platform != 'cpu']
+    pool = accelerators or jax.devices('cpu')
+    if parsed == 'all':
+        devices = pool
+    else:
+        missing = [i for i in parsed if i >= len(pool)]
+        if missing:
+            have = ', '.join(device_name(d) for d in pool)
+            hint = (f'give indices below {len(pool)} or --devices all' if accelerators else
+                    f'for {max(parsed) + 1} CPU devices set XLA_FLAGS=--xla_force_host_platform_device_count='
+                    f'{max(parsed) + 1} before starting')
+            raise UserError(f'--devices {spec}: there is no device {missing[0]} here ({have}); {hint}')
+        devices = [pool[i] for i in parsed]
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    jax.config.update('jax_default_device', local[0])
+    return devices
+
+
+def devices_name(devices) -> str:
+    return ','.join(device_name(d) for d in devices)
+
+
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
@@ -258,10 +355,15 @@ class Trainer:
     the w-weighted average readout. BPTT differentiates that loss through a scan over time; the online
     methods run one step at a time through brainscale and sum the per-step gradients, inside one
     compiled function per batch.
+
+    `devices` (a list of several jax devices) trains data parallel: a mesh with one axis 'batch'; the
+    inputs, labels and mask, and every per-sample state (neuron states, eligibility traces: leading axis
+    = batch) are split along the batch axis (NamedSharding, with_sharding_constraint after each reset),
+    weights and optimizer state replicated; XLA (GSPMD) inserts the reductions of the loss and gradients.
     """
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
-                 grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0.):
+                 grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0., devices=None):
         __import__('brainscale_adapter').adapt_brainscale()  # every change to brainscale 0.1.0: brainscale_adapter.py
         import brainscale
         import brainstate
@@ -272,6 +374,13 @@ class Trainer:
             raise UserError(f"unknown --loss {loss!r}; choose cel or mse")
         self.model, self.method, self.batch_size, self.loss = model, method, batch_size, loss
         self.weight_L2 = weight_L2
+        self.mesh = None
+        if devices is not None and len(devices) > 1:
+            import jax
+            import numpy as np
+            if batch_size % len(devices):
+                raise UserError(batch_error(batch_size, len(devices), devices_name(devices)))
+            self.mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
         brainstate.nn.init_all_states(model, batch_size)
         self.params = model.states(brainstate.ParamState)
         self.algo = None
@@ -288,6 +397,73 @@ class Trainer:
         self._train = brainstate.transform.jit(self._train_step)
         self._grads_jit = brainstate.transform.jit(self._loss_and_grads)
         self._eval = brainstate.transform.jit(self._eval_step)
+        self._bptt_grads_jit = None
+        self.place()
+
+    # -- several devices ----------------------------------------------------------------------------
+    def _sharding(self, *spec):
+        import jax
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+
+    def weights_sharding(self):
+        """Where the weights live: replicated over the mesh, or the one device of the run."""
+        import jax
+        if self.mesh is not None:
+            return self._sharding()
+        return jax.sharding.SingleDeviceSharding(jax.config.jax_default_device or jax.devices()[0])
+
+    def _state_sharding(self, value):
+        """A per-sample state (leading axis = batch) is split across the devices; anything else replicated."""
+        batched = getattr(value, 'ndim', 0) >= 1 and value.shape[0] == self.batch_size
+        return self._sharding('batch') if batched else self._sharding()
+
+    def sample_states(self, with_algo: bool = True) -> list:
+        """Every state that is not a weight: the neurons' states and (online methods) the eligibility traces."""
+        import brainstate
+        node = self.algo if (with_algo and self.algo is not None) else self.model
+        return [s for s in node.states().values() if not isinstance(s, brainstate.ParamState)]
+
+    def _put(self, value, sharding):
+        """A host value as a global array (each process gives the slices of its own devices)."""
+        import jax
+        import numpy as np
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    def place(self):
+        """Several devices: weights and optimizer state on every device, per-sample states split along the
+        batch axis (at the start and after a checkpoint restore). One device: nothing to do."""
+        if self.mesh is None:
+            return
+        import jax
+        for s in self.params.values():
+            s.value = jax.tree.map(lambda v: self._put(v, self._sharding()), s.value)
+        self.opt_state = jax.tree.map(lambda v: self._put(v, self._sharding()), self.opt_state)
+        for s in self.sample_states():
+            s.value = jax.tree.map(lambda v: self._put(v, self._state_sharding(v)) if hasattr(v, 'shape') else v,
+                                   s.value)
+
+    def _constrain_states(self, with_algo: bool = True):
+        """Inside a step, after a reset: keep the per-sample states split along the batch axis."""
+        if self.mesh is None:
+            return
+        import jax
+        for s in self.sample_states(with_algo):
+            s.value = jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, self._state_sharding(v))
+                                   if hasattr(v, 'shape') else v, s.value)
+
+    def _replicated(self, tree):
+        if self.mesh is None:
+            return tree
+        import jax
+        return jax.lax.with_sharding_constraint(tree, self._sharding())
+
+    def _device_batch(self, xs, labels, mask, ws):
+        """The batch as the step's arguments: on several devices xs (T, B, ...) split along B."""
+        if self.mesh is None:
+            return xs, labels, mask, ws
+        return (self._put(xs, self._sharding(None, 'batch')), self._put(labels, self._sharding('batch')),
+                self._put(mask, self._sharding('batch')), self._put(ws, self._sharding()))
 
     # -- parameters ---------------------------------------------------------------------------
     def param_values(self) -> dict:
@@ -313,19 +489,33 @@ class Trainer:
         correct = jnp.sum(mask * (jnp.argmax(avg_out, -1) == labels))
         return step_losses.sum(), correct / jnp.maximum(jnp.sum(mask), 1.)
 
-    def _reset(self, batch):
+    def _reset(self, batch, with_algo: bool = True):
         import brainstate
         brainstate.nn.reset_all_states(self.model, batch)
-        if self.algo is not None:
+        if with_algo and self.algo is not None:
             self.algo.reset_state()
+        self._constrain_states(with_algo)
 
-    def _loss_and_grads(self, xs, labels, mask, ws):
+    def _loss_and_grads(self, xs, labels, mask, ws, method=None):
+        """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
+        BPTT's gradient from the same weights and initial states, for --check_grad)."""
+        import brainstate
+        import jax
+        import jax.numpy as jnp
+        method = method or self.method
+        if self.mesh is not None and method != 'bptt':
+            import brainscale_adapter  # its D-RTRL gradient read must slice each device's part of the batch
+            with brainscale_adapter.batch_shards(self.mesh):
+                return self._loss_and_grads_traced(xs, labels, mask, ws, method)
+        return self._loss_and_grads_traced(xs, labels, mask, ws, method)
+
+    def _loss_and_grads_traced(self, xs, labels, mask, ws, method):
         import brainstate
         import jax
         import jax.numpy as jnp
         xs = xs.astype(jnp.float32)
-        self._reset(xs.shape[1])
-        if self.method == 'bptt':
+        self._reset(xs.shape[1], with_algo=method != 'bptt')
+        if method == 'bptt':
             def sequence_loss():
                 def step(x, w):
                     out = self.model(x)
@@ -371,7 +561,8 @@ class Trainer:
             grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = self.tx.update(grads, opt_state, values)
-        new_values = optax.apply_updates(values, updates)
+        new_values = self._replicated(optax.apply_updates(values, updates))
+        new_opt_state = self._replicated(new_opt_state)
         # A finite loss can still come with an infinite gradient norm, and then the clipped update is
         # NaN: refuse such an update inside the step (parameters and optimizer state stay as they were)
         # and report it, so that non-finite weights are never evaluated or saved.
@@ -388,6 +579,7 @@ class Trainer:
         import jax.numpy as jnp
         xs = xs.astype(jnp.float32)
         brainstate.nn.reset_all_states(self.model, xs.shape[1])
+        self._constrain_states(with_algo=False)
 
         def step(x, w):
             out = self.model(x)
@@ -420,21 +612,39 @@ class Trainer:
         An update whose loss, gradient norm or new parameters are not all finite is not applied (the
         parameters and optimizer state stay as they were) and `self.last_update_finite` becomes False."""
         xs, labels, mask = self.pad(xs, labels)
-        self.opt_state, loss, acc, gnorm, finite = self._train(self.opt_state, xs, labels, mask, ws)
+        self.opt_state, loss, acc, gnorm, finite = self._train(self.opt_state, *self._device_batch(xs, labels, mask, ws))
         self.last_update_finite = bool(finite)
         return float(loss), float(acc), float(gnorm)
 
     def gradients(self, xs, labels, ws) -> dict:
         """The summed gradient of one batch, without an update (for tests and diagnostics)."""
         xs, labels, mask = self.pad(xs, labels)
-        grads, _, _ = self._grads_jit(xs, labels, mask, ws)
+        grads, _, _ = self._grads_jit(*self._device_batch(xs, labels, mask, ws))
+        return grads
+
+    def loss_and_gradients(self, xs, labels, ws):
+        """(loss, accuracy, summed gradient) of one batch, without an update."""
+        xs, labels, mask = self.pad(xs, labels)
+        grads, loss, acc = self._grads_jit(*self._device_batch(xs, labels, mask, ws))
+        return float(loss), float(acc), grads
+
+    def bptt_gradients(self, xs, labels, ws) -> dict:
+        """BPTT's summed gradient of one batch from the same weights and initial states, whatever the
+        trainer's method (the reference of --check_grad); the online trainer's compiled step and states
+        are left as they are (every step resets the states)."""
+        import brainstate
+        if self._bptt_grads_jit is None:
+            self._bptt_grads_jit = brainstate.transform.jit(
+                lambda xs, labels, mask, ws: self._loss_and_grads(xs, labels, mask, ws, method='bptt'))
+        xs, labels, mask = self.pad(xs, labels)
+        grads, _, _ = self._bptt_grads_jit(*self._device_batch(xs, labels, mask, ws))
         return grads
 
     def evaluate(self, xs, labels, ws):
         """(loss, accuracy, number of samples) of one batch, forward only."""
         n = xs.shape[1]
         xs, labels, mask = self.pad(xs, labels)
-        loss, acc, rates = self._eval(xs, labels, mask, ws)
+        loss, acc, rates = self._eval(*self._device_batch(xs, labels, mask, ws))
         import numpy as np
         total, count = getattr(self, '_rate_sum', (0., 0))
         self._rate_sum = (total + np.asarray(rates, np.float64) * n, count + n)
@@ -518,11 +728,14 @@ class Checkpoints:
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': jax.numpy.asarray(0, jax.numpy.int32),
                   'rng_key': jax.numpy.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
-        abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, target)
+        # restored onto this run's devices (replicated there), whichever devices saved the checkpoint
+        where = trainer.weights_sharding()
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=where), target)
         restored = manager.restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
         trainer.set_param_values(restored['state']['params'])
         trainer.opt_state = restored['state']['opt_state']
+        trainer.place()  # on the devices of this run, whichever devices saved it
         brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
         return int(restored['state']['epoch']), dict(restored['meta'])
 
@@ -603,14 +816,25 @@ def write_json(path: str, obj):
 
 
 def plot_learning_curves(metrics: list, path: str, title: str = ''):
-    """loss and accuracy per epoch, train and test."""
+    """loss and accuracy per epoch, train and test; with a grad_fidelity.csv next to `path`, a third
+    panel: each weight's cosine between the online and the BPTT gradient over the epochs."""
     if not metrics:
         return
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [r['epoch'] for r in metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fidelity = read_grad_fidelity(os.path.join(os.path.dirname(path) or '.', GRAD_FIDELITY_FILE))
+    fig, axes = plt.subplots(1, 3 if fidelity else 2, figsize=(15 if fidelity else 10, 4))
+    if fidelity:
+        ax = axes[2]
+        for weight in dict.fromkeys(r['weight'] for r in fidelity):
+            rs = [r for r in fidelity if r['weight'] == weight]
+            ax.plot([r['epoch'] for r in rs], [r['cosine'] for r in rs], marker='.', label=weight)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(f"cosine({METHOD_NAMES.get(fidelity[0]['method'], '')} gradient, BPTT gradient)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for key, ax in (('loss', axes[0]), ('acc', axes[1])):
         for split in ('train', 'test'):
             col = f'{split}_{key}'
@@ -624,6 +848,58 @@ def plot_learning_curves(metrics: list, path: str, title: str = ''):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+GRAD_FIDELITY_FILE = 'grad_fidelity.csv'
+GRAD_FIDELITY_FIELDS = ['epoch', 'method', 'weight', 'shape', 'cosine', 'norm_ratio', 'sign_agreement']
+
+
+def grad_fidelity(trainer: Trainer, xs, labels, ws) -> list:
+    """Each weight's gradient on one batch by the trainer's online method against BPTT's, from the same
+    weights and initial states: rows of weight name, shape, cosine, norm ratio (online / BPTT) and sign
+    agreement (the fraction of the elements where BPTT's gradient is not 0 that have its sign)."""
+    import jax
+    import numpy as np
+    online = jax.tree_util.tree_flatten_with_path(trainer.gradients(xs, labels, ws))[0]
+    reference = jax.tree.leaves(trainer.bptt_gradients(xs, labels, ws))
+    rows = []
+    for (path, g), r in zip(online, reference):
+        shape = np.shape(g)
+        g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
+        ng, nr = np.linalg.norm(g), np.linalg.norm(r)
+        nz = r != 0
+        rows.append(dict(method=trainer.method,
+                         weight='/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path),
+                         shape='x'.join(str(d) for d in shape),
+                         cosine=float(np.clip(g @ r / (ng * nr), -1, 1)) if ng > 0 and nr > 0 else float('nan'),
+                         norm_ratio=float(ng / nr) if nr > 0 else float('nan'),
+                         sign_agreement=float(np.mean(np.sign(g[nz]) == np.sign(r[nz]))) if nz.any() else float('nan')))
+    return rows
+
+
+def read_grad_fidelity(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [dict(r, epoch=int(r['epoch']), cosine=float(r['cosine']), norm_ratio=float(r['norm_ratio']),
+                     sign_agreement=float(r['sign_agreement'])) for r in csv.DictReader(f)]
+
+
+def write_grad_fidelity(path: str, rows: list, append: bool = True):
+    new = not (append and os.path.exists(path))
+    with open(path, 'w' if new else 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=GRAD_FIDELITY_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def grad_check_every(args) -> int:
+    """Epochs between gradient checks (0 = none): --check_grad_every N, or 1 with --check_grad alone."""
+    every = getattr(args, 'check_grad_every', None)
+    if every is None and getattr(args, 'check_grad', False):
+        every = 1
+    return every or 0
 
 
 def args_from_checkpoint(run_dir: str) -> dict:
@@ -656,6 +932,26 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
 
     log = RunLog(run_dir)
     config = dict(vars(args), run_dir=run_dir, **(extra_config or {}))
+    check_every = grad_check_every(args)
+    if check_every and args.method == 'bptt':
+        print('note: --check_grad compares an online method with BPTT; with --method bptt there is nothing to '
+              'compare (no grad_fidelity.csv)', file=sys.stderr, flush=True)
+        check_every = 0
+    fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
+    check_batch = []
+
+    def check_gradients(epoch):
+        """--check_grad: the online gradient against BPTT's on the first test batch, one row per weight."""
+        if not check_batch:
+            check_batch.append(next(iter(test_batches())))
+        xs, labels = check_batch[0]
+        rows = [dict(r, epoch=epoch) for r in grad_fidelity(trainer, np.asarray(xs), np.asarray(labels), step_weights)]
+        write_grad_fidelity(fidelity_path, rows)
+        worst = min(rows, key=lambda r: r['cosine'] if math.isfinite(r['cosine']) else 2.)
+        print(f"gradient check, epoch {epoch}: cosine with BPTT {min(r['cosine'] for r in rows):.4f} "
+              f"({worst['weight']}) to {max(r['cosine'] for r in rows):.4f}, norm ratio "
+              f"{min(r['norm_ratio'] for r in rows):.3g} to {max(r['norm_ratio'] for r in rows):.3g} "
+              f"({fidelity_path})", flush=True)
     ckpt = None
     start_epoch, best_test_acc, recent = 1, -1.0, []
     seconds_before = 0.
@@ -677,9 +973,14 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             recent = list(meta.get('recent_train_acc', []))
             seconds_before = meta.get('seconds', 0.)
             log.truncate_after(done)
+            kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
+            if kept or os.path.exists(fidelity_path):
+                write_grad_fidelity(fidelity_path, kept, append=False)
             print(f'resumed {run_dir} after epoch {done}')
         # the configuration the run goes on with (a resume's overrides included): a later --resume reads it
         log.write_config(config)
+        if check_every and start_epoch == 1:
+            check_gradients(0)  # the initial weights
         stopped = 'epochs'
         first_step_s = None
         t0 = time.time()
@@ -755,6 +1056,8 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                     print(warning, flush=True)
             log.append(row)
             metrics.append(row)
+            if check_every and epoch % check_every == 0:
+                check_gradients(epoch)
             meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
                         seconds=seconds_before + time.time() - t0, config=config,
                         stopped_because=stopped if stopped == 'acc_th' else None, epochs=args.epochs)
