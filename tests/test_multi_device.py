@@ -133,10 +133,10 @@ def test_memory_sweep_on_two_devices_reports_memory_per_device(tmp_path):
 
 def test_image_classification_on_two_devices_with_check_grad(tmp_path):
     """The other training script on --devices 0,1 (SHD-format fake data), with --check_grad on top."""
-    import datasets
+    import fake_data
     data = str(tmp_path / 'data')
-    datasets.write_fake_shd(data, datasets.synthetic_event_samples('shd', 32, 16, n_classes=4, events_per_sample=200,
-                                                                   seed=2))
+    fake_data.write_shd_files(data, fake_data.synthetic_event_samples('shd', 32, 16, n_classes=4,
+                                                                      events_per_sample=200, seed=2))
     run_dir = str(tmp_path / 'run')
     argv = (f'--devices 0,1 --dataset shd --data_dir {data} --data_length 12 --epoch 1 --n_layer 1 --n_rec 16 '
             f'--method expsm_diag --batch_size 16 --check_grad --out_dir {run_dir} --no_progress').split()
