@@ -20,7 +20,7 @@ PRESETS = {
     # `make demo`: the paper's 1000 ms task with ES-D-RTRL; only the batch size, the budget (a cosine lr
     # over it) and the stopping rule are chosen for a 2-core CPU (README, "The paper's task on a CPU").
     'cpu-demo': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32,
-                     batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98,
+                     batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
                      n_test_trials=512, n_data_worker=1, devices='cpu', exp_name='cpu-demo'),
     # The earlier CPU demo: a 100 ms delay, 100 neurons with 20 ms membrane and synapse (310 steps).
     'short-delay': dict(method='expsm_diag', etrace_decay=0.99, t_fixation=10., t_sample=100., t_delay=100.,

@@ -17,6 +17,7 @@ def test_demo_preset_is_the_papers_task():
                  optimizer='adam', method='expsm_diag', etrace_decay=0.99, lr_schedule='constant')
     assert {k: getattr(args, k) for k in paper} == paper
     assert args.batch_size == 32 and args.n_test_trials == 512 and args.devices == 'cpu'
+    assert args.acc_th == 0.98 and args.acc_th_window == 50 and args.epochs == 40
     # an explicit flag beats the preset
     args = utils.parse_args(dms.build_parser(), ['--preset', 'cpu-demo', '--t_delay', '500'], dms.PRESETS)
     assert args.t_delay == 500. and args.n_rec == 200
