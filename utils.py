@@ -7,6 +7,7 @@ argument errors answer at once, before several seconds of imports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import datetime
 import json
@@ -499,9 +500,6 @@ class Trainer:
     def _loss_and_grads(self, xs, labels, mask, ws, method=None):
         """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
         BPTT's gradient from the same weights and initial states, for --check_grad)."""
-        import brainstate
-        import jax
-        import jax.numpy as jnp
         method = method or self.method
         if self.mesh is not None and method != 'bptt':
             import brainscale_adapter  # its D-RTRL gradient read must slice each device's part of the batch
@@ -510,46 +508,18 @@ class Trainer:
         return self._loss_and_grads_traced(xs, labels, mask, ws, method)
 
     def _loss_and_grads_traced(self, xs, labels, mask, ws, method):
-        import brainstate
-        import jax
-        import jax.numpy as jnp
-        xs = xs.astype(jnp.float32)
+        xs = xs.astype('float32')
         self._reset(xs.shape[1], with_algo=method != 'bptt')
-        if method == 'bptt':
-            def sequence_loss():
-                def step(x, w):
-                    out = self.model(x)
-                    return self._step_loss(out, labels, mask, w), w * out
-                if hasattr(self.model, 'run_sequence'):  # layer after layer, input products out of the loop
-                    outs = self.model.run_sequence(xs)
-                    losses = jax.vmap(lambda o, w: self._step_loss(o, labels, mask, w))(outs, ws)
-                    wouts = ws[:, None, None] * outs
-                else:
-                    losses, wouts = brainstate.transform.for_loop(step, xs, ws)
-                return losses.sum(), (losses, wouts)
-
-            grads, _, (losses, wouts) = brainstate.transform.grad(
-                sequence_loss, self.params, return_value=True, has_aux=True)()
-        else:
-            def step(acc, inp):
-                x, w = inp
-
-                def step_loss():
-                    out = self.algo(x)
-                    return self._step_loss(out, labels, mask, w), out
-
-                g, loss, out = brainstate.transform.grad(
-                    step_loss, self.params, return_value=True, has_aux=True)()
-                return jax.tree.map(jnp.add, acc, (g, loss, w * out)), None
-
-            # running sums, not per-step stacks: the online step's memory stays constant in T
-            out = brainstate.transform.StatefulFunction(self.model).get_out_shapes(xs[0])[0]
-            zeros = jax.tree.map(jnp.zeros_like, ({k: s.value for k, s in self.params.items()},
-                                                  jnp.zeros(()), jnp.zeros(out.shape, out.dtype)))
-            (grads, loss_sum, wout_sum), _ = brainstate.transform.scan(step, zeros, (xs, ws))
-            losses, wouts = loss_sum[None], wout_sum[None]
+        grads, losses, wouts = GRADIENT_PATHS[method](self, xs, labels, mask, ws)
         loss, acc = self._summaries(losses, wouts, labels, mask, ws)
         return {path_key(k): g for k, g in grads.items()}, loss, acc
+
+    def _forward_step(self, labels, mask):
+        """One step of the plain forward pass: x_t, w_t -> (loss_t, w_t * readout_t)."""
+        def step(x, w):
+            out = self.model(x)
+            return self._step_loss(out, labels, mask, w), w * out
+        return step
 
     def _train_step(self, opt_state, xs, labels, mask, ws):
         import jax
@@ -581,13 +551,15 @@ class Trainer:
         brainstate.nn.reset_all_states(self.model, xs.shape[1])
         self._constrain_states(with_algo=False)
 
+        forward = self._forward_step(labels, mask)
+
         def step(x, w):
-            out = self.model(x)
+            loss, wout = forward(x, w)
             # mean spikes per neuron of each layer over the real (unmasked) samples: the firing rates
             spikes = self.model.layer_spikes() if hasattr(self.model, 'layer_spikes') else []
             rates = [jnp.sum(mask * s.reshape(s.shape[0], -1).mean(-1)) / jnp.maximum(mask.sum(), 1.)
                      for s in spikes]
-            return self._step_loss(out, labels, mask, w), w * out, jnp.asarray(rates, jnp.float32).reshape(-1)
+            return loss, wout, jnp.asarray(rates, jnp.float32).reshape(-1)
 
         losses, wouts, rates = brainstate.transform.for_loop(step, xs, ws)
         return (*self._summaries(losses, wouts, labels, mask, ws), rates.mean(0))
@@ -661,6 +633,57 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 # Checkpoints and the run folder
 # --------------------------------------------------------------------------------------------
+
+
+def bptt_gradients(trainer: Trainer, xs, labels, mask, ws):
+    """BPTT: brainstate's grad of sum_t w_t loss_t through the whole sequence (layer after layer when the
+    model has run_sequence: the input products of all steps out of the time loop). Returns the weight
+    gradients, the per-step losses (T,) and the weighted readouts (T, B, n_out)."""
+    import brainstate
+    import jax
+
+    def sequence_loss():
+        if hasattr(trainer.model, 'run_sequence'):
+            outs = trainer.model.run_sequence(xs)
+            losses = jax.vmap(lambda o, w: trainer._step_loss(o, labels, mask, w))(outs, ws)
+            wouts = ws[:, None, None] * outs
+        else:
+            losses, wouts = brainstate.transform.for_loop(trainer._forward_step(labels, mask), xs, ws)
+        return losses.sum(), (losses, wouts)
+
+    grads, _, (losses, wouts) = brainstate.transform.grad(
+        sequence_loss, trainer.params, return_value=True, has_aux=True)()
+    return grads, losses, wouts
+
+
+def online_gradients(trainer: Trainer, xs, labels, mask, ws):
+    """D-RTRL / ES-D-RTRL: one step at a time through the brainscale algorithm (which updates the
+    eligibility traces and turns them into this step's weight gradient); the per-step gradients, losses
+    and weighted readouts are summed as they come (running sums: memory constant in T). Returns the
+    weight gradients, the summed loss (1,) and the summed weighted readout (1, B, n_out)."""
+    import brainstate
+    import jax
+    import jax.numpy as jnp
+
+    def step(acc, inp):
+        x, w = inp
+
+        def step_loss():
+            out = trainer.algo(x)
+            return trainer._step_loss(out, labels, mask, w), out
+
+        g, loss, out = brainstate.transform.grad(step_loss, trainer.params, return_value=True, has_aux=True)()
+        return jax.tree.map(jnp.add, acc, (g, loss, w * out)), None
+
+    out = brainstate.transform.StatefulFunction(trainer.model).get_out_shapes(xs[0])[0]
+    zeros = jax.tree.map(jnp.zeros_like, ({k: s.value for k, s in trainer.params.items()},
+                                          jnp.zeros(()), jnp.zeros(out.shape, out.dtype)))
+    (grads, loss_sum, wout_sum), _ = brainstate.transform.scan(step, zeros, (xs, ws))
+    return grads, loss_sum[None], wout_sum[None]
+
+
+# How each --method computes a batch's gradient (Trainer._loss_and_grads looks it up once per trace).
+GRADIENT_PATHS = {'bptt': bptt_gradients, 'diag': online_gradients, 'expsm_diag': online_gradients}
 
 
 def rng_key_data(key):
@@ -982,52 +1005,24 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
         if check_every and start_epoch == 1:
             check_gradients(0)  # the initial weights
         stopped = 'epochs'
-        first_step_s = None
         t0 = time.time()
         metrics = log.read_metrics()
-        batches_done = int(metrics[-1].get('batches', 0)) if metrics else 0  # optimizer updates so far
+        # optimizer updates so far, the last `smooth` batch accuracies (acc_th), the compiling step's time
+        progress = Progress(batches_done=int(metrics[-1].get('batches', 0)) if metrics else 0, recent=recent)
         train_loss = train_acc = float('nan')
         epoch = start_epoch - 1
         for epoch in range(start_epoch, args.epochs + 1):
-            ep_t0, losses, accs, gnorms, sizes = time.time(), [], [], [], []
-            wait_s = step_s = 0.
-            timed_steps = 0
+            ep_t0 = time.time()
             batches = train_batches(epoch)
             bar = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
                        desc=f'epoch {epoch}/{args.epochs} [{args.method}]', disable=args.no_progress,
                        leave=False, dynamic_ncols=True)
-            it = iter(batches)
-            while True:
-                tw = time.time()
-                try:
-                    xs, labels = next(it)
-                except StopIteration:
-                    break
-                ts = time.time()
-                wait_s += ts - tw
-                loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
-                if first_step_s is None:  # compilation happens here: keep it out of the per-batch time
-                    first_step_s = time.time() - ts
-                else:
-                    step_s += time.time() - ts
-                    timed_steps += 1
-                if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
-                    stopped = 'nan'
-                    break
-                losses.append(loss)
-                accs.append(acc)
-                sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
-                gnorms.append(gnorm)
-                batches_done += 1
-                log.append_batch(dict(epoch=epoch, batch=batches_done, loss=loss, acc=acc, grad_norm=gnorm,
-                                      seconds=round(time.time() - ts, 4)))
-                recent = (recent + [acc])[-smooth:]
-                bar.update(1)
-                bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(recent):.3f}')
-                if acc_th is not None and len(recent) == smooth and np.mean(recent) >= acc_th:
-                    stopped = 'acc_th'
-                    break
+            ep = train_epoch(trainer, batches, step_weights, log, progress, epoch=epoch, acc_th=acc_th,
+                             smooth=smooth, bar=bar)
             bar.close()
+            stopped = ep.stopped or 'epochs'
+            losses, accs, gnorms, sizes = ep.losses, ep.accs, ep.gnorms, ep.sizes
+            wait_s, step_s, timed_steps = ep.wait_s, ep.step_s, ep.timed_steps
             if stopped != 'nan' and not params_finite(trainer):
                 stopped = 'nan'
             if stopped == 'nan':
@@ -1044,7 +1039,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             rates = trainer.pop_eval_rates()
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)
-            row = dict(epoch=epoch, batches=batches_done, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+            row = dict(epoch=epoch, batches=progress.batches_done, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                        test_acc=test_acc, grad_norm=float(np.mean(gnorms)) if gnorms else float('nan'),
                        seconds=time.time() - ep_t0, data_wait_s_per_batch=wait_s / n_batches,
                        step_s_per_batch=step_s / timed_steps if timed_steps else float('nan'),
@@ -1058,7 +1053,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
             metrics.append(row)
             if check_every and epoch % check_every == 0:
                 check_gradients(epoch)
-            meta = dict(best_test_acc=best_test_acc, recent_train_acc=recent,
+            meta = dict(best_test_acc=best_test_acc, recent_train_acc=progress.recent,
                         seconds=seconds_before + time.time() - t0, config=config,
                         stopped_because=stopped if stopped == 'acc_th' else None, epochs=args.epochs)
             ckpt.save(trainer, epoch, meta, best=is_best)
@@ -1066,7 +1061,7 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                   f'acc {test_acc:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
                   f'{row["data_wait_s_per_batch"]:.3f} s/batch data', flush=True)
             if stopped == 'acc_th':
-                print(f'smoothed training accuracy {np.mean(recent):.3f} >= acc_th {acc_th}: stopping')
+                print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {acc_th}: stopping')
                 break
         plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
                              f'{args.experiment} {METHOD_NAMES[args.method]}')
@@ -1075,15 +1070,76 @@ def fit(args, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Ite
                        batches_run=int(last.get('batches', 0)),
                        train_acc=last.get('train_acc'), test_acc=last.get('test_acc'),
                        best_test_acc=best_test_acc if best_test_acc >= 0 else None,
-                       smoothed_train_acc=float(np.mean(recent)) if recent else None,
+                       smoothed_train_acc=float(np.mean(progress.recent)) if progress.recent else None,
                        stopped_because=stopped, seconds=seconds_before + time.time() - t0,
-                       compile_and_first_step_s=first_step_s,
+                       compile_and_first_step_s=progress.first_step_s,
                        step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
         log.write_summary(summary)
         return summary
     finally:
         if ckpt is not None:
             ckpt.close()
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the epochs of a run carry from one to the next."""
+    batches_done: int = 0                  # optimizer updates so far (kept across a resume)
+    recent: list = dataclasses.field(default_factory=list)  # the last batch accuracies (acc_th)
+    first_step_s: Optional[float] = None   # the first step of this process: compilation included
+
+
+@dataclasses.dataclass
+class EpochStats:
+    stopped: Optional[str] = None          # None, 'acc_th' or 'nan'
+    losses: list = dataclasses.field(default_factory=list)
+    accs: list = dataclasses.field(default_factory=list)
+    gnorms: list = dataclasses.field(default_factory=list)
+    sizes: list = dataclasses.field(default_factory=list)  # real samples per batch
+    wait_s: float = 0.
+    step_s: float = 0.
+    timed_steps: int = 0
+
+
+def train_epoch(trainer: Trainer, batches: Iterable, step_weights, log: RunLog, progress: Progress, *,
+                epoch: int, acc_th: Optional[float], smooth: int, bar=None) -> EpochStats:
+    """One epoch of optimizer updates: a batches.csv row per batch; stops early at a non-finite update
+    ('nan') or when the mean accuracy of the last `smooth` batches reaches acc_th ('acc_th')."""
+    import numpy as np
+    ep = EpochStats()
+    it = iter(batches)
+    while True:
+        tw = time.time()
+        try:
+            xs, labels = next(it)
+        except StopIteration:
+            break
+        ts = time.time()
+        ep.wait_s += ts - tw
+        loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
+        if progress.first_step_s is None:  # compilation happens here: keep it out of the per-batch time
+            progress.first_step_s = time.time() - ts
+        else:
+            ep.step_s += time.time() - ts
+            ep.timed_steps += 1
+        if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
+            ep.stopped = 'nan'
+            break
+        ep.losses.append(loss)
+        ep.accs.append(acc)
+        ep.sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
+        ep.gnorms.append(gnorm)
+        progress.batches_done += 1
+        log.append_batch(dict(epoch=epoch, batch=progress.batches_done, loss=loss, acc=acc, grad_norm=gnorm,
+                              seconds=round(time.time() - ts, 4)))
+        progress.recent = (progress.recent + [acc])[-smooth:]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(progress.recent):.3f}')
+        if acc_th is not None and len(progress.recent) == smooth and np.mean(progress.recent) >= acc_th:
+            ep.stopped = 'acc_th'
+            break
+    return ep
 
 
 SILENT_RATE = 1e-3
