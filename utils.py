@@ -801,27 +801,28 @@ class RunLog:
             self.append_batch(r)
 
     def append_batch(self, row: dict):
-        """One training batch (flushed, not synced: a crash loses at most the rows of the last epoch,
-        which the resume drops anyway)."""
-        new = not os.path.exists(self.batches_path)
-        with open(self.batches_path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        """One training batch (not synced: a crash loses at most the rows of the last epoch, which the
+        resume drops anyway)."""
+        append_csv_row(self.batches_path, row, sync=False)
 
     def append(self, row: dict):
-        new = not os.path.exists(self.metrics_path)
-        with open(self.metrics_path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        append_csv_row(self.metrics_path, row, sync=True)
 
     def write_summary(self, summary: dict):
         write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+def append_csv_row(path: str, row: dict, sync: bool):
+    """Append one row (a header first when the file is new); sync=True also forces it to disk."""
+    new = not os.path.exists(path)
+    with open(path, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_csv(path: str) -> list:

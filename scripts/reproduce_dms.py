@@ -30,6 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from utils import METHOD_NAMES  # noqa: E402  (utils imports no jax at import time)
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
 # The README commands, verbatim (README.md, "Delayed match-to-sample").
@@ -45,7 +46,6 @@ README_FLAGS = {
             '--tau_syn 100 --n_rec 200 --lr 0.001 --A2 1   --optimizer adam --devices 3 --t_fixation 10. '
             '--spk_fun relu --acc_th 0.95  --n_data_worker 4  --dt 1. --ff_scale 6 --rec_scale 2',
 }
-METHOD_NAMES = {'bptt': 'BPTT', 'expsm_diag': 'ES-D-RTRL', 'diag': 'D-RTRL'}
 COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 
 # What `make demo` adds to the README command (the preset `cpu-demo` of the task script), spelled out.
