@@ -1,0 +1,344 @@
+"""D-RTRL and ES-D-RTRL K time steps at a time: the same gradient as brainscale's step-by-step
+algorithms (`--trace_chunk 1`), for this repository's networks (models.SpikingStack with LIF, ALIF or
+LIF-exp layers, models.DMSNet), at the speed of BPTT.
+
+Within one update the weights are fixed, so the work of K consecutive steps can be done together.
+For each chunk of K steps (the last one may be shorter):
+
+1. Forward, layer after layer (as BPTT's `run_sequence`): the input products x_t W_in of all K steps
+   are one matrix product over K x B rows; only s_{t-1} W_rec and the neuron update stay step by step.
+   The chunk keeps, per layer, each step's previous state h_{t-1} and weight output y_t (K x B x neurons
+   per state: the buffer; nothing grows with T).
+2. brainscale's per-step quantities, for all K steps at once (element-wise, vectorized over K):
+     D_t  = d h_t / d h_{t-1} with y_t fixed     (per neuron S x S; brainscale's hidden-group Jacobian)
+     df_t = d h_t / d y_t                        (brainscale's `df`, jvp with ones)
+     L_t  = d loss_t / d h_t through the paths within step t only (brainscale's single-step VJP: a
+            perturbation added to each new state where the model writes it), as one backward pass
+            through the K steps with the recurrent inputs held fixed: again products over K x B rows.
+3. The trace recursion and the gradient read for the whole chunk:
+   ES-D-RTRL (a = decay):  x^_t = a x^_{t-1} + x_t,  f^_t = a D_t f^_{t-1} + (1 - a) df_t,
+       dW = sum_t x^_t^T G_t with G_t = sum_k f^_t[k] L_t[k] / c_t (c_t brainscale's bias correction)
+          = X^T G~ + a x^_0^T G~_1,  G~_s = sum_{t>=s} a^(t-s) G_t   (one product over K x B rows).
+   D-RTRL:  e_t = D_t e_{t-1} + x_t df_t (per sample, weight and state), dW = sum_t sum_b e_t L_t.
+       With Phi(t, s) = D_t ... D_{s+1} and Lambda_s = sum_{t>=s} Phi(t, s)^T L_t (a backward recursion
+       over the chunk, per neuron):
+          dW  = sum_b e_0 (D_1^T Lambda_1) + X^T (sum_k df[k] Lambda[k])     (one pass over e_0 + one product)
+          e_K = Phi(K, 0) e_0 + sum_s x_s (Phi(K, s) df_s)^T                  (one pass + one batched product)
+       so the trace (batch x #weights x S floats) is read and written once per chunk instead of every
+       step, and its K rank-1 updates become a matrix product with K as the inner dimension.
+Exact in real arithmetic; in float32 the sums are ordered differently (tests/test_chunked_traces.py:
+cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
+
+The networks' neuron updates are written here again as pure functions (`LIFCell`, `GIFCell`: the
+arithmetic of models.LIFDeltaLayer and models.GIFExpLayer, in the same order); the tests compare
+against brainscale running the models' own code, so a change there that is not made here fails them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import models
+
+# --------------------------------------------------------------------------------------------
+# The networks' neuron updates as pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def _add(perturb, name, value):
+    return value + perturb[name] if perturb and name in perturb else value
+
+
+class LIFCell:
+    """models.LIFDeltaLayer (LIF / ALIF, delta or exponential current synapse) as a pure function."""
+
+    def __init__(self, layer: models.LIFDeltaLayer):
+        self.layer = layer
+        self.names = layer._state_names()
+
+    def state(self) -> dict:
+        return {n: getattr(self.layer, n).value for n in self.names}
+
+    def set_state(self, h: dict):
+        for n in self.names:
+            getattr(self.layer, n).value = h[n]
+
+    def threshold(self, h):
+        L = self.layer
+        return L.V_th + L.beta * h['b'] if L.neuron == 'alif' else L.V_th
+
+    def prev_spike(self, h):
+        """s_{t-1}: the spike that enters this step's recurrent input (LIFDeltaLayer.update)."""
+        return self.layer.spk_fun((h['V'] - self.threshold(h)) / self.layer.V_th)
+
+    def step(self, h: dict, y, perturb: dict = None):
+        """(new states, output spike) from the previous states h and the weight output y; `perturb` is
+        added to each new state where brainscale adds its hidden perturbation (later uses see it)."""
+        L = self.layer
+        th = self.threshold(h)
+        s = L.spk_fun((h['V'] - th) / L.V_th)
+        s_reset = jax.lax.stop_gradient(s) if L.detach_reset else s
+        new, c = {}, y
+        if L.synapse == 'exp':
+            c = new['I'] = _add(perturb, 'I', h['I'] * L.syn_decay + c)
+        if L.neuron == 'alif':
+            new['b'] = _add(perturb, 'b', h['b'] * L.adapt_decay + s_reset)
+        if L.spk_reset == 'soft':
+            V = L.mem_decay * (h['V'] - th * s_reset) + c
+        else:
+            V = L.mem_decay * h['V'] * (1. - s_reset) + c
+        new['V'] = _add(perturb, 'V', V)
+        return new, L.spk_fun((new['V'] - self.threshold(new)) / L.V_th)
+
+
+class GIFCell:
+    """models.GIFExpLayer (the DMS network's recurrent layer) as a pure function; its output is V."""
+
+    names = ['V', 'g', 'I2']
+
+    def __init__(self, layer: models.GIFExpLayer):
+        self.layer = layer
+
+    def state(self) -> dict:
+        return {n: getattr(self.layer, n).value for n in self.names}
+
+    def set_state(self, h: dict):
+        for n in self.names:
+            getattr(self.layer, n).value = h[n]
+
+    def prev_spike(self, h):
+        return self.layer.spike(h['V'])
+
+    def step(self, h: dict, y, perturb: dict = None):
+        L = self.layer
+        s = L.spike(h['V'])
+        s_reset = s if L.diff_spike else jax.lax.stop_gradient(s)
+        g = _add(perturb, 'g', h['g'] * L.syn_decay + L.syn_gain * y)
+        I2 = _add(perturb, 'I2', (h['I2'] - L.A2 * s) * L.I2_decay)
+        V = (h['V'] - L.V_th * s_reset) * L.neu_decay + (1. - L.neu_decay) * (L.V_rest + L.R * (g + I2))
+        V = _add(perturb, 'V', V)
+        return {'V': V, 'g': g, 'I2': I2}, V
+
+
+def network_cells(model):
+    """(cells, readout input function) of a supported network, or None."""
+    if isinstance(model, models.SpikingStack) and all(type(l) is models.LIFDeltaLayer for l in model.layers):
+        return [LIFCell(l) for l in model.layers], lambda s: s
+    if isinstance(model, models.DMSNet) and type(model.rec) is models.GIFExpLayer:
+        return [GIFCell(model.rec)], models.standardize
+    return None
+
+
+def supports(model) -> bool:
+    """The chunked path knows this network (every other network goes through brainscale)."""
+    return network_cells(model) is not None and isinstance(getattr(model, 'out', None), models.LeakyReadout)
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk: forward, and brainscale's per-step quantities for all its steps
+# --------------------------------------------------------------------------------------------
+
+
+def layer_forward(cell, w, bias, xs, h0):
+    """The layer over the chunk's inputs xs (K, B, n_x), from the states h0. Returns the final states
+    and, per step: the previous states (dict of (K, B, J)), the recurrent input s_{t-1}, the weight
+    output y_t and the output (spikes, or V for GIFCell)."""
+    n_x = xs.shape[-1]
+    z = jnp.einsum('kbi,ij->kbj', xs, w[:n_x])
+    if bias is not None:
+        z = z + bias
+    w_rec = w[n_x:]
+
+    def step(h, z_t):
+        s = cell.prev_spike(h)
+        y = z_t + s @ w_rec
+        new, out = cell.step(h, y)
+        return new, (h, s, y, out)
+
+    h_end, (prevs, s_prev, ys, outs) = jax.lax.scan(step, h0, z)
+    return h_end, prevs, s_prev, ys, outs
+
+
+def stacked(d: dict, names):
+    return jnp.stack([d[n] for n in names], axis=-1)
+
+
+def state_jacobians(cell, prevs, ys):
+    """D (K, B, J, S, S) = d h_t / d h_{t-1} with y_t fixed, D[..., k, s] = d h_t[k] / d h_{t-1}[s];
+    df (K, B, J, S) = d h_t / d y_t (brainscale: hidden-group Jacobian; jvp of y -> hidden with ones)."""
+    names = cell.names
+    zeros = {n: jnp.zeros_like(prevs[n]) for n in names}
+    columns = []
+    for s in names:
+        tangent = dict(zeros, **{s: jnp.ones_like(prevs[s])})
+        _, t = jax.jvp(lambda h: cell.step(h, ys)[0], (prevs,), (tangent,))
+        columns.append(stacked(t, names))
+    _, t = jax.jvp(lambda y: cell.step(prevs, y)[0], (ys,), (jnp.ones_like(ys),))
+    return jnp.stack(columns, axis=-1), stacked(t, names)
+
+
+def chunk_forward_and_signals(cells, readout_input, model, values, hidden, xs, ws, step_loss):
+    """Forward over the chunk and the learning signals. `values`: {'layers': [{'weight', 'bias'}...],
+    'out': {...}}; `hidden`: ([state dicts], readout r). Returns (new hidden, relations, loss sum,
+    weighted readout sum); relations: {layer index or 'out': dict(x (K, B, I), D, df, L)}, one per
+    trace-carrying weight."""
+    relations, states, layer_data = {}, [], []
+    x = xs
+    for cell, p, h0 in zip(cells, values['layers'], hidden[0]):
+        h_end, prevs, s_prev, ys, outs = layer_forward(cell, p['weight'], p.get('bias'), x, h0)
+        states.append(h_end)
+        layer_data.append((x, prevs, s_prev, ys))
+        x = outs
+    x_out, back_out = jax.vjp(readout_input, x)
+    po, decay = values['out'], model.out.decay
+    y_out = jnp.einsum('kbj,jo->kbo', x_out, po['weight']) + po['bias']
+    r_end, rs = jax.lax.scan(lambda r, y: (decay * r + y, decay * r + y), hidden[1], y_out)
+    losses, dl_dr = jax.vmap(jax.value_and_grad(step_loss))(rs, ws)
+    ones = jnp.ones(rs.shape + (1,), rs.dtype)
+    relations['out'] = dict(x=x_out, D=decay * ones[..., None], df=ones, L=dl_dr[..., None])
+    # Learning signals, top down: the chunk's steps with the recurrent inputs held fixed.
+    ct, = back_out(jnp.einsum('kbo,jo->kbj', dl_dr, po['weight']))
+    for i in reversed(range(len(cells))):
+        cell, (x_in, prevs, s_prev, ys) = cells[i], layer_data[i]
+        zero_perturb = {n: jnp.zeros_like(prevs[n]) for n in cell.names}
+        _, back = jax.vjp(lambda y, p: cell.step(prevs, y, p)[1], ys, zero_perturb)
+        ct_y, signal = back(ct)
+        D, df = state_jacobians(cell, prevs, ys)
+        relations[i] = dict(x=jnp.concatenate([x_in, s_prev], axis=-1), D=D, df=df, L=stacked(signal, cell.names))
+        if i > 0:
+            ct = jnp.einsum('kbj,ij->kbi', ct_y, values['layers'][i]['weight'][:x_in.shape[-1]])
+    wout = jnp.sum(ws[:, None, None] * rs, axis=0)
+    return (states, r_end), relations, jnp.sum(losses), wout
+
+
+# --------------------------------------------------------------------------------------------
+# The trace recursion and the gradient read of one chunk
+# --------------------------------------------------------------------------------------------
+
+
+def _apply(D, v):
+    """sum_s D[..., k, s] v[..., s]: a per-neuron S x S matrix on a state vector."""
+    return jnp.sum(D * v[..., None, :], axis=-1)
+
+
+def _apply_t(D, v):
+    """sum_s D[..., s, k] v[..., s]: the transposed matrix."""
+    return jnp.sum(D * v[..., :, None], axis=-2)
+
+
+def es_drtrl_chunk(rel, trace, decay: float, t0):
+    """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; module docstring).
+    trace = (x^ (B, I), f^ (B, J, S)); t0 = the chunk's first step (brainscale's running index)."""
+    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
+    xhat, fhat = trace
+    K = x.shape[0]
+
+    def smooth(f, inp):
+        D_t, df_t = inp
+        f = decay * _apply(D_t, f) + (1. - decay) * df_t
+        return f, f
+
+    fhat_end, fhats = jax.lax.scan(smooth, fhat, (D, df))
+    n = t0 + jnp.arange(K)
+    correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)
+    G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
+    _, G_tilde = jax.lax.scan(lambda g, G_t: (G_t + decay * g, G_t + decay * g), jnp.zeros_like(G[0]), G,
+                              reverse=True)                                          # sum_{t>=s} a^(t-s) G_t
+    dW = jnp.einsum('kbi,kbj->ij', x, G_tilde) + decay * xhat.T @ G_tilde[0]
+    powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
+    xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
+    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhat_end)
+
+
+def drtrl_chunk(rel, trace):
+    """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
+    VJP; module docstring). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
+    import brainscale_adapter  # its D-RTRL trace update and batch-sum read (same formulas, fast on a CPU)
+    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
+    e_w, e_b = trace
+    eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
+    D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
+
+    def backward(carry, inp):
+        lam, phi = carry                     # Lambda_{t+1}, Phi(K, t+1)
+        L_t, df_t, D_n = inp
+        lam = L_t + _apply_t(D_n, lam)
+        phi = jnp.einsum('bjks,bjsl->bjkl', phi, D_n)
+        return (lam, phi), (lam, _apply(phi, df_t))
+
+    (lam0, phi0), (lams, qs) = jax.lax.scan(backward, (jnp.zeros_like(L[0]), eye), (L, df, D_next), reverse=True)
+    M = _apply_t(D[0], lam0)                                                         # D_1^T Lambda_1
+    phi_all = jnp.einsum('bjks,bjsl->bjkl', phi0, D[0])                              # Phi(K, 0)
+    h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
+    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + jnp.einsum('kbi,kbj->ij', x, h),
+            'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
+    e_w = brainscale_adapter._new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
+    e_b = brainscale_adapter._new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
+    return grad, (e_w, e_b)
+
+
+# --------------------------------------------------------------------------------------------
+# A whole sequence, chunk after chunk
+# --------------------------------------------------------------------------------------------
+
+
+def _param_states(model, cells):
+    return [c.layer.linear.weight_op for c in cells] + [model.out.linear.weight_op]
+
+
+def _zero_traces(method, cells, values, batch):
+    """The traces after a reset (zeros), per relation in the order layers..., readout."""
+    traces = []
+    for i, p in enumerate(values['layers'] + [values['out']]):
+        n_in, n_out = p['weight'].shape
+        S = len(cells[i].names) if i < len(cells) else 1
+        if method == 'diag':
+            traces.append((jnp.zeros((batch, n_in, n_out, S)), jnp.zeros((batch, n_out, S))))
+        else:
+            traces.append((jnp.zeros((batch, n_in)), jnp.zeros((batch, n_out, S))))
+    return traces
+
+
+def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, step_loss):
+    """D-RTRL (`method='diag'`) or ES-D-RTRL (`'expsm_diag'`, decay = brainscale's decay) over xs
+    (T, B, n_in) with step weights ws (T,), K steps per chunk, from the model's current states (zero
+    traces, as after a reset). step_loss(out_t (B, n_out), w_t) -> the step's loss.
+
+    Returns ({param state: gradient}, summed loss, summed w_t * readout_t (B, n_out)); the model's hidden
+    states are left at their values after the last step (as brainscale's step does)."""
+    cells, readout_input = network_cells(model)
+    states = _param_states(model, cells)
+    values = {'layers': [s.value for s in states[:-1]], 'out': states[-1].value}
+    T, B = xs.shape[:2]
+    K = max(1, min(int(K), T))
+    keys = list(range(len(cells))) + ['out']
+    zero_grads = [jax.tree.map(jnp.zeros_like, dict(v)) for v in values['layers'] + [values['out']]]
+
+    def chunk(carry, inp):
+        hidden, traces, grads, loss, wout, t0 = carry
+        xs_c, ws_c = inp
+        hidden, relations, loss_c, wout_c = chunk_forward_and_signals(
+            cells, readout_input, model, values, hidden, xs_c, ws_c, step_loss)
+        new_traces, new_grads = [], []
+        for key, trace, g in zip(keys, traces, grads):
+            if method == 'diag':
+                dg, trace = drtrl_chunk(relations[key], trace)
+            else:
+                dg, trace = es_drtrl_chunk(relations[key], trace, decay, t0)
+            new_traces.append(trace)
+            new_grads.append(jax.tree.map(jnp.add, g, {k: dg[k] for k in g}))
+        return (hidden, new_traces, new_grads, loss + loss_c, wout + wout_c, t0 + xs_c.shape[0]), None
+
+    carry = (([c.state() for c in cells], model.out.r.value), _zero_traces(method, cells, values, B), zero_grads,
+             jnp.zeros(()), jnp.zeros((B, values['out']['weight'].shape[1])), jnp.zeros((), jnp.int32))
+    n_full = T // K
+    if n_full:
+        split = lambda a: a[:n_full * K].reshape((n_full, K) + a.shape[1:])
+        carry, _ = jax.lax.scan(chunk, carry, (split(xs), split(ws)))
+    if T % K:
+        carry, _ = chunk(carry, (xs[n_full * K:], ws[n_full * K:]))
+    (hidden_states, r), _, grads, loss, wout, _ = carry
+    for c, h in zip(cells, hidden_states):
+        c.set_state(h)
+    model.out.r.value = r
+    return dict(zip(states, grads)), loss, wout
