@@ -40,6 +40,17 @@ import jax.numpy as jnp
 
 import models
 
+# --trace_chunk's default: the K measured fastest here (docs/chunked-traces.md).
+DEFAULT_TRACE_CHUNK = 64
+
+
+def decay_of(decay_or_rank) -> float:
+    """ES-D-RTRL's decay as brainscale's IODimVjpAlgorithm reads --etrace_decay: a float in (0, 1) is the
+    decay, an integer rank r gives (r - 1) / (r + 1)."""
+    if isinstance(decay_or_rank, int):
+        return (decay_or_rank - 1) / (decay_or_rank + 1)
+    return float(decay_or_rank)
+
 # --------------------------------------------------------------------------------------------
 # The networks' neuron updates as pure functions
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 import brainscale_adapter
+import chunked_traces
 from utils import METHODS, VJP_METHODS, UserError, batch_error, devices_name
 
 brainscale_adapter.adapt_brainscale()
@@ -49,6 +50,28 @@ def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
 
+def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str) -> int:
+    """The K of --trace_chunk for this run: K > 1 needs an online method on one of the repository's networks
+    with --vjp_time t and the D-RTRL trace fix (brainscale_adapter); else only 1 (brainscale step by step).
+    `None` means the measured default (chunked_traces.DEFAULT_TRACE_CHUNK) where K > 1 works, 1 elsewhere."""
+    why_not = None
+    if method == 'bptt':
+        why_not = 'BPTT has no traces'
+    elif vjp_time != 't':
+        why_not = '--vjp_time t_minus_1 is brainscale-only'
+    elif not chunked_traces.supports(model):
+        why_not = f'{type(model).__name__} is not one of the networks chunked_traces.py knows'
+    elif method == 'diag' and not brainscale_adapter.drtrl_fix_active():
+        why_not = "brainscale's own D-RTRL trace rescaling is on"
+    if trace_chunk is None:
+        return 1 if why_not else chunked_traces.DEFAULT_TRACE_CHUNK
+    if int(trace_chunk) < 1:
+        raise UserError(f'--trace_chunk must be >= 1, got {trace_chunk}')
+    if int(trace_chunk) > 1 and why_not and method != 'bptt':
+        raise UserError(f'--trace_chunk {trace_chunk} needs the chunked traces, but {why_not}; use --trace_chunk 1')
+    return 1 if method == 'bptt' else int(trace_chunk)
+
+
 class Trainer:
     """One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL.
 
@@ -56,7 +79,8 @@ class Trainer:
     sum_t w_t * mean_b CE(readout_t, label) (samples with mask 0 are padding); accuracy is the argmax of
     the w-weighted average readout. BPTT differentiates that loss through a scan over time; the online
     methods run one step at a time through brainscale and sum the per-step gradients, inside one
-    compiled function per batch.
+    compiled function per batch, or, with `trace_chunk` K > 1, K steps at a time through
+    chunked_traces.py (the same gradient; the repository's networks only).
 
     `devices` (a list of several jax devices) trains data parallel: a mesh with one axis 'batch'; the
     inputs, labels and mask, and every per-sample state (neuron states, eligibility traces: leading axis
@@ -65,7 +89,8 @@ class Trainer:
     """
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
-                 grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0., devices=None):
+                 grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0., devices=None,
+                 trace_chunk: int = 1):
         if method not in METHODS:
             raise UserError(f'unknown --method {method!r}; choose one of {", ".join(METHODS)}')
         if loss not in ('cel', 'mse'):
@@ -80,7 +105,10 @@ class Trainer:
         brainstate.nn.init_all_states(model, batch_size)
         self.params = model.states(brainstate.ParamState)
         self.algo = None
-        if method != 'bptt':
+        self.trace_chunk = check_trace_chunk(trace_chunk, model, method, vjp_time)
+        self.etrace_decay = chunked_traces.decay_of(etrace_decay)
+        self.chunked = self.trace_chunk > 1  # online gradients through chunked_traces.py, not brainscale's algorithm
+        if method != 'bptt' and not self.chunked:
             mode = brainstate.mixin.Batching()
             if method == 'diag':
                 self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
@@ -192,7 +220,10 @@ class Trainer:
     def _loss_and_grads_traced(self, xs, labels, mask, ws, method):
         xs = xs.astype('float32')
         self._reset(xs.shape[1], with_algo=method != 'bptt')
-        path = self._bptt_gradients if method == 'bptt' else self._online_gradients
+        if method == 'bptt':
+            path = self._bptt_gradients
+        else:
+            path = self._chunked_gradients if self.chunked else self._online_gradients
         grads, losses, wouts = path(xs, labels, mask, ws)
         loss, acc = self._summaries(losses, wouts, labels, mask, ws)
         return {path_key(k): g for k, g in grads.items()}, loss, acc
@@ -234,6 +265,14 @@ class Trainer:
                                               jnp.zeros(()), jnp.zeros(out.shape, out.dtype)))
         (grads, loss_sum, wout_sum), _ = brainstate.transform.scan(step, zeros, (xs, ws))
         return grads, loss_sum[None], wout_sum[None]
+
+    def _chunked_gradients(self, xs, labels, mask, ws):
+        """D-RTRL / ES-D-RTRL, trace_chunk steps at a time (chunked_traces.py): brainscale's gradient without
+        brainscale's per-step loop. Returns what _online_gradients returns."""
+        grads, loss_sum, wout_sum = chunked_traces.chunked_online_gradients(
+            self.model, self.method, self.etrace_decay, self.trace_chunk, xs, ws,
+            lambda out, w: self._step_loss(out, labels, mask, w))
+        return {k: grads[s] for k, s in self.params.items()}, loss_sum[None], wout_sum[None]
 
     def _forward_step(self, labels, mask):
         """One step of the plain forward pass: x_t, w_t -> (loss_t, w_t * readout_t)."""
