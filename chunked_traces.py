@@ -343,9 +343,9 @@ def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, s
     carry = (([c.state() for c in cells], model.out.r.value), _zero_traces(method, cells, values, B), zero_grads,
              jnp.zeros(()), jnp.zeros((B, values['out']['weight'].shape[1])), jnp.zeros((), jnp.int32))
     n_full = T // K
-    if n_full:
-        split = lambda a: a[:n_full * K].reshape((n_full, K) + a.shape[1:])
-        carry, _ = jax.lax.scan(chunk, carry, (split(xs), split(ws)))
+    if n_full:  # the chunks sliced out of xs inside the loop: no copy of the input
+        take = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i * K, K)
+        carry, _ = jax.lax.scan(lambda c, i: chunk(c, (take(xs, i), take(ws, i))), carry, jnp.arange(n_full))
     if T % K:
         carry, _ = chunk(carry, (xs[n_full * K:], ws[n_full * K:]))
     (hidden_states, r), _, grads, loss, wout, _ = carry

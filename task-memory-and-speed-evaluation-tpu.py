@@ -38,7 +38,7 @@ PRESETS = {
 }
 
 CSV_COLUMNS = [
-    'method', 'method_name', 'T', 'status', 'reason',
+    'method', 'method_name', 'T', 'trace_chunk', 'status', 'reason',
     'batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'n_params',
     'setup_s', 'compile_s', 'first_step_s', 'step_s', 'step_s_min', 'step_s_max', 'ms_per_time_step',
     'gflop_per_step', 'gflops', 'matmul_gflops', 'frac_of_matmul',
@@ -112,6 +112,9 @@ def build_parser():
                    help='ES-D-RTRL decay in (0,1) or integer rank')
     p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
+    p.add_argument('--trace_chunk', type=utils.positive_int, default=None,
+                   help='online methods: time steps per chunk of the eligibility traces (1 = brainscale step '
+                        'by step; default: the training default, see docs/chunked-traces.md)')
     p.add_argument('--devices', default='auto',
                    help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; an accelerator index; or "
                         "a comma list of indices / 'all': the batch split across several devices (memory per device)")
@@ -288,7 +291,9 @@ def measure(cfg: dict) -> dict:
     t0 = time.perf_counter()
     model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
                                 seed=cfg['seed'])
-    trainer = training.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices)
+    trainer = training.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices,
+                               trace_chunk=cfg.get('trace_chunk'))
+    row['trace_chunk'] = min(trainer.trace_chunk, T)
     row['setup_s'] = time.perf_counter() - t0
 
     rng = np.random.default_rng(cfg['seed'] + 1)
@@ -427,7 +432,8 @@ def resolve_config(args, platform: str) -> dict:
     for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
-               devices=args.devices, timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
+               trace_chunk=args.trace_chunk, devices=args.devices, timeout=args.timeout,
+               memory_limit_mb=args.memory_limit_mb)
     return cfg
 
 

@@ -62,3 +62,24 @@ def test_chunked_gradient_equals_brainscale_step_by_step(method, kind):
             ratio = np.linalg.norm(b) / np.linalg.norm(a)
             assert np.linalg.norm(a) > 0, name
             assert cos >= 0.99999 and abs(ratio - 1) <= 1e-5, (K, name, cos, ratio)
+
+
+@pytest.fixture(scope='module')
+def mem_script():
+    from conftest import load_script
+    return load_script('task-memory-and-speed-evaluation-tpu.py')
+
+
+@pytest.mark.parametrize('method', ['expsm_diag', 'diag'])
+def test_step_memory_flat_in_T(mem_script, method):
+    """The compiled training step's memory (without the input) at T and 4 T: the same within 5 %, step by step
+    (brainscale) and K = 7 steps at a time (a K-step buffer, no T-long tape). T = 28, 112: whole chunks; a
+    last, shorter chunk adds its own buffer of T mod K steps (bounded: below one more chunk's)."""
+    cfg = dict(method=method, devices='cpu', batch_size=4, n_in=20, n_rec=16, n_layer=2, n_out=3, model='alif-delta',
+               seed=0, etrace_decay=0.9, density=0.1, repeats=1, memory_limit_mb=None)
+    for K in (1, 7):
+        short, long = (mem_script.measure(dict(cfg, T=T, trace_chunk=K)) for T in (28, 112))
+        assert short['status'] == long['status'] == 'ok' and short['trace_chunk'] == K, (short, long)
+        assert abs(long['step_mb'] - short['step_mb']) <= 0.05 * short['step_mb'], (K, short['step_mb'], long['step_mb'])
+    bptt = [mem_script.measure(dict(cfg, method='bptt', T=T))['step_mb'] for T in (28, 112)]
+    assert bptt[1] > 1.5 * bptt[0]  # the yardstick: BPTT's tape grows with T

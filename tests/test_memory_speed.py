@@ -19,6 +19,7 @@ import utils
 from conftest import load_script
 
 TINY = ['--n_in', '20', '--n_rec', '16', '--n_layer', '2', '--n_out', '3', '--batch_size', '4', '--repeats', '1',
+        '--trace_chunk', '4',  # the online methods K steps at a time (SHORT >= K: the same chunk buffers)
         '--devices', 'cpu']
 SHORT, LONG = 8, 96
 
