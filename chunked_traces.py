@@ -39,9 +39,7 @@ import jax
 import jax.numpy as jnp
 
 import models
-
-# --trace_chunk's default: the K measured fastest here (docs/chunked-traces.md).
-DEFAULT_TRACE_CHUNK = 64
+from utils import DEFAULT_TRACE_CHUNK  # noqa: F401  (--trace_chunk's default, measured: docs/chunked-traces.md)
 
 
 def decay_of(decay_or_rank) -> float:

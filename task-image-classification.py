@@ -165,7 +165,8 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
     lr = training.step_schedule(args.lr, args.lr_milestones, n_batches)
     trainer = training.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                                grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
-                               loss=args.loss, weight_L2=args.weight_L2, devices=devices)
+                               loss=args.loss, weight_L2=args.weight_L2, devices=devices,
+                               trace_chunk=args.trace_chunk)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; '
@@ -175,7 +176,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
                   batches_per_epoch_used=n_batches, n_train=len(splits[0]), n_test=len(splits[1]),
                   train_cache=splits[0].folder, test_cache=splits[1].folder, n_params=models.count_params(model),
                   device=utils.devices_name(devices), n_devices=len(devices), ff_factors=ff_factors,
-                  init_rates=init_rates)
+                  init_rates=init_rates, trace_chunk_used=trainer.trace_chunk)
     summary = train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, train_batches, test_batches,
                              ws, config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})

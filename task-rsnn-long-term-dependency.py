@@ -103,7 +103,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
         training.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
-                            vjp_time=args.vjp_time, devices=devices)
+                            vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk)
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
@@ -111,7 +111,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
     settings = train_loop.LoopSettings.from_args(args, acc_th=args.acc_th, smooth=args.acc_th_window)
     config = dict(vars(args), run_dir=run_dir, n_steps=cfg.n_steps, test_start=cfg.test_start,
-                  n_params=models.count_params(model), device=utils.devices_name(devices), n_devices=len(devices))
+                  n_params=models.count_params(model), device=utils.devices_name(devices), n_devices=len(devices),
+                  trace_chunk_used=trainer.trace_chunk)
     summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary

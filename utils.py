@@ -23,6 +23,9 @@ VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
 SURROGATE_NAMES = ('arctan', 'gaussian', 'multi_gaussian', 'piecewise_quadratic', 'relu', 'sigmoid', 'slayer')
 # The recurrent layers of the image networks (models.SpikingStack); the --model choices.
 MODEL_NAMES = ('lif-delta', 'alif-delta', 'lif-exp-cu')
+# --trace_chunk's default: the online methods' traces this many steps at a time, the K measured fastest
+# here (chunked_traces.py; docs/chunked-traces.md).
+DEFAULT_TRACE_CHUNK = 64
 
 
 class UserError(Exception):
@@ -96,6 +99,10 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='ES-D-RTRL smoothing: a decay in (0,1), or an integer rank r (decay (r-1)/(r+1))')
     g.add_argument('--vjp_time', choices=sorted(VJP_METHODS), default='t',
                    help="online VJP: t = brainscale 'single-step', t_minus_1 = 'multi-step'")
+    g.add_argument('--trace_chunk', type=positive_int, default=None, metavar='K',
+                   help='online methods: the eligibility traces K time steps at a time, with the same gradient '
+                        '(docs/chunked-traces.md); 1 = brainscale step by step; default (None): '
+                        f'{DEFAULT_TRACE_CHUNK} for the networks of this repository with --vjp_time t, else 1')
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
     g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')
