@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 
 import models
-from utils import DEFAULT_TRACE_CHUNK  # noqa: F401  (--trace_chunk's default, measured: docs/chunked-traces.md)
 
 
 def decay_of(decay_or_rank) -> float:

@@ -16,6 +16,7 @@ import optax
 
 import brainscale_adapter
 import chunked_traces
+import utils
 from utils import METHODS, VJP_METHODS, UserError, batch_error, devices_name
 
 brainscale_adapter.adapt_brainscale()
@@ -50,10 +51,10 @@ def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
 
-def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str) -> int:
+def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str, several_devices: bool = False) -> int:
     """The K of --trace_chunk for this run: K > 1 needs an online method on one of the repository's networks
-    with --vjp_time t and the D-RTRL trace fix (brainscale_adapter); else only 1 (brainscale step by step).
-    `None` means the measured default (chunked_traces.DEFAULT_TRACE_CHUNK) where K > 1 works, 1 elsewhere."""
+    with --vjp_time t and the D-RTRL trace fix (brainscale_adapter), on one device; else only 1 (brainscale
+    step by step). `None` means the measured default (utils.DEFAULT_TRACE_CHUNK) where K > 1 works, else 1."""
     why_not = None
     if method == 'bptt':
         why_not = 'BPTT has no traces'
@@ -63,8 +64,10 @@ def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str) -> int:
         why_not = f'{type(model).__name__} is not one of the networks chunked_traces.py knows'
     elif method == 'diag' and not brainscale_adapter.drtrl_fix_active():
         why_not = "brainscale's own D-RTRL trace rescaling is on"
+    elif several_devices:  # not yet measured nor tested split over devices (docs/chunked-traces.md)
+        why_not = 'the chunked traces run on one device only'
     if trace_chunk is None:
-        return 1 if why_not else chunked_traces.DEFAULT_TRACE_CHUNK
+        return 1 if why_not else utils.DEFAULT_TRACE_CHUNK
     if int(trace_chunk) < 1:
         raise UserError(f'--trace_chunk must be >= 1, got {trace_chunk}')
     if int(trace_chunk) > 1 and why_not and method != 'bptt':
@@ -105,7 +108,7 @@ class Trainer:
         brainstate.nn.init_all_states(model, batch_size)
         self.params = model.states(brainstate.ParamState)
         self.algo = None
-        self.trace_chunk = check_trace_chunk(trace_chunk, model, method, vjp_time)
+        self.trace_chunk = check_trace_chunk(trace_chunk, model, method, vjp_time, self.mesh is not None)
         self.etrace_decay = chunked_traces.decay_of(etrace_decay)
         self.chunked = self.trace_chunk > 1  # online gradients through chunked_traces.py, not brainscale's algorithm
         if method != 'bptt' and not self.chunked:

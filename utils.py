@@ -102,7 +102,8 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--trace_chunk', type=positive_int, default=None, metavar='K',
                    help='online methods: the eligibility traces K time steps at a time, with the same gradient '
                         '(docs/chunked-traces.md); 1 = brainscale step by step; default (None): '
-                        f'{DEFAULT_TRACE_CHUNK} for the networks of this repository with --vjp_time t, else 1')
+                        f'{DEFAULT_TRACE_CHUNK} for the networks of this repository with --vjp_time t on one '
+                        'device, else 1')
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
     g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')

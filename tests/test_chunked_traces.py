@@ -13,6 +13,7 @@ import pytest
 import chunked_traces
 import models
 import training
+import utils
 
 T, B, N_IN, N_REC = 23, 4, 6, 8
 
@@ -83,3 +84,18 @@ def test_step_memory_flat_in_T(mem_script, method):
         assert abs(long['step_mb'] - short['step_mb']) <= 0.05 * short['step_mb'], (K, short['step_mb'], long['step_mb'])
     bptt = [mem_script.measure(dict(cfg, method='bptt', T=T))['step_mb'] for T in (28, 112)]
     assert bptt[1] > 1.5 * bptt[0]  # the yardstick: BPTT's tape grows with T
+
+
+def test_trace_chunk_default_and_refusals():
+    """None: the measured default where the chunked traces apply, else 1; an explicit K > 1 where they do not
+    apply is one line naming the fix."""
+    check, net = training.check_trace_chunk, KINDS['alif-delta']()
+    assert check(None, net, 'expsm_diag', 't') == check(None, net, 'diag', 't') == utils.DEFAULT_TRACE_CHUNK > 1
+    assert check(5, net, 'diag', 't') == 5 and check(1, net, 'diag', 't') == 1 and check(9, net, 'bptt', 't') == 1
+    assert check(None, net, 'diag', 't_minus_1') == check(None, net, 'diag', 't', True) == 1
+    foreign = models.LeakyReadout(3, 2, tau_o=10., dt=1., w_scale=1., rng=np.random.default_rng(0))
+    assert not chunked_traces.supports(foreign) and check(None, foreign, 'expsm_diag', 't') == 1
+    for args in [(8, net, 'diag', 't_minus_1'), (8, net, 'diag', 't', True), (8, foreign, 'expsm_diag', 't')]:
+        with pytest.raises(utils.UserError, match='use --trace_chunk 1'):
+            check(*args)
+    assert chunked_traces.decay_of(0.9) == 0.9 and chunked_traces.decay_of(19) == 0.9
