@@ -41,8 +41,10 @@ The changes, why, and the test that proves each:
    compiles them well (3 x 512 LIF-delta, 2312 inputs, batch 32, 2-core CPU, found by switching parts
    off and reading the optimized HLO of the training step):
 
-   D-RTRL (`ParamDimVjpAlgorithm`), about 420 ms per time step before, 43 times a BPTT step. Its
-   unavoidable work is streaming the traces (batch x #params floats, 320 MB here) through memory.
+   D-RTRL (`ParamDimVjpAlgorithm`), about 420 ms per time step before, 43 times a BPTT step. Step by
+   step, its work is streaming the traces (batch x #params floats, 320 MB here) through memory every step
+   (`--trace_chunk K` > 1 avoids that for this repository's networks: chunked_traces.py reads and writes
+   them once per K steps).
    brainscale writes the trace update and the gradient as nested `vmap`s of `jax.vjp(x @ W)` and of
    `yw_to_w`; after XLA's fusion this became, per trace and per step,
      * a full copy of the old trace (the gradient fusion re-read the *old* trace and recomputed the

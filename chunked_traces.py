@@ -38,6 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import brainscale_adapter  # its D-RTRL trace update and batch-sum read (the same formulas, fast on a CPU)
 import models
 
 
@@ -234,49 +235,57 @@ def _apply_t(D, v):
     return jnp.sum(D * v[..., :, None], axis=-2)
 
 
+def _matmul(A, B):
+    """Per-neuron S x S matrix product A B (element-wise code: S is 1 to 3)."""
+    return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
+
+
+def affine_scan(A, b, matrix: bool = True):
+    """x_k = A_k x_{k-1} + b_k over the chunk's axis 0 with x_{-1} = 0, for all k in log2(K) vectorized
+    rounds (jax.lax.associative_scan) instead of K sequential steps (each step of a short loop costs more
+    in loop overhead than in arithmetic). Returns (P_k = A_k ... A_0, x_k); from a start value x0 the
+    recurrence gives P_k x0 + x_k. `matrix`: A per-neuron S x S matrices, else element-wise factors."""
+    def combine(earlier, later):
+        (A1, b1), (A2, b2) = earlier, later
+        if matrix:
+            return _matmul(A2, A1), _apply(A2, b1) + b2
+        return A2 * A1, A2 * b1 + b2
+    return jax.lax.associative_scan(combine, (A, b))
+
+
 def es_drtrl_chunk(rel, trace, decay: float, t0):
     """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; module docstring).
     trace = (x^ (B, I), f^ (B, J, S)); t0 = the chunk's first step (brainscale's running index)."""
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     xhat, fhat = trace
     K = x.shape[0]
-
-    def smooth(f, inp):
-        D_t, df_t = inp
-        f = decay * _apply(D_t, f) + (1. - decay) * df_t
-        return f, f
-
-    fhat_end, fhats = jax.lax.scan(smooth, fhat, (D, df))
+    P, f = affine_scan(decay * D, (1. - decay) * df)                                  # f^_t = a D_t f^_{t-1} + (1 - a) df_t
+    fhats = _apply(P, fhat) + f
     n = t0 + jnp.arange(K)
     correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)
     G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
-    _, G_tilde = jax.lax.scan(lambda g, G_t: (G_t + decay * g, G_t + decay * g), jnp.zeros_like(G[0]), G,
-                              reverse=True)                                          # sum_{t>=s} a^(t-s) G_t
+    _, G_rev = affine_scan(jnp.full((K, 1, 1), decay, G.dtype), G[::-1], matrix=False)
+    G_tilde = G_rev[::-1]                                                            # sum_{t>=s} a^(t-s) G_t
     dW = jnp.einsum('kbi,kbj->ij', x, G_tilde) + decay * xhat.T @ G_tilde[0]
     powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
-    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhat_end)
+    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
 
 
 def drtrl_chunk(rel, trace):
     """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
     VJP; module docstring). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
-    import brainscale_adapter  # its D-RTRL trace update and batch-sum read (same formulas, fast on a CPU)
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     e_w, e_b = trace
     eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
     D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
-
-    def backward(carry, inp):
-        lam, phi = carry                     # Lambda_{t+1}, Phi(K, t+1)
-        L_t, df_t, D_n = inp
-        lam = L_t + _apply_t(D_n, lam)
-        phi = jnp.einsum('bjks,bjsl->bjkl', phi, D_n)
-        return (lam, phi), (lam, _apply(phi, df_t))
-
-    (lam0, phi0), (lams, qs) = jax.lax.scan(backward, (jnp.zeros_like(L[0]), eye), (L, df, D_next), reverse=True)
-    M = _apply_t(D[0], lam0)                                                         # D_1^T Lambda_1
-    phi_all = jnp.einsum('bjks,bjsl->bjkl', phi0, D[0])                              # Phi(K, 0)
+    # Backwards in time: Lambda_t = L_t + D_{t+1}^T Lambda_{t+1}; the products of the D_{t+1}^T that it
+    # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
+    Phi_T, lams = affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
+    Phi_T, lams = Phi_T[::-1], lams[::-1]
+    qs = _apply_t(Phi_T, df)                                                         # Phi(K, t) df_t
+    M = _apply_t(D[0], lams[0])                                                      # D_1^T Lambda_1
+    phi_all = _matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
     grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + jnp.einsum('kbi,kbj->ij', x, h),
             'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}

@@ -99,3 +99,27 @@ def test_trace_chunk_default_and_refusals():
         with pytest.raises(utils.UserError, match='use --trace_chunk 1'):
             check(*args)
     assert chunked_traces.decay_of(0.9) == 0.9 and chunked_traces.decay_of(19) == 0.9
+
+
+def test_speed_table_runs_at_toy_sizes(mem_script, tmp_path):
+    """scripts/speed_table.py (the table of docs/chunked-traces.md) at toy sizes: every row of the DMS part
+    timed, its floor from the shapes (the memory script's FLOP count for BPTT) and its share of it."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT, load_script
+    table = load_script('scripts/speed_table.py')
+    image = dict(table.SIZES['image'], batch_size=32)
+    assert table.flop_per_step(image, 32, 'bptt') == mem_script.flop_per_time_step(dict(image, n_out=10))
+    assert table.trace_bytes(image, 32) == 4 * 32 * (mem_script.n_params(dict(image, n_out=10))
+                                                     - 512 * 3 - 10)  # every weight but the biases
+    proc = subprocess.run([sys.executable, 'scripts/speed_table.py', '--tiny', '--only', 'dms', '--repeats', '1',
+                           '--trace_chunk', '8', '--out_dir', str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.load(open(tmp_path / 'speed_table.json'))['rows']
+    assert [(r['method'], r['K']) for r in rows] == [('bptt', 1), ('expsm_diag', 1), ('expsm_diag', 8),
+                                                     ('diag', 1), ('diag', 8)]
+    for r in rows:
+        assert not r.get('error') and r['s_per_batch'] > 0 and 0 < r['share'] <= 1, r
+    assert (tmp_path / 'speed_table.md').read_text().count('| dms |') == 5
