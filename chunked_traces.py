@@ -138,6 +138,14 @@ def network_cells(model):
     return None
 
 
+def default_trace_chunk(model, method: str, K: int) -> int:
+    """--trace_chunk's default for this network and method: K (utils.DEFAULT_TRACE_CHUNK), except ES-D-RTRL
+    on the DMS network, where brainscale's step-by-step path measured faster (its per-step work is small:
+    one 200-neuron layer, so the chunk's extra passes over K x B x neurons x S^2 buffers cost more than the
+    per-step loop; docs/chunked-traces.md)."""
+    return 1 if method == 'expsm_diag' and isinstance(model, models.DMSNet) else K
+
+
 def supports(model) -> bool:
     """The chunked path knows this network (every other network goes through brainscale)."""
     return network_cells(model) is not None and isinstance(getattr(model, 'out', None), models.LeakyReadout)

@@ -254,8 +254,9 @@ def markdown(rows: list) -> str:
             continue
         ref = bptt.get((r['size'], r['B'], r['T']))
         k = r['K'] if r['method'] in ('expsm_diag', 'diag') else '-'
+        ratio = f"{r['s_per_batch'] / ref:.2f}" if ref else '-'
         lines.append(f"| {r['size']} | {r['B']} | {r['T']} | {name} | {k} | {r['s_per_batch']:.3g} | "
-                     f"{r['s_per_batch'] / ref:.2f} | {r['floor_s']:.3g} | {100 * r['share']:.0f} % |")
+                     f"{ratio} | {r['floor_s']:.3g} | {100 * r['share']:.0f} % |")
     return '\n'.join(lines)
 
 
