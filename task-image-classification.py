@@ -185,10 +185,16 @@ def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
+    n_in = {'nmnist': 2 * 34 * 34, 'shd': 700}[args.dataset]
+    utils.check_memory([('--batch_size', args.batch_size, args.batch_size * args.data_length * n_in * 4 * 2,
+                         'one batch of float32 event frames (and its copy on the device)')])
     utils.check_batch_for_devices(args.batch_size, args.devices)
     data = open_data(args)  # a missing dataset fails before the run folder exists
-    run_dir = utils.prepare_run_dir(args)
-    summary = train_and_evaluate(args, run_dir, data, ws)
+    run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
+    try:
+        summary = train_and_evaluate(args, run_dir, data, ws)
+    finally:
+        utils.release_run_dir()
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

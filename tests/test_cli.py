@@ -33,6 +33,7 @@ def saved_run(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'config.json').write_text(json.dumps(dict(batch_size=7, lr=0.5, run_dir=str(run), n_steps=99)))
+    (run / utils.RUN_MARKER).write_text('{}')  # as utils.prepare_run_dir leaves it
     return str(run)
 
 
