@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-import checkpoints
 import train_loop
 import utils
 from conftest import ROOT, load_script
