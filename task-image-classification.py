@@ -33,7 +33,8 @@ def build_parser():
     p.set_defaults(epochs=100, batch_size=128, etrace_decay=0.9)
     for action in p._actions:  # the run folder is named after --dataset (see main)
         if action.dest == 'out_dir':
-            action.help = 'run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>)'
+            action.help = ('run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>): a new or empty '
+                           'folder, or a run of this repository stopped before its first checkpoint')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=('nmnist', 'shd'), default='nmnist',
                    help='nmnist = N-MNIST (first saccade, 2312 inputs, 10 classes); shd = Spiking Heidelberg '

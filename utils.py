@@ -127,9 +127,11 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='torch DataLoader worker processes preparing batches (0 = in the main process)')
     g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
     g.add_argument('--out_dir', default=None,
-                   help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>)')
+                   help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>): a new or empty '
+                        'folder, or a run of this repository stopped before its first checkpoint')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
-                   help='continue the run saved in RUN_DIR from its last checkpoint')
+                   help='continue the run saved in RUN_DIR from its newest checkpoint that verifies; flags given '
+                        'with it may change only the schedule, batching and devices (docs/run-folders.md)')
     g.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     g = p.add_argument_group('gradient fidelity')
     g.add_argument('--check_grad', action='store_true',
