@@ -25,7 +25,7 @@ The changes, why, and the test that proves each:
    `all_invars` to `[*consts, *args]`); `ClosedJaxpr` becomes a function accepting the old keywords.
    It cannot be switched off (brainscale would not run without it). Proof: the whole test suite run
    with `requirements-jax011.txt` (jax 0.11.2), and the gradients of the DMS network equal to the jax 0.8
-   stack's to 1.1e-7 (README, "Dependencies").
+   stack's to 1.1e-7 (docs/dependencies.md).
 
 2. D-RTRL trace fix (`drtrl_fix=True`). `ParamDimVjpAlgorithm`'s `_update_param_dim_etrace_scan_fn`
    divides each new eligibility trace (and each trace increment) by its largest absolute element

@@ -75,7 +75,8 @@ def build_parser():
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
     g.add_argument('--rec_scale', type=utils.nonneg_float, default=0.5,
                    help="recurrent weights: Kaiming normal with variance rec_scale / n_rec (the authors' SHD "
-                        'value; their default 2 learned less here, README "Why the README size learns")')
+                        'value; their default 2 learned less here, docs/image-classification.md, '
+                        '"Why the README size learns")')
     g.add_argument('--detach_reset', type=int, choices=(0, 1), default=0,
                    help="1 = no gradient through the reset (V -= V_th s); 0 (the authors' LIF) keeps it: at T 400 "
                         "BPTT's gradient explodes when it is detached")

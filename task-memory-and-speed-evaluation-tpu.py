@@ -4,8 +4,8 @@
     python task-memory-and-speed-evaluation-tpu.py --methods bptt,diag --lengths 50,100
 
 On a GPU or TPU the default is the paper's network (3 x 512 LIF-delta, 32768 binary inputs with
-p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (README, "Memory and speed
-evaluation"). Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
+p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (docs/memory-and-speed.md).
+Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
 so that one measurement cannot leak into the next: the step that `training.Trainer` trains with is
 compiled, its compile time and its compiled memory analysis are recorded, then it runs --repeats times
 (median, block until ready). Running out of memory is a result (status OOM), not the end of the sweep.
@@ -49,8 +49,8 @@ CSV_COLUMNS = [
 
 MB = 2.0 ** 20
 
-# The README's speed targets, set for the CPU preset: BPTT reaches at least this fraction of the machine's
-# float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
+# The speed targets of docs/memory-and-speed.md, set for the CPU preset: BPTT reaches at least this fraction
+# of the machine's float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
 BPTT_MIN_FRAC_OF_MATMUL = 0.5
 MAX_STEP_TIME_OVER_BPTT = {'expsm_diag': 0.6, 'diag': 10.}
 
@@ -504,7 +504,8 @@ def markdown_table(rows: list) -> str:
 
 
 def speed_targets(rows: list) -> dict:
-    """The README's speed targets, evaluated at the longest T that BPTT and the other method completed."""
+    """The speed targets (docs/memory-and-speed.md), evaluated at the longest T that BPTT and the other
+    method completed."""
     ok = {(r['method'], r['T']): r for r in rows if r['status'] == 'ok'}
     out = {}
     bptt_T = sorted(T for (m, T) in ok if m == 'bptt')
@@ -638,8 +639,8 @@ def run_sweep(args, out_dir: str) -> dict:
               f"at T={g['T_max']} (x{g['ratio']:.2f}; {g['mb_per_step']:.3g} MB per time step, predicted state "
               f"{g['predicted_mb_per_step']:.3g})")
     for key, t in targets.items():
-        print(f"speed target {key} (README, set for the CPU preset): {t['value']:.3g} at T={t['T']} "
-              f"(target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+        print(f"speed target {key} (docs/memory-and-speed.md, set for the CPU preset): {t['value']:.3g} "
+              f"at T={t['T']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
     if probe_info['platform'] == 'cpu':
         print(f"load average {probe_info['load_avg']} at the start, {probe_info['load_avg_end']} at the end "
               f"({probe_info['n_cpu']} cores): timings are only as good as the machine was quiet")

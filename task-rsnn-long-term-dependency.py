@@ -18,7 +18,7 @@ PAPER_TASK = dict(dataset='dms', dt=1., t_fixation=10., t_sample=500., t_delay=1
                   optimizer='adam', lr=1e-3)
 PRESETS = {
     # `make demo`: the paper's 1000 ms task with ES-D-RTRL; only the batch size, the budget (a cosine lr
-    # over it) and the stopping rule are chosen for a 2-core CPU (README, "The paper's task on a CPU").
+    # over it) and the stopping rule are chosen for a 2-core CPU (docs/dms.md, "The paper's task on a CPU").
     'cpu-demo': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32,
                      batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
                      n_test_trials=512, n_data_worker=1, devices='cpu', exp_name='cpu-demo'),
@@ -68,7 +68,7 @@ def build_parser():
                    help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
     g.add_argument('--syn_gain', type=utils.positive_float, default=0.3,
                    help='scale of the synaptic input c in g_t = g_{t-1} exp(-dt/tau_syn) + syn_gain c; with 1 '
-                        'and tau_syn 100 BPTT stays at chance (README, "BPTT and the synapse")')
+                        'and tau_syn 100 BPTT stays at chance (docs/dms.md, "BPTT and the synapse")')
     g.add_argument('--spk_fun', choices=utils.SURROGATE_NAMES, default='relu',
                    help='surrogate gradient of the spike (relu: max(0, 0.3 (1 - |u|)))')
     g.add_argument('--diff_spike', type=int, choices=(0, 1), default=0,

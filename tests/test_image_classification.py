@@ -442,7 +442,7 @@ def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_d
 def test_gradient_through_the_reset(detach):
     """dV_t/dV_{t-1} of a LIF neuron: decay with a detached reset; decay * (1 - V_th * surrogate') when the
     reset carries gradient (the authors' LIF, --detach_reset 0), which keeps BPTT's backward pass through
-    400 steps from growing (README "Why the README size learns")."""
+    400 steps from growing (docs/image-classification.md, "Why the README size learns")."""
     import brainstate
     import jax
     import jax.numpy as jnp
