@@ -27,7 +27,7 @@ DMS_SIZES = ['--n_rec', '8', '--t_sample', '20', '--t_delay', '20', '--t_test', 
              '--batches_per_epoch', '2', '--epochs', '1', '--n_test_trials', '8']
 IMAGE_SIZES = ['--data_length', '8', '--n_layer', '1', '--n_rec', '8', '--batch_size', '8',
                '--batches_per_epoch', '2', '--eval_batches', '1', '--epochs', '1']
-MEMORY_LENGTHS = (4,)  # one length: each (method, T) is a fresh process (~7 s here); test_memory_speed sweeps two
+MEMORY_LENGTHS = (4, 8)
 MEMORY_SIZES = ['--lengths', ','.join(map(str, MEMORY_LENGTHS)), '--n_in', '20', '--n_rec', '8', '--n_layer', '1',
                 '--n_out', '3', '--batch_size', '4', '--repeats', '1']
 
