@@ -446,7 +446,8 @@ def resolve_config(args, platform: str) -> dict:
     for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
-               devices=resolve_devices(args.devices, platform), timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
+               devices=resolve_devices(args.devices, platform), timeout=args.timeout,
+               memory_limit_mb=args.memory_limit_mb)
     return cfg
 
 
