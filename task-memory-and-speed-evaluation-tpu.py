@@ -68,6 +68,17 @@ def method_list(text: str):
     return names
 
 
+def devices_flag(text: str) -> str:
+    """--devices: 'auto' or what utils.parse_devices accepts (checked here, before anything is written)."""
+    text = str(text).strip().lower()
+    if text != 'auto':
+        try:
+            utils.parse_devices(text)
+        except utils.UserError as e:
+            raise utils.UserError(str(e).replace("'all' or 'cpu'", "'all', 'cpu' or 'auto'"))
+    return text
+
+
 def length_list(text: str):
     try:
         values = [int(v) for v in text.split(',') if v.strip()]
@@ -112,7 +123,7 @@ def build_parser():
                    help='ES-D-RTRL decay in (0,1) or integer rank')
     p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
-    p.add_argument('--devices', default='auto',
+    p.add_argument('--devices', type=devices_flag, default='auto',
                    help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; an accelerator index; or "
                         "a comma list of indices / 'all': the batch split across several devices (memory per device)")
     p.add_argument('--out_dir', default=None,
@@ -444,6 +455,14 @@ def killed_row(sig: int, oom_before, oom_after) -> dict:
     return dict(status='killed', reason=f'killed by signal {sig}')
 
 
+def resolve_devices(spec: str, platform: str) -> str:
+    """--devices auto as the device the probe found: 'cpu' on a CPU, else accelerator 0 (the first GPU/TPU,
+    as pick_device chooses); any other value as given."""
+    if spec != 'auto':
+        return spec
+    return 'cpu' if platform == 'cpu' else '0'
+
+
 def resolve_config(args, platform: str) -> dict:
     preset = args.preset if args.preset != 'auto' else auto_preset(platform)
     if args.preset == 'auto':  # the preset's values now that the platform is known (flags still win)
@@ -452,7 +471,8 @@ def resolve_config(args, platform: str) -> dict:
     for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
-               devices=args.devices, timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
+               devices=resolve_devices(args.devices, platform), timeout=args.timeout,
+               memory_limit_mb=args.memory_limit_mb)
     return cfg
 
 
@@ -609,7 +629,7 @@ def run_sweep(args, out_dir: str) -> dict:
     if probe_info is None:
         raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
     cfg = resolve_config(args, probe_info['platform'])
-    utils.check_batch_for_devices(cfg['batch_size'], args.devices)
+    utils.check_batch_for_devices(cfg['batch_size'], cfg['devices'])  # auto is resolved by now
     print(f"device: {probe_info['device']} ({probe_info['platform']}, {probe_info['n_cpu']} CPU cores, load average "
           f"{probe_info['load_avg']}), float32 matmul {probe_info['matmul_gflops']:.1f} GFLOP/s "
           f"({probe_info['matmul_n']}^3)")
