@@ -267,7 +267,7 @@ def es_drtrl_chunk(rel, trace, decay: float, t0):
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     xhat, fhat = trace
     K = x.shape[0]
-    P, f = affine_scan(decay * D, (1. - decay) * df)                                  # f^_t = a D_t f^_{t-1} + (1 - a) df_t
+    P, f = affine_scan(decay * D, (1. - decay) * df)            # f^_t = a D_t f^_{t-1} + (1 - a) df_t
     fhats = _apply(P, fhat) + f
     n = t0 + jnp.arange(K)
     correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)

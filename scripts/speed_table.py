@@ -50,7 +50,7 @@ def plan(tiny: bool, K: int, sweep: list = None) -> list:
     for size, batches in (('dms', (32,)), ('image', (32, 128))):
         for B in batches:
             T = (TINY if tiny else SIZES)[size]['T']
-            rows += [(size, B, T, 'bptt', 1), (size, B, T, 'torch', 1)] if size == 'image' else [(size, B, T, 'bptt', 1)]
+            rows += [(size, B, T, 'bptt', 1)] + ([(size, B, T, 'torch', 1)] if size == 'image' else [])
             rows += [(size, B, T, m, k) for m in ('expsm_diag', 'diag') for k in (1, K)]
     T100 = 30 if tiny else 100
     return rows + [('image', 32, T100, 'bptt', 1), ('image', 32, T100, 'torch', 1)]
@@ -103,7 +103,8 @@ def build(cfg, seed=0):
 def batch(cfg, B, T, seed=1):
     import numpy as np
     rng = np.random.default_rng(seed)
-    xs = (rng.random((T, B, cfg['n_in']), dtype=np.float32) < (0.02 if cfg['kind'] == 'dms' else 0.1)).astype(np.float32)
+    rate = 0.02 if cfg['kind'] == 'dms' else 0.1
+    xs = (rng.random((T, B, cfg['n_in']), dtype=np.float32) < rate).astype(np.float32)
     ws = np.zeros(T, np.float32)
     n = min(cfg['loss_steps'], T)
     ws[T - n:] = 1. / n
@@ -248,7 +249,8 @@ def markdown(rows: list) -> str:
     lines = ['| size | batch | T | method | K | s / batch | x our BPTT | floor (s) | share of floor |',
              '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        name = NAMES[r['method']] + (f" (timed on T {r['timed_T']}, scaled)" if r.get('timed_T', r['T']) != r['T'] else '')
+        scaled = r.get('timed_T', r['T']) != r['T']
+        name = NAMES[r['method']] + (f" (timed on T {r['timed_T']}, scaled)" if scaled else '')
         if r.get('error'):
             lines.append(f"| {r['size']} | {r['B']} | {r['T']} | {name} | {r['K']} | {r['error']} | | | |")
             continue
@@ -280,7 +282,8 @@ def main(argv) -> int:
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
     limits = machine_limits()
-    print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s", flush=True)
+    print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s",
+          flush=True)
     rows = []
     sweep = [utils.positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
     for size, B, T, method, K in plan(args.tiny, args.trace_chunk, sweep):
