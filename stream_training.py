@@ -19,6 +19,10 @@ import os
 import numpy as np
 
 
+# brainscale 0.1.0's eligibility-trace dicts: IODimVjpAlgorithm (ES-D-RTRL) and ParamDimVjpAlgorithm (D-RTRL)
+TRACE_DICTS = ('etrace_xs', 'etrace_dfs', 'etrace_bwg')
+
+
 class StreamTrainer:
     def __init__(self, trainer, reset_per_trial: bool = False):
         import brainstate
@@ -47,12 +51,26 @@ class StreamTrainer:
 
     # -- the states a stream carries ------------------------------------------------------------
     def stream_states(self, with_algo: bool = True) -> dict:
-        """path -> state of every state that is not a weight (neurons; with_algo: the traces too), by path:
-        the order of brainscale's states changes after its first step."""
+        """name -> state of every state that is not a weight: the neurons' (by their path in the model)
+        and, with_algo, the eligibility traces (by brainscale's dict and the position in it: its own keys
+        hold Python ids, which differ from one process to the next, and the order of algo.states() changes
+        after the first step, so neither can name a checkpointed trace)."""
         import brainstate
         from utils import path_key
-        node = self.trainer.algo if (with_algo and self.trainer.algo is not None) else self.trainer.model
-        return {path_key(k): s for k, s in node.states().items() if not isinstance(s, brainstate.ParamState)}
+        tr = self.trainer
+        states = {'model/' + path_key(k): s for k, s in tr.model.states().items()
+                  if not isinstance(s, brainstate.ParamState)}
+        if with_algo and tr.algo is not None:
+            for name in TRACE_DICTS:
+                for i, st in enumerate(getattr(tr.algo, name, {}).values()):
+                    states[f'{name}/{i}'] = st
+            states['running_index'] = tr.algo.running_index
+            known = {id(s) for s in states.values()}
+            missed = [k for k, s in tr.algo.states().items() if not isinstance(s, brainstate.ParamState)
+                      and id(s) not in known]
+            if missed:
+                raise RuntimeError(f'brainscale holds states the stream does not carry: {missed}')
+        return states
 
     def get_stream_state(self, with_algo: bool = True) -> dict:
         return {k: s.value for k, s in self.stream_states(with_algo).items()}
