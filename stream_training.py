@@ -112,6 +112,7 @@ class StreamTrainer:
 
         def step(grad_sum, inp):
             x, label, w, reset = inp
+            x = x.astype('float32')  # per step: the chunk's inputs stay uint8 (memory flat in the chunk)
             if self.reset_per_trial:
                 self._mask_reset(reset, with_algo=True)
 
@@ -138,6 +139,7 @@ class StreamTrainer:
 
         def window_loss():
             def step(x, label, w, reset):
+                x = x.astype('float32')
                 if self.reset_per_trial:
                     self._mask_reset(reset, with_algo=False)
                 out = tr.model(x)
@@ -152,7 +154,6 @@ class StreamTrainer:
 
     def _chunk_grads(self, xs, labels, ws, resets):
         from utils import path_key
-        xs = xs.astype('float32')
         path = self._tbptt_grads if self.trainer.method == 'bptt' else self._online_grads
         grads, losses, outs, per_stream = path(xs, labels, ws, resets)
         return {path_key(k): g for k, g in grads.items()}, losses.sum(), outs, per_stream
