@@ -42,6 +42,9 @@ FULL = dict(
     es_seeds=[0, 1, 2], update_every=500,
     tbptt_windows=[250, 500, 1000, 2000, 4000], tbptt_seeds=[0],
     drtrl_trials=4,                         # D-RTRL: ~45x slower per step, a capped budget
+    best_tbptt_seeds=[1, 2],                # more seeds for the TBPTT window with the best final accuracy
+    controls=[('expsm_diag', 2000, ['--stream_reset', '0']),  # a longer update interval
+              ('expsm_diag', 500, ['--stream_reset', '1'])],  # a reset at every trial start (interference?)
     full_bptt_trials=[1, 4, 16, 64, 200],   # full BPTT over the whole stream of this many mean periods
     run_limit_mb=4096,                      # memory rows: run one update when XLA says it needs less
 )
@@ -50,7 +53,8 @@ TINY = dict(
           '--n_rec', '12', '--batch_size', '4', '--t_iti', '5-15', '--n_test_trials', '8', '--eval_every_trials', '2',
           '--devices', 'cpu', '--no_progress'],
     stream_trials=4, short_trials=1, es_seeds=[0], update_every=30, tbptt_windows=[20, 80], tbptt_seeds=[0],
-    drtrl_trials=2, full_bptt_trials=[1, 4], run_limit_mb=4096,
+    drtrl_trials=2, full_bptt_trials=[1, 4], run_limit_mb=4096, best_tbptt_seeds=[1],
+    controls=[('expsm_diag', 30, ['--stream_reset', '1'])],
 )
 
 
@@ -197,14 +201,40 @@ def plan(P: dict) -> list:
     return runs
 
 
-def flags_of(P, method, interval, seed, trials) -> list:
+def flags_of(P, method, interval, seed, trials, more=()) -> list:
     interval_flag = '--tbptt_window' if method == 'bptt' else '--update_every'
     return P['base'] + ['--method', method, interval_flag, str(interval), '--seed', str(seed),
-                        '--stream_trials', str(trials)]
+                        '--stream_trials', str(trials)] + list(more)
 
 
-def row_of(group, method, interval, seed, trials, run_dir, summary) -> dict:
-    return dict(group=group, method=METHOD_NAMES[method], update_ms=interval, seed=seed, stream_trials=trials,
+def later_runs(P, rows) -> list:
+    """After the plan: more seeds for the best TBPTT window, then the controls (group, method, interval,
+    seed, trials, extra flags)."""
+    tbptt = [r for r in rows if r['group'] == 'main' and r['method'] == 'BPTT' and r['final_test_acc'] is not None]
+    runs = []
+    if tbptt:
+        best = max(tbptt, key=lambda r: r['final_test_acc'])['update_ms']
+        runs += [('main', 'bptt', best, s, P['stream_trials'], ()) for s in P['best_tbptt_seeds']]
+    runs += [('control', m, interval, P['es_seeds'][0], P['stream_trials'], tuple(more))
+             for m, interval, more in P['controls']]
+    return runs
+
+
+def write_outputs(P, out, rows):
+    main_rows = [r for r in rows if r['group'] == 'main']
+    write_table(main_rows, TABLE_COLUMNS, os.path.join(out, 'table'),
+                f'DMS on a stream ({P["stream_trials"]} trials per stream unless said), held-out stream accuracy')
+    plot_stream(main_rows, os.path.join(out, 'accuracy_vs_stream.png'))
+    plot_memory(main_rows, os.path.join(out, 'accuracy_vs_memory.png'))
+    controls = [r for r in rows if r['group'] != 'main' or r['method'] == 'ES-D-RTRL']
+    write_table(controls, ['group', 'method', 'update_ms', 'flags', 'seed', 'stream_trials', 'peak_rss_mb',
+                           'final_test_acc', 'best_test_acc', 'trials_per_stream_to_0_9', 'seconds'],
+                os.path.join(out, 'controls'), 'ES-D-RTRL: update interval, a reset per trial, the stream length')
+
+
+def row_of(group, method, interval, seed, trials, run_dir, summary, more=()) -> dict:
+    return dict(group=group, method=METHOD_NAMES[method], update_ms=interval, flags=' '.join(more), seed=seed,
+                stream_trials=trials,
                 update_memory_mb=summary.get('update_memory_mb'), peak_rss_mb=summary.get('peak_rss_mb'),
                 s_per_1000_steps=summary.get('s_per_1000_steps'), final_test_acc=summary.get('test_acc'),
                 best_test_acc=summary.get('best_test_acc'), rolling_train_acc=summary.get('rolling_train_acc'),
@@ -309,21 +339,25 @@ def main(argv=None) -> int:
     out = os.path.abspath(a.out)
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     rows = []
-    for group, method, interval, seed, trials in plan(P):
-        name = f'{method}-{interval:g}ms-seed{seed}-{trials}trials'
+    todo = [run + ((),) for run in plan(P)]
+    later_planned = False
+    while todo:
+        group, method, interval, seed, trials, more = todo.pop(0)
+        name = f'{method}-{interval:g}ms-seed{seed}-{trials}trials' + ''.join(m.strip('-') for m in more)
         run_dir = os.path.join(out, 'runs', name)
         if 'runs' in a.parts:
-            summary = launch(run_dir, flags_of(P, method, interval, seed, trials), os.path.join(out, 'runs', name + '.log'))
+            summary = launch(run_dir, flags_of(P, method, interval, seed, trials, more),
+                             os.path.join(out, 'runs', name + '.log'))
         elif run_folder_state(run_dir) == 'finished':
             summary = json.load(open(os.path.join(run_dir, 'summary.json')))
         else:
-            continue
-        rows.append(row_of(group, method, interval, seed, trials, run_dir, summary))
-        main_rows = [r for r in rows if r['group'] == 'main']
-        write_table(main_rows, TABLE_COLUMNS, os.path.join(out, 'table'),
-                    f'DMS on a stream ({P["stream_trials"]} trials per stream unless said), held-out stream accuracy')
-        plot_stream(main_rows, os.path.join(out, 'accuracy_vs_stream.png'))
-        plot_memory(main_rows, os.path.join(out, 'accuracy_vs_memory.png'))
+            summary = None
+        if summary is not None:
+            rows.append(row_of(group, method, interval, seed, trials, run_dir, summary, more))
+            write_outputs(P, out, rows)
+        if not todo and not later_planned:  # the plan is done: the best TBPTT window is known
+            later_planned = True
+            todo = later_runs(P, rows)
     if 'memory' in a.parts and rows:
         mrows = memory_rows(P, out, rows)
         write_table(mrows, ['what', 'method', 'window_steps', 'stream_trials', 'update_memory_mb', 'update_temp_mb',

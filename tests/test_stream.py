@@ -184,3 +184,20 @@ def test_bad_iti_is_one_line():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')]
                           + TINY + ['--t_iti', 'abc', '--out_dir', '/nonexistent/never'], capture_output=True, text=True)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr and '--t_iti' in proc.stderr
+
+
+def test_reproduce_stream_tiny_end_to_end(tmp_path):
+    from conftest import load_script
+    repro = load_script(os.path.join('scripts', 'reproduce_stream.py'))
+    out = str(tmp_path / 'stream')
+    assert repro.main(['--tiny', '--out', out]) == 0
+    rows = utils.read_csv(os.path.join(out, 'table.csv'))
+    assert [(r['method'], r['update_ms']) for r in rows][:3] == [('ES-D-RTRL', '30'), ('BPTT', '20'), ('BPTT', '80')]
+    for r in rows:
+        summary = json.load(open(os.path.join(ROOT, r['run_dir'], 'summary.json')))
+        assert float(r['final_test_acc']) == summary['test_acc'] and float(r['peak_rss_mb']) > 100
+    memory = utils.read_csv(os.path.join(out, 'memory.csv'))
+    bptt = [float(r['update_memory_mb']) for r in memory if r['method'] == 'BPTT']
+    assert len(bptt) == 2 and bptt[1] > 2 * bptt[0]  # BPTT's update grows with the window
+    for name in ('table.md', 'memory.md', 'accuracy_vs_stream.png', 'accuracy_vs_memory.png'):
+        assert os.path.getsize(os.path.join(out, name)) > 0
