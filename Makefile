@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(PY) task-rsnn-long-term-dependency.py --preset cpu-demo
 
 # BPTT, ES-D-RTRL (3 seeds) and D-RTRL (1 seed, capped) on that task, the A2 = 0 control and a delay
-# sweep; table and figures in results/dms/reproduce/ (README, "Reproduction").
+# sweep; table and figures in results/dms/reproduce/ (docs/dms.md, "Reproduction").
 reproduce-dms: $(VENV)/.installed
 	$(PY) scripts/reproduce_dms.py
 
@@ -43,7 +43,7 @@ results-table: $(VENV)/.installed
 
 # For a machine with a GPU/TPU, once: environment, test suite, paper-size memory sweep (T = 100, 400, 1000)
 # and the README's DMS BPTT / ES-D-RTRL commands, capped (about 10 min of device time after the install);
-# everything in results/accelerator-check-<timestamp>/ (README, "Accelerator check"). TINY=1: toy sizes.
+# everything in results/accelerator-check-<timestamp>/ (docs/accelerator-check.md). TINY=1: toy sizes.
 .PHONY: accelerator-check
 accelerator-check:
 	bash scripts/accelerator-check.sh

@@ -1,6 +1,6 @@
 """Every change this repository makes to brainscale 0.1.0, behind one call: `adapt_brainscale()`.
 
-`utils.Trainer` calls it once, before it builds a brainscale algorithm. brainscale looks the patched
+training.py calls it once, when it is imported, before any brainscale algorithm is built. brainscale looks the patched
 functions up when a step is traced, so a call changes the steps traced after it (steps compiled earlier
 keep what they were traced with). Each call sets the state it asks for (idempotent; cheap to repeat).
 Nothing in jax itself is changed, only names inside brainscale's own modules; the originals are kept
@@ -25,7 +25,7 @@ The changes, why, and the test that proves each:
    `all_invars` to `[*consts, *args]`); `ClosedJaxpr` becomes a function accepting the old keywords.
    It cannot be switched off (brainscale would not run without it). Proof: the whole test suite run
    with `requirements-jax011.txt` (jax 0.11.2), and the gradients of the DMS network equal to the jax 0.8
-   stack's to 1.1e-7 (README, "Dependencies").
+   stack's to 1.1e-7 (docs/dependencies.md).
 
 2. D-RTRL trace fix (`drtrl_fix=True`). `ParamDimVjpAlgorithm`'s `_update_param_dim_etrace_scan_fn`
    divides each new eligibility trace (and each trace increment) by its largest absolute element
@@ -326,7 +326,7 @@ _BATCH_SHARDS = [None]
 
 class batch_shards:
     """`with batch_shards(mesh):` while a step is traced whose batch axis is split over the mesh axis
-    'batch' (utils.Trainer on several devices): _batch_sum then runs on each device's own samples
+    'batch' (training.Trainer on several devices): _batch_sum then runs on each device's own samples
     (shard_map) and adds the devices' sums (psum). Slicing single samples out of the split axis, as on
     one device, made XLA gather the whole trace onto every device (3.5 copies of a device's traces in
     temporaries; one einsum still left 1.4 copies; this: none, as on one device; D-RTRL on 2 CPU devices)."""

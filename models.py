@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import utils
+
 SURROGATES = {
     # name -> factory; the defaults are the usual widths of each surrogate.
     'relu': lambda: braintools.surrogate.ReluGrad(alpha=0.3, width=1.0),
@@ -30,7 +32,7 @@ SURROGATES = {
     'piecewise_quadratic': lambda: braintools.surrogate.PiecewiseQuadratic(alpha=1.0),
 }
 
-assert tuple(sorted(SURROGATES)) == __import__('utils').SURROGATE_NAMES, 'keep utils.SURROGATE_NAMES in step'
+assert tuple(sorted(SURROGATES)) == utils.SURROGATE_NAMES, 'keep utils.SURROGATE_NAMES in step'
 
 
 def make_surrogate(name: str):
@@ -261,8 +263,6 @@ class LIFDeltaLayer(brainstate.nn.Module):
 class SpikingStack(brainstate.nn.Module):
     """n_layer recurrent spiking layers (each fed the spikes of the one below) and a leaky readout."""
 
-    MODELS = {'lif-delta': ('lif', 'delta'), 'alif-delta': ('alif', 'delta'), 'lif-exp-cu': ('lif', 'exp')}
-
     def __init__(self, n_in: int, n_rec: int, n_out: int, n_layer: int, *, model: str = 'lif-delta',
                  dt: float = 1., tau_mem: float = 10., tau_mem_sigma: float = 1., tau_o: float = 10.,
                  V_th: float = 1., ff_scale: float = 1., rec_scale: float = 0.5, spk_fun: str = 'relu',
@@ -270,9 +270,9 @@ class SpikingStack(brainstate.nn.Module):
                  tau_syn: float = 5.,
                  tau_adapt: float = 200., beta: float = 1.8):
         super().__init__()
-        if model not in self.MODELS:
-            raise ValueError(f'unknown --model {model!r}; choose one of {sorted(self.MODELS)}')
-        neuron, synapse = self.MODELS[model]
+        if model not in utils.MODEL_NAMES:
+            raise ValueError(f'unknown --model {model!r}; choose one of {", ".join(utils.MODEL_NAMES)}')
+        neuron, synapse = model.split('-')[:2]  # 'lif-exp-cu': a LIF neuron behind an exponential synapse
         rng = np.random.default_rng(seed)
         self.layers = [
             LIFDeltaLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
@@ -304,7 +304,7 @@ def count_params(model) -> int:
                    for leaf in jax.tree.leaves(s.value)))
 
 
-def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: int = 14) -> list:
+def calibrate_feedforward(model: SpikingStack, xs, target_rate: float, iters: int = 14) -> tuple:
     """Data-dependent init: scale each layer's feed-forward weights so that, on the sample batch xs
     (T, B, n_in), the layer fires target_rate spikes per neuron per step at initialization.
 

@@ -13,8 +13,6 @@ import argparse
 
 import utils
 
-MODELS = ('lif-delta', 'alif-delta', 'lif-exp-cu')
-
 
 def milestone_list(text: str) -> list:
     """--lr_milestones '30,60' -> [30, 60] (epochs)."""
@@ -28,16 +26,6 @@ def milestone_list(text: str) -> list:
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f'milestone epochs must be > 0, got {text!r}')
     return sorted(values)
-
-
-def nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
-    return value
 
 
 def build_parser():
@@ -56,7 +44,7 @@ def build_parser():
                    help='where the framed data are cached (None = <data_dir>/cache)')
     g.add_argument('--data_length', type=utils.positive_int, default=400,
                    help='time bins per sample (tonic ToFrame n_time_bins) = time steps T')
-    g.add_argument('--warmup_ratio', type=nonneg_float, default=0.,
+    g.add_argument('--warmup_ratio', type=utils.nonneg_float, default=0.,
                    help='steps without loss at the start: a fraction of T if < 1, a number of steps if >= 1')
     g.add_argument('--drop_last', type=int, choices=(0, 1), nargs='?', const=1, default=0,
                    help='drop the last short training batch (otherwise it is padded and masked)')
@@ -65,7 +53,7 @@ def build_parser():
     g.add_argument('--eval_batches', type=utils.positive_int, default=None,
                    help='cap on test batches per evaluation (None = the whole test split)')
     g = p.add_argument_group('network')
-    g.add_argument('--model', choices=MODELS, default='lif-delta',
+    g.add_argument('--model', choices=utils.MODEL_NAMES, default='lif-delta',
                    help='lif-delta = LIF with delta synapses; alif-delta = adaptive-threshold LIF; '
                         'lif-exp-cu = LIF with exponential current synapses')
     g.add_argument('--n_layer', type=utils.positive_int, default=3, help='recurrent spiking layers')
@@ -73,25 +61,26 @@ def build_parser():
     g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms) of one bin')
     g.add_argument('--tau_mem', type=utils.positive_float, default=10.,
                    help='mean membrane time constant (ms); drawn per neuron')
-    g.add_argument('--tau_mem_sigma', type=nonneg_float, default=1.,
+    g.add_argument('--tau_mem_sigma', type=utils.nonneg_float, default=1.,
                    help='standard deviation (ms) of the per-neuron membrane time constants')
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
     g.add_argument('--tau_syn', type=utils.positive_float, default=5.,
                    help='lif-exp-cu: time constant (ms) of the exponential current synapse')
     g.add_argument('--tau_adapt', type=utils.positive_float, default=200.,
                    help='alif-delta: time constant (ms) of the threshold adaptation b')
-    g.add_argument('--beta', type=nonneg_float, default=1.8,
+    g.add_argument('--beta', type=utils.nonneg_float, default=1.8,
                    help='alif-delta: threshold V_th + beta b, b jumps by 1 at each spike')
     g.add_argument('--V_th', type=utils.positive_float, default=1., help='firing threshold')
     g.add_argument('--ff_scale', type=utils.positive_float, default=10.,
                    help='feed-forward weights: Kaiming normal with variance ff_scale / fan_in')
-    g.add_argument('--rec_scale', type=nonneg_float, default=0.5,
+    g.add_argument('--rec_scale', type=utils.nonneg_float, default=0.5,
                    help="recurrent weights: Kaiming normal with variance rec_scale / n_rec (the authors' SHD "
-                        'value; their default 2 learned less here, README "Why the README size learns")')
+                        'value; their default 2 learned less here, docs/image-classification.md, '
+                        '"Why the README size learns")')
     g.add_argument('--detach_reset', type=int, choices=(0, 1), default=0,
                    help="1 = no gradient through the reset (V -= V_th s); 0 (the authors' LIF) keeps it: at T 400 "
                         "BPTT's gradient explodes when it is detached")
-    g.add_argument('--init_rate', type=nonneg_float, default=0.05,
+    g.add_argument('--init_rate', type=utils.nonneg_float, default=0.05,
                    help='data-dependent init: scale each layer\'s feed-forward weights (bottom up) so that it '
                         'fires this many spikes per neuron per step on 16 training samples; 0 = plain Kaiming '
                         'with --ff_scale')
@@ -106,7 +95,7 @@ def build_parser():
                    help='cel = softmax cross-entropy; mse = squared error to the one-hot label')
     g.add_argument('--lr_milestones', type=milestone_list, default=[],
                    help="comma list of epochs at which the learning rate is multiplied by 0.1, e.g. '30,60'")
-    g.add_argument('--weight_L2', type=nonneg_float, default=0.,
+    g.add_argument('--weight_L2', type=utils.nonneg_float, default=0.,
                    help='L2 penalty coefficient: weight_L2 * w is added to every gradient')
     return p
 
@@ -130,27 +119,29 @@ def step_weights(T: int, warmup_ratio: float):
 def open_data(args):
     """(the dataset's description, tonic's train and test datasets); raises a UserError, leaving nothing
     behind, when the files are absent."""
-    import datasets
-    info = datasets.event_dataset(args.dataset)
-    return (info, datasets.open_tonic_dataset(info, args.data_dir, True),
-            datasets.open_tonic_dataset(info, args.data_dir, False))
+    import event_data
+    info = event_data.event_dataset(args.dataset)
+    return (info, event_data.open_tonic_dataset(info, args.data_dir, True),
+            event_data.open_tonic_dataset(info, args.data_dir, False))
 
 
 def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
     """data: open_data(args), ws: step_weights(...) when main has them already."""
     import brainstate
     import numpy as np
-    import datasets
+    import event_data
     import models
+    import train_loop
+    import training
 
     ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
     warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
     info, train_ds, test_ds = data if data is not None else open_data(args)
-    splits = [datasets.load_framed_split(info, args.data_dir, train, args.data_length,
-                                         cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
-                                         progress=not args.no_progress)
+    splits = [event_data.load_framed_split(info, args.data_dir, train, args.data_length,
+                                           cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
+                                           progress=not args.no_progress)
               for train, ds in ((True, train_ds), (False, test_ds))]
-    train_batches, test_batches = datasets.event_loaders(
+    train_batches, test_batches = event_data.event_loaders(
         *splits, batch_size=args.batch_size, seed=args.seed, n_workers=args.n_data_worker,
         drop_last=bool(args.drop_last), batches_per_epoch=args.batches_per_epoch, eval_batches=args.eval_batches)
     n_batches = len(train_batches(1))
@@ -171,23 +162,22 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
         print('init: feed-forward weights of layer ' + ', '.join(f'{i} x{f:.3g}' for i, f in enumerate(ff_factors))
               + f' for {args.init_rate} spikes per neuron per step (--init_rate); rates '
               + ', '.join(f'{r:.4f}' for r in init_rates), flush=True)
-    lr = utils.step_schedule(args.lr, args.lr_milestones, n_batches)
-    trainer = utils.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
-                            grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
-                            loss=args.loss, weight_L2=args.weight_L2, devices=devices)
+    lr = training.step_schedule(args.lr, args.lr_milestones, n_batches)
+    trainer = training.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
+                               grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
+                               loss=args.loss, weight_L2=args.weight_L2, devices=devices)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; '
           f'{n_batches} batches per epoch; loss on steps {warm}..{args.data_length - 1}; run folder {run_dir}',
           flush=True)
-    summary = utils.fit(args, trainer, run_dir, train_batches, test_batches, ws,
-                        extra_config=dict(n_in=info.n_in, n_classes=info.n_classes, warmup_steps=warm,
-                                          batches_per_epoch_used=n_batches, n_train=len(splits[0]),
-                                          n_test=len(splits[1]), train_cache=splits[0].folder,
-                                          test_cache=splits[1].folder,
-                                          n_params=models.count_params(model), device=utils.devices_name(devices),
-                                          n_devices=len(devices),
-                                          ff_factors=ff_factors, init_rates=init_rates))
+    config = dict(vars(args), run_dir=run_dir, n_in=info.n_in, n_classes=info.n_classes, warmup_steps=warm,
+                  batches_per_epoch_used=n_batches, n_train=len(splits[0]), n_test=len(splits[1]),
+                  train_cache=splits[0].folder, test_cache=splits[1].folder, n_params=models.count_params(model),
+                  device=utils.devices_name(devices), n_devices=len(devices), ff_factors=ff_factors,
+                  init_rates=init_rates)
+    summary = train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, train_batches, test_batches,
+                             ws, config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 

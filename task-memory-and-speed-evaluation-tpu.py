@@ -4,9 +4,9 @@
     python task-memory-and-speed-evaluation-tpu.py --methods bptt,diag --lengths 50,100
 
 On a GPU or TPU the default is the paper's network (3 x 512 LIF-delta, 32768 binary inputs with
-p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (README, "Memory and speed
-evaluation"). Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
-so that one measurement cannot leak into the next: the step that `utils.Trainer` trains with is
+p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (docs/memory-and-speed.md).
+Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
+so that one measurement cannot leak into the next: the step that `training.Trainer` trains with is
 compiled, its compile time and its compiled memory analysis are recorded, then it runs --repeats times
 (median, block until ready). Running out of memory is a result (status OOM), not the end of the sweep.
 """
@@ -16,7 +16,6 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -50,8 +49,8 @@ CSV_COLUMNS = [
 
 MB = 2.0 ** 20
 
-# The README's speed targets, set for the CPU preset: BPTT reaches at least this fraction of the machine's
-# float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
+# The speed targets of docs/memory-and-speed.md, set for the CPU preset: BPTT reaches at least this fraction
+# of the machine's float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
 BPTT_MIN_FRAC_OF_MATMUL = 0.5
 MAX_STEP_TIME_OVER_BPTT = {'expsm_diag': 0.6, 'diag': 10.}
 
@@ -217,11 +216,6 @@ def one_line(text: str, limit: int = 300) -> str:
     return (lines[-1] if lines else '')[:limit]
 
 
-def _rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.  # Linux: KiB
-
-
 def pick_device(spec: str):
     import jax
     if spec == 'auto':
@@ -277,13 +271,14 @@ def get_jitted_parts(jitted):
 
 
 def measure(cfg: dict) -> dict:
-    """Build, compile and time one training step of `utils.Trainer`; returns a result row."""
+    """Build, compile and time one training step of `training.Trainer`; returns a result row."""
     row = dict(method=cfg['method'], T=cfg['T'])
     import brainstate
     import jax
     import numpy as np
     import models
-    row['rss_base_mb'] = _rss_mb()
+    import training
+    row['rss_base_mb'] = utils.peak_rss_mb()
     devices = pick_devices(cfg['devices'])
     device = devices[0]
     row.update(platform=device.platform, device=utils.devices_name(devices), n_devices=len(devices))
@@ -293,7 +288,7 @@ def measure(cfg: dict) -> dict:
     t0 = time.perf_counter()
     model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
                                 seed=cfg['seed'])
-    trainer = utils.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices)
+    trainer = training.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices)
     row['setup_s'] = time.perf_counter() - t0
 
     rng = np.random.default_rng(cfg['seed'] + 1)
@@ -304,13 +299,13 @@ def measure(cfg: dict) -> dict:
     if trainer.mesh is None:
         args = jax.device_put((trainer.opt_state, xs, labels, mask, ws), device)
     else:  # several devices: the batch split across them, weights replicated (as Trainer.train_step)
-        args = (trainer.opt_state, *trainer._device_batch(xs, labels, mask, ws))
+        args = (trainer.opt_state, *trainer.device_batch(xs, labels, mask, ws))
     del xs
     # the input spikes and per-step loss weights (per device: memory_analysis is per device)
     row['input_mb'] = (args[1].nbytes / len(devices) + args[4].nbytes) / MB
 
     # compile exactly the step that Trainer.train_step runs
-    stateful, jit_fun = get_jitted_parts(trainer._train)
+    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
     t0 = time.perf_counter()
     state_trace = stateful.get_state_trace(*args, compile_if_miss=True)
     state_vals = state_trace.get_state_values()
@@ -328,7 +323,7 @@ def measure(cfg: dict) -> dict:
         limit = cfg.get('memory_limit_mb')
         if limit and total > limit:
             row.update(status='OOM', reason=f'compiled step needs {total:.1f} MB > --memory_limit_mb {limit:g}',
-                       peak_rss_mb=_rss_mb())
+                       peak_rss_mb=utils.peak_rss_mb())
             return row
 
     t0 = time.perf_counter()
@@ -357,7 +352,7 @@ def measure(cfg: dict) -> dict:
         row['device_peak_mb'] = max(peaks)
         row['device_peak_minus_input_mb'] = row['device_peak_mb'] - row['input_mb']
         row['device_peak_mb_per_device'] = ';'.join(f'{p:.1f}' for p in peaks)
-    row['peak_rss_mb'] = _rss_mb()
+    row['peak_rss_mb'] = utils.peak_rss_mb()
     return row
 
 
@@ -490,7 +485,8 @@ def markdown_table(rows: list) -> str:
 
 
 def speed_targets(rows: list) -> dict:
-    """The README's speed targets, evaluated at the longest T that BPTT and the other method completed."""
+    """The speed targets (docs/memory-and-speed.md), evaluated at the longest T that BPTT and the other
+    method completed."""
     ok = {(r['method'], r['T']): r for r in rows if r['status'] == 'ok'}
     out = {}
     bptt_T = sorted(T for (m, T) in ok if m == 'bptt')
@@ -624,8 +620,8 @@ def run_sweep(args, out_dir: str) -> dict:
               f"at T={g['T_max']} (x{g['ratio']:.2f}; {g['mb_per_step']:.3g} MB per time step, predicted state "
               f"{g['predicted_mb_per_step']:.3g})")
     for key, t in targets.items():
-        print(f"speed target {key} (README, set for the CPU preset): {t['value']:.3g} at T={t['T']} "
-              f"(target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+        print(f"speed target {key} (docs/memory-and-speed.md, set for the CPU preset): {t['value']:.3g} "
+              f"at T={t['T']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
     if probe_info['platform'] == 'cpu':
         print(f"load average {probe_info['load_avg']} at the start, {probe_info['load_avg_end']} at the end "
               f"({probe_info['n_cpu']} cores): timings are only as good as the machine was quiet")

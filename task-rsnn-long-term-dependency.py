@@ -18,7 +18,7 @@ PAPER_TASK = dict(dataset='dms', dt=1., t_fixation=10., t_sample=500., t_delay=1
                   optimizer='adam', lr=1e-3)
 PRESETS = {
     # `make demo`: the paper's 1000 ms task with ES-D-RTRL; only the batch size, the budget (a cosine lr
-    # over it) and the stopping rule are chosen for a 2-core CPU (README, "The paper's task on a CPU").
+    # over it) and the stopping rule are chosen for a 2-core CPU (docs/dms.md, "The paper's task on a CPU").
     'cpu-demo': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32,
                      batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
                      n_test_trials=512, n_data_worker=1, devices='cpu', exp_name='cpu-demo'),
@@ -86,7 +86,7 @@ def build_parser():
                    help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
     g.add_argument('--syn_gain', type=utils.positive_float, default=0.3,
                    help='scale of the synaptic input c in g_t = g_{t-1} exp(-dt/tau_syn) + syn_gain c; with 1 '
-                        'and tau_syn 100 BPTT stays at chance (README, "BPTT and the synapse")')
+                        'and tau_syn 100 BPTT stays at chance (docs/dms.md, "BPTT and the synapse")')
     g.add_argument('--spk_fun', choices=utils.SURROGATE_NAMES, default='relu',
                    help='surrogate gradient of the spike (relu: max(0, 0.3 (1 - |u|)))')
     g.add_argument('--diff_spike', type=int, choices=(0, 1), default=0,
@@ -102,6 +102,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     import brainstate
     import datasets
     import models
+    import train_loop
+    import training
 
     devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
@@ -116,8 +118,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                           spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
                           tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
     lr = args.lr if args.lr_schedule == 'constant' else \
-        utils.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
-    trainer = utils.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
+        training.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
+    trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices)
     if args.protocol == 'stream':
@@ -135,11 +137,10 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
                                               args.n_data_worker)
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
-    summary = utils.fit(args, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(),
-                        acc_th=args.acc_th, smooth=args.acc_th_window,
-                        extra_config=dict(n_steps=cfg.n_steps, test_start=cfg.test_start,
-                                          n_params=models.count_params(model), device=utils.devices_name(devices),
-                                          n_devices=len(devices)))
+    settings = train_loop.LoopSettings.from_args(args, acc_th=args.acc_th, smooth=args.acc_th_window)
+    config = dict(vars(args), run_dir=run_dir, n_steps=cfg.n_steps, test_start=cfg.test_start,
+                  n_params=models.count_params(model), device=utils.devices_name(devices), n_devices=len(devices))
+    summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why the README image size learns: the initialization ablation of README "Why the README size learns".
+# Why the README image size learns: the ablation of docs/image-classification.md, "Why the README size learns".
 # Each row is the README N-MNIST command (--method bptt or expsm_diag) at 3 x 128 neurons, batch 32 and
 # 60 batches, with the flags named in its folder changed from the defaults; then one table of all of them.
 #   bash scripts/image_ablation.sh DATA_DIR [OUT]      (DATA_DIR holds NMNIST/, e.g. from synthetic_events.py)

@@ -6,7 +6,7 @@
 
 Every run is the README command of its method, as written, with the CPU settings of `make demo` added
 after it (explicit flags win): batch 32, 25 batches per epoch, on the CPU, and the stopping rule
---acc_th 0.98 --acc_th_window 50 (the training accuracy of the last 50 batches, 1600 trials; README,
+--acc_th 0.98 --acc_th_window 50 (the training accuracy of the last 50 batches, 1600 trials; docs/dms.md,
 "The paper's task on a CPU", says why). Each run is its own process (its peak RSS is the process's), in its own run folder under
 OUT/runs/; a run folder that already holds a finished run is reused, an interrupted one is resumed, so
 the script can be stopped and started again. Written to OUT (default results/dms/reproduce/):

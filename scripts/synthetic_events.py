@@ -24,7 +24,7 @@ Train and test use disjoint speakers, as the real SHD does.
 Then `python task-image-classification.py --dataset nmnist --data_dir DIR ...` reads DIR/NMNIST.
 
 tonic's N-MNIST existence check wants >= 10000 .bin files per split. The generator writes a marker file
-NMNIST/SYNTHETIC.json; datasets.open_tonic_dataset accepts a folder with that marker and at least one
+NMNIST/SYNTHETIC.json; event_data.open_tonic_dataset accepts a folder with that marker and at least one
 .bin per split (it says so in one line), and leaves the check unchanged for any other folder. With
 --n_train and --n_test >= 10000 tonic's own check passes anyway.
 """
@@ -42,9 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
+import event_data  # noqa: E402
 
-SYNTHETIC_MARKER = datasets.SYNTHETIC_MARKER
+SYNTHETIC_MARKER = event_data.SYNTHETIC_MARKER
 
 # --------------------------------------------------------------------------------------------
 # N-MNIST
@@ -483,7 +483,7 @@ def write_shd_files(data_dir: str, samples: dict, n_speakers: int = 3):
 
 
 def write_marker(folder: str, info: dict):
-    """The marker datasets.open_tonic_dataset looks for; its content (with the creation time) also keys the
+    """The marker event_data.open_tonic_dataset looks for; its content (with the creation time) also keys the
     frame cache, so a regenerated set with the same file names is framed again."""
     info = dict(info, created=time.strftime('%Y-%m-%dT%H:%M:%S'), created_ns=time.time_ns())
     with open(os.path.join(folder, SYNTHETIC_MARKER), 'w') as f:

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
+import event_data  # noqa: E402
 
 
 def load_generator():
@@ -44,7 +44,7 @@ def synthetic_event_samples(name: str, n_train: int, n_test: int, *, n_classes: 
                             events_per_sample: int = 300, duration_us: int = 100_000, seed: int = 0):
     """Class-separable random samples for write_nmnist_files / write_shd_files: class k fires inside its
     own band of pixels (N-MNIST: rows, both polarities) or channels (SHD), with 10 % uniform noise."""
-    info = datasets.event_dataset(name)
+    info = event_data.event_dataset(name)
     n_classes = n_classes or info.n_classes
     rng = np.random.default_rng(seed)
     out = {}

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 B, N_REC = 8, 16
@@ -28,7 +29,7 @@ def trainer(method, devices):
     brainstate.environ.set(dt=1.)
     net = models.DMSNet(CFG.n_input, N_REC, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    return utils.Trainer(net, method, CFG.n_input, B, lr=1e-2, etrace_decay=0.9, devices=devices)
+    return training.Trainer(net, method, CFG.n_input, B, lr=1e-2, etrace_decay=0.9, devices=devices)
 
 
 def flat(tree):
@@ -42,8 +43,8 @@ def max_rel(a, b):
 def compiled_hlo(tr, xs, labels, ws):
     """The compiled training step's HLO text (per-device shapes after partitioning)."""
     xs, labels, mask = tr.pad(xs, labels)
-    args = (tr.opt_state, *tr._device_batch(xs, labels, mask, ws))
-    stateful, jitted = tr._train.stateful_fun, tr._train.jitted_fun
+    args = (tr.opt_state, *tr.device_batch(xs, labels, mask, ws))
+    stateful, jitted = tr.update_fn.stateful_fun, tr.update_fn.jitted_fun
     trace = stateful.get_state_trace(*args, compile_if_miss=True)
     return jitted.lower(trace.get_state_values(), *args).compile().as_text()
 

@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+import train_loop
+import training
 import utils
 from test_dms import TINY_FLAGS, assert_png
 from test_gradients import FeedForwardLIF, T, batch
@@ -59,10 +61,11 @@ def test_check_grad_finds_drtrl_exact_where_theory_says(dms_script, tmp_path):
                             TINY_FLAGS + ['--method', 'diag', '--check_grad', '--epochs', '2', '--out_dir', run_dir])
     brainstate.environ.set(dt=1.)
     xs, labels = batch()
-    trainer = utils.Trainer(FeedForwardLIF(False), 'diag', xs.shape[-1], xs.shape[1], lr=1e-2)
+    trainer = training.Trainer(FeedForwardLIF(False), 'diag', xs.shape[-1], xs.shape[1], lr=1e-2)
     ws = np.full(T, 1. / T, np.float32)
-    utils.fit(args, trainer, utils.prepare_run_dir(args), lambda epoch: [batch(seed=epoch + 10)],
-              lambda: [(xs, labels)], ws)
+    run_dir = utils.prepare_run_dir(args)
+    train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, lambda epoch: [batch(seed=epoch + 10)],
+                   lambda: [(xs, labels)], ws, config=dict(vars(args), run_dir=run_dir))
     rows = read_rows(run_dir)
     assert len(rows) == 3 * 4  # epochs 0, 1, 2 x (hidden weight, bias, readout weight, bias)
     for r in rows:

@@ -11,8 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+import checkpoints
 import datasets
 import models
+import train_loop
+import training
 import utils
 from conftest import ROOT
 
@@ -84,7 +87,7 @@ def test_each_method_lowers_the_loss(method):
     brainstate.environ.set(dt=1.)
     net = models.DMSNet(100, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    trainer = utils.Trainer(net, method, 100, 16, lr=1e-2)
+    trainer = training.Trainer(net, method, 100, 16, lr=1e-2)
     x, y, _, _ = datasets.dms_trials(TINY_CFG, 16, np.random.default_rng(0))
     ws = TINY_CFG.loss_weights()
     before, _, _ = trainer.evaluate(x, y, ws)
@@ -100,7 +103,7 @@ TINY_FLAGS = ['--t_fixation', '5', '--t_sample', '20', '--t_delay', '20', '--t_t
 
 
 def read_metrics(run_dir):
-    return utils.RunLog(run_dir).read_metrics()
+    return checkpoints.RunLog(run_dir).read_metrics()
 
 
 @pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
@@ -259,7 +262,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
     """The last batch of epoch 2 has a finite loss but an infinite gradient: the clipped update would be
     NaN. The run must stop ('nan') with epoch 1 as its last and best checkpoint, never a NaN one."""
     import jax.numpy as jnp
-    original = utils.Trainer._loss_and_grads
+    original = training.Trainer._loss_and_grads
 
     def poisoned(self, xs, labels, mask, ws):
         grads, loss, acc = original(self, xs, labels, mask, ws)
@@ -267,7 +270,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
         return jax.tree.map(lambda g: g * scale, grads), loss, acc
 
     calls = []
-    real_step = utils.Trainer.train_step
+    real_step = training.Trainer.train_step
 
     def step(self, xs, labels, ws):
         calls.append(1)
@@ -279,8 +282,8 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
             assert np.isfinite(loss) and not np.isfinite(gnorm)
         return loss, acc, gnorm
 
-    monkeypatch.setattr(utils.Trainer, '_loss_and_grads', poisoned)
-    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+    monkeypatch.setattr(training.Trainer, '_loss_and_grads', poisoned)
+    monkeypatch.setattr(training.Trainer, 'train_step', step)
     run_dir = str(tmp_path / 'nan')
     assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', run_dir]) == 1
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
@@ -295,7 +298,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
 def interrupt_at_call(monkeypatch, n):
     """Make the n-th training step of this process raise KeyboardInterrupt (Ctrl-C)."""
     calls = []
-    real_step = utils.Trainer.train_step
+    real_step = training.Trainer.train_step
 
     def step(self, *a):
         calls.append(1)
@@ -303,7 +306,7 @@ def interrupt_at_call(monkeypatch, n):
             raise KeyboardInterrupt
         return real_step(self, *a)
 
-    monkeypatch.setattr(utils.Trainer, 'train_step', step)
+    monkeypatch.setattr(training.Trainer, 'train_step', step)
 
 
 def test_resume_keeps_the_overrides_of_an_earlier_resume(dms_script, tmp_path, monkeypatch):
@@ -369,7 +372,7 @@ def test_train_acc_is_weighted_by_the_real_samples(dms_script, tmp_path, monkeyp
     cfg = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
     net = models.DMSNet(cfg.n_input, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    trainer = utils.Trainer(net, 'bptt', cfg.n_input, 8)
+    trainer = training.Trainer(net, 'bptt', cfg.n_input, 8)
     x, y, _, _ = datasets.dms_trials(cfg, 10, np.random.default_rng(0))
     batches = [(x[:, :8], y[:8]), (x[:, 8:], y[8:])]
     seen = []
@@ -381,7 +384,8 @@ def test_train_acc_is_weighted_by_the_real_samples(dms_script, tmp_path, monkeyp
         return out
 
     trainer.train_step = step
-    utils.fit(args, trainer, run_dir, lambda epoch: batches, lambda: batches[:1], cfg.loss_weights())
+    train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, lambda epoch: batches, lambda: batches[:1],
+                   cfg.loss_weights(), config=dict(vars(args), run_dir=run_dir))
     (l1, a1, n1), (l2, a2, n2) = seen
     assert (n1, n2) == (8, 2) and a1 != a2
     row = read_metrics(run_dir)[0]

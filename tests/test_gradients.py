@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import models
-import utils
+import training
 
 T, BATCH, N_IN, N_HID, N_OUT = 30, 8, 12, 16, 3
 
@@ -56,7 +56,7 @@ def batch(seed=1, n_in=N_IN, t=T):
 
 def gradients(make_model, method, xs, labels, ws, **kw):
     brainstate.environ.set(dt=1.)
-    trainer = utils.Trainer(make_model(), method, xs.shape[-1], BATCH, **kw)
+    trainer = training.Trainer(make_model(), method, xs.shape[-1], BATCH, **kw)
     return {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(trainer.gradients(xs, labels, ws))[0]}
 
 
@@ -141,18 +141,17 @@ def test_esdrtrl_scale_on_a_leaky_readout(every_step):
                                    ("linear/weight_op']['weight']", 0.999, (0.44, 0.54))])
 
 
-def test_unpatched_brainscale_gets_the_leaky_readout_wrong(every_step, monkeypatch):
+def test_unpatched_brainscale_gets_the_leaky_readout_wrong(every_step):
     """The bug the patch fixes: brainscale 0.1.0 rescales traces by their max, shrinking gradients."""
     import brainscale_adapter
     xs, labels = batch()
     g_bptt = gradients(lambda: FeedForwardLIF(True), 'bptt', xs, labels, every_step)
-    adapt = brainscale_adapter.adapt_brainscale
-    monkeypatch.setattr(brainscale_adapter, 'adapt_brainscale', lambda **kw: adapt(**dict(kw, drtrl_fix=False)))
+    brainscale_adapter.adapt_brainscale(drtrl_fix=False)
     try:
         g_diag = gradients(lambda: FeedForwardLIF(True), 'diag', xs, labels, every_step)
         assert not brainscale_adapter.drtrl_fix_active()
     finally:
-        adapt()  # the fix back on for the tests that follow
+        brainscale_adapter.adapt_brainscale()  # the fix back on for the tests that follow
     rel = [r for k, (c, r) in compare(g_bptt, g_diag).items() if "['out/" in k and 'weight' in k][0]
     assert rel > 0.3
 
@@ -216,7 +215,7 @@ def deep_stack():
 def layer_grads(make_model, method, xs, labels, ws):
     """{'layers/0', ..., 'out'}: the layer's weight and bias gradient as one flat vector."""
     brainstate.environ.set(dt=1.)
-    trainer = utils.Trainer(make_model(), method, xs.shape[-1], BATCH, etrace_decay=0.9)
+    trainer = training.Trainer(make_model(), method, xs.shape[-1], BATCH, etrace_decay=0.9)
     out = {}
     for key, g in trainer.gradients(xs, labels, ws).items():
         name = 'out' if key.startswith('out') else '/'.join(key.split('/')[:2])

@@ -2,7 +2,6 @@
 formats, framing and its cache, batching, step weights, short training runs for every method, and the
 message for a missing dataset."""
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -17,23 +16,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
+import event_data  # noqa: E402
 import fake_data as fakes  # noqa: E402  (the fixture below is called fake_data)
+import train_loop  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
+from conftest import load_script  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'task-image-classification.py')
 N_CLASSES = 4          # classes present in the fake sets (the networks still have 10 / 20 outputs)
-NMNIST, SHD = datasets.event_dataset('nmnist'), datasets.event_dataset('shd')
+NMNIST, SHD = event_data.event_dataset('nmnist'), event_data.event_dataset('shd')
 
 
-def load_task():
-    spec = importlib.util.spec_from_file_location('task_image_classification', SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-task = load_task()
+task = load_script('task-image-classification.py')
 
 
 def _nmnist_check_small(self):
@@ -95,7 +90,7 @@ def test_nmnist_frames_through_tonic(tmp_path):
     samples.append((5, x, y, t, p))
     fakes.write_nmnist_files(str(tmp_path), {'train': samples, 'test': samples[:1]})
 
-    split = datasets.load_framed_split(NMNIST, str(tmp_path), True, T, progress=False)
+    split = event_data.load_framed_split(NMNIST, str(tmp_path), True, T, progress=False)
     assert len(split) == 3
     by_label = {s[0]: s for s in samples}                  # tonic lists the samples digit by digit
     for i in range(3):
@@ -134,7 +129,7 @@ def test_shd_frames_through_tonic(tmp_path):
         samples.append((label, rng.integers(0, 700, n), times))
     samples.append((2, np.array([699, 0, 5]), np.array([0., 0.5, 0.75])))
     fakes.write_shd_files(str(tmp_path), {'train': samples, 'test': samples})
-    split = datasets.load_framed_split(SHD, str(tmp_path), False, T, progress=False)
+    split = event_data.load_framed_split(SHD, str(tmp_path), False, T, progress=False)
     assert len(split) == 4
     for i, (label, units, times) in enumerate(samples):
         frame, target = split[i]
@@ -149,26 +144,26 @@ def test_shd_frames_through_tonic(tmp_path):
 def test_cache_is_reused_and_keyed_by_transform(fake_data, tmp_path, monkeypatch):
     import tonic.transforms
     cache = str(tmp_path / 'cache')
-    first = datasets.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
+    first = event_data.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
 
     def no_framing(*a, **k):
         raise AssertionError('the cached split was framed again')
 
     monkeypatch.setattr(tonic.transforms.ToFrame, '__call__', no_framing)
-    again = datasets.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
+    again = event_data.load_framed_split(SHD, fake_data, True, 12, cache_dir=cache, progress=False)
     assert again.folder == first.folder
     np.testing.assert_array_equal(again[5][0], first[5][0])
     monkeypatch.undo()
-    other = datasets.load_framed_split(SHD, fake_data, True, 13, cache_dir=cache, progress=False)
+    other = event_data.load_framed_split(SHD, fake_data, True, 13, cache_dir=cache, progress=False)
     assert other.folder != first.folder and other[0][0].shape == (13, 700)
     meta = json.load(open(os.path.join(other.folder, 'meta.json')))
     assert 'n_time_bins=13' in meta['transform'] and meta['n_samples'] == 64
 
 
 def test_batches_time_major_padding_and_workers(fake_data, tmp_path):
-    split = datasets.load_framed_split(NMNIST, fake_data, True, 6, cache_dir=str(tmp_path), progress=False)
-    test = datasets.load_framed_split(NMNIST, fake_data, False, 6, cache_dir=str(tmp_path), progress=False)
-    train_batches, test_batches = datasets.event_loaders(split, test, batch_size=24, seed=0, n_workers=1,
+    split = event_data.load_framed_split(NMNIST, fake_data, True, 6, cache_dir=str(tmp_path), progress=False)
+    test = event_data.load_framed_split(NMNIST, fake_data, False, 6, cache_dir=str(tmp_path), progress=False)
+    train_batches, test_batches = event_data.event_loaders(split, test, batch_size=24, seed=0, n_workers=1,
                                                          eval_batches=1)
     batches = list(train_batches(1))        # 64 samples: 24 + 24 + 16 (the short one is kept)
     assert [b[0].shape for b in batches] == [(6, 24, 2312), (6, 24, 2312), (6, 16, 2312)]
@@ -186,7 +181,7 @@ def test_batches_time_major_padding_and_workers(fake_data, tmp_path):
     assert len(list(train_batches(1))) == 3
     args = task.build_parser().parse_args(['--batch_size', '24', '--drop_last'])
     assert args.drop_last == 1
-    train_batches, _ = datasets.event_loaders(split, test, batch_size=args.batch_size, seed=args.seed,
+    train_batches, _ = event_data.event_loaders(split, test, batch_size=args.batch_size, seed=args.seed,
                                               drop_last=args.drop_last)
     assert [b[0].shape[1] for b in train_batches(1)] == [24, 24]
 
@@ -246,7 +241,7 @@ def test_neuron_constants_reach_the_layers():
 @pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
 def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
     seen = {}
-    real_schedule, real_trainer = utils.step_schedule, utils.Trainer
+    real_schedule, real_trainer = training.step_schedule, training.Trainer
 
     def schedule(lr, milestones, batches_per_epoch, factor=0.1):
         seen['schedule'] = (lr, list(milestones), batches_per_epoch)
@@ -257,8 +252,8 @@ def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
             seen['trainer'] = k
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(utils, 'step_schedule', schedule)
-    monkeypatch.setattr(utils, 'Trainer', Trainer)
+    monkeypatch.setattr(training, 'step_schedule', schedule)
+    monkeypatch.setattr(training, 'Trainer', Trainer)
     run_dir = str(tmp_path / 'run')
     argv = (f'--devices cpu --dataset {dataset} --data_dir {fake_data} --data_length 12 --epoch 4 '
             f'--n_layer 1 --n_rec 16 --method {method} --batch_size 16 --lr 0.01 --warmup_ratio 0.25 '
@@ -309,7 +304,7 @@ def test_missing_dataset_message(dataset, folder, tmp_path):
     assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
     msg = lines[0]
     assert msg.startswith('error: ') and str(data_dir / folder) in msg
-    info = datasets.event_dataset(dataset)
+    info = event_data.event_dataset(dataset)
     for name, url in info.urls:
         assert name in msg and url in msg
     for f in info.train_files + info.test_files:
@@ -331,7 +326,7 @@ def test_missing_dataset_keeps_what_was_there(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tonic.dataset, 'download_and_extract_archive', failing_download)
     with pytest.raises(utils.UserError, match='connection reset'):
-        datasets.open_tonic_dataset(SHD, str(data_dir), True)
+        event_data.open_tonic_dataset(SHD, str(data_dir), True)
     assert sorted(os.listdir(data_dir / 'SHD')) == ['notes.txt']
 
 
@@ -405,12 +400,12 @@ def test_silent_layer_warning(realistic_data, tmp_path, capsys):
 
 
 def test_silence_warning_rules():
-    assert utils.silence_warning([0.02, 0.01], [1.0] * 30, 10) is None
-    msg = utils.silence_warning([0.02, 1e-5], [1.0] * 30, 10)
+    assert train_loop.silence_warning([0.02, 0.01], [1.0] * 30, 10) is None
+    msg = train_loop.silence_warning([0.02, 1e-5], [1.0] * 30, 10)
     assert 'layer 1' in msg and '--rec_scale' in msg
     stuck = [math.log(10)] * 30
-    assert '--lr' in utils.silence_warning([0.02], stuck, 10)
-    assert utils.silence_warning([0.02], stuck[:5], 10) is None        # too few batches to judge
+    assert '--lr' in train_loop.silence_warning([0.02], stuck, 10)
+    assert train_loop.silence_warning([0.02], stuck[:5], 10) is None        # too few batches to judge
 
 
 def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_data, tmp_path):
@@ -420,7 +415,7 @@ def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_d
     import brainstate
     import jax.numpy as jnp
     import models
-    split = datasets.load_framed_split(NMNIST, realistic_data, True, 400, progress=False)
+    split = event_data.load_framed_split(NMNIST, realistic_data, True, 400, progress=False)
     xs, _ = split.batch(np.arange(16))
     brainstate.environ.set(dt=1.)
 
@@ -447,7 +442,7 @@ def test_kaiming_leaves_layer0_silent_and_calibration_sets_the_rates(realistic_d
 def test_gradient_through_the_reset(detach):
     """dV_t/dV_{t-1} of a LIF neuron: decay with a detached reset; decay * (1 - V_th * surrogate') when the
     reset carries gradient (the authors' LIF, --detach_reset 0), which keeps BPTT's backward pass through
-    400 steps from growing (README "Why the README size learns")."""
+    400 steps from growing (docs/image-classification.md, "Why the README size learns")."""
     import brainstate
     import jax
     import jax.numpy as jnp

@@ -14,6 +14,7 @@ import pytest
 
 import brainscale_adapter
 import models
+import training
 import utils
 from conftest import load_script
 
@@ -139,7 +140,7 @@ def test_formulas_match_the_real_network_and_traces(mem_script, model):
     sizes = {}
     for method in ('diag', 'expsm_diag'):
         net = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=model, seed=0)
-        trainer = utils.Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
+        trainer = training.Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
         assert mem_script.n_params(cfg) == models.count_params(net)
         algo = trainer.algo
         states = list(algo.etrace_bwg.values()) if method == 'diag' else \
@@ -199,15 +200,12 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize('method,kind', [('diag', 'lif-exp-cu'), ('diag', 'dms'), ('diag', 'alif-delta'),
                                          ('expsm_diag', 'lif-delta'), ('expsm_diag', 'dms')])
-def test_brainscale_speedups_give_brainscale_gradients(method, kind, monkeypatch):
+def test_brainscale_speedups_give_brainscale_gradients(method, kind):
     grads = {}
     for fast in (False, True):
-        if fast:
-            monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
-        else:
-            monkeypatch.setenv('BRAINSCALE_SPEEDUPS', '0')
+        brainscale_adapter.adapt_brainscale(speedups=fast)
         net, n_out = build(kind)
-        trainer = utils.Trainer(net, method, N_IN, B, etrace_decay=0.9)
+        trainer = training.Trainer(net, method, N_IN, B, etrace_decay=0.9)
         before = dict(brainscale_adapter.STATS)
         xs, labels, ws = data(n_out)
         grads[fast] = trainer.gradients(xs, labels, ws)
@@ -222,7 +220,7 @@ def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
     """A D-RTRL gradient read (_param_dim_solve) that falls back to brainscale's code is counted."""
     monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
     net, n_out = build('lif-delta')
-    trainer = utils.Trainer(net, 'diag', N_IN, B)
+    trainer = training.Trainer(net, 'diag', N_IN, B)
     real = brainscale_adapter._plain_dense
 
     def plain_dense_but_not_in_solve(relation, mode):  # the 2nd call of each trace: the gradient read
@@ -261,7 +259,7 @@ def test_bptt_layer_by_layer_equals_step_by_step(kind, reset):
         net = models.SpikingStack(N_IN, N_REC, 3, 2, model=kind, spk_reset=reset, seed=3)
         net = net if layered else PerStep(net)
         assert hasattr(net, 'run_sequence') == layered
-        trainer = utils.Trainer(net, 'bptt', N_IN, B)
+        trainer = training.Trainer(net, 'bptt', N_IN, B)
         xs, labels, ws = data(3, seed=1)
         grads[layered] = trainer.gradients(xs, labels, ws)
     assert_same(grads[False], grads[True])

@@ -98,7 +98,7 @@ def test_bad_device_input_is_one_line(tmp_path, flags, fragment):
 def test_memory_sweep_on_two_devices_reports_memory_per_device(tmp_path):
     """--devices 0,1: every row is per device. BPTT's activations (batch x T) and D-RTRL's traces
     (batch x #weights) split over two devices: each device's compiled step needs less than one device
-    with the whole batch, and the predicted state is per device (half). (README, "Several devices".)"""
+    with the whole batch, and the predicted state is per device (half). (docs/devices.md, "Several devices".)"""
     mem = os.path.join(ROOT, 'task-memory-and-speed-evaluation-tpu.py')
     rows = {}
     for devices in ('cpu', '0,1'):

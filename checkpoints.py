@@ -1,0 +1,192 @@
+"""What a run leaves in its folder: orbax checkpoints ({params, opt_state, epoch, rng_key} + JSON meta),
+the run log (config.json, metrics.csv, batches.csv, summary.json), the learning-curve figure and the
+gradient-fidelity file of --check_grad.
+
+Works on any object with the Trainer's `param_values()`, `set_param_values()`, `opt_state`,
+`weights_sharding()` and `place()`; imports nothing of the training code.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import brainstate
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from utils import METHOD_NAMES, UserError, append_csv_row, read_csv, write_json
+
+def rng_key_data(key):
+    """The raw uint32 data of a PRNG key: brainstate >= 0.5 holds a typed key (dtype key<fry>), which
+    cannot become a numpy array; older brainstate holds the raw uint32 array already."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def rng_key_like(data, like):
+    """`data` (raw key data) in the form of `like` (typed key or raw array)."""
+    if jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=jax.random.key_impl(like))
+    return data
+
+
+class Checkpoints:
+    """Orbax checkpoints of {params, opt_state, epoch, rng_key} + JSON meta in RUN_DIR/checkpoints/{last,best}.
+
+    Orbax writes each step to a temporary folder and renames it when complete, and `last` keeps the two
+    newest steps, so a process killed while saving still leaves a usable earlier checkpoint.
+    """
+
+    def __init__(self, run_dir: str):
+        root = os.path.abspath(os.path.join(run_dir, 'checkpoints'))
+        self.last = ocp.CheckpointManager(os.path.join(root, 'last'),
+                                          options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        self.best = ocp.CheckpointManager(os.path.join(root, 'best'),
+                                          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def save(self, trainer, epoch: int, meta: dict, best: bool):
+        state = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
+                 'epoch': np.asarray(epoch, np.int32),
+                 # brainstate's global key (weight init, any stochastic layer); the data streams are
+                 # seeded by (seed, epoch, batch) and need nothing else to continue identically
+                 'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       meta=ocp.args.JsonSave(meta))
+        if not values_finite(trainer.param_values()):
+            raise RuntimeError(f'refusing to save non-finite weights as epoch {epoch}')
+        managers = [self.last] + ([self.best] if best else [])
+        for m in managers:
+            m.save(epoch, args=args, force=True)
+        for m in managers:
+            m.wait_until_finished()
+
+    def restore(self, trainer, which: str = 'last'):
+        """Load params and optimizer state into `trainer`; returns (epoch, meta)."""
+        manager = self.last if which == 'last' else self.best
+        step = manager.latest_step()
+        if step is None:
+            raise UserError(f'no checkpoint in {manager.directory}')
+        target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
+                  'epoch': np.asarray(0, np.int32),
+                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        # restored onto this run's devices (replicated there), whichever devices saved the checkpoint
+        where = trainer.weights_sharding()
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=where), target)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        trainer.set_param_values(restored['state']['params'])
+        trainer.opt_state = restored['state']['opt_state']
+        trainer.place()  # on the devices of this run, whichever devices saved it
+        brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
+        return int(restored['state']['epoch']), dict(restored['meta'])
+
+    def close(self):
+        self.last.close()
+        self.best.close()
+
+
+class RunLog:
+    """config.json, metrics.csv (one row per epoch, flushed), batches.csv (one row per training batch)
+    and summary.json of a run folder."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, 'metrics.csv')
+        self.batches_path = os.path.join(run_dir, 'batches.csv')
+        self.fields = None
+
+    def write_config(self, config: dict):
+        os.makedirs(self.run_dir, exist_ok=True)
+        write_json(os.path.join(self.run_dir, 'config.json'), config)
+
+    def read_metrics(self) -> list:
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [{k: float(v) if k != 'epoch' else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def truncate_after(self, epoch: int):
+        """Drop rows newer than the checkpoint we resume from (written after it, then interrupted)."""
+        rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
+        if os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        for r in rows:
+            self.append(r)
+        batch_rows = [r for r in read_csv(self.batches_path) if int(r['epoch']) <= epoch]
+        if os.path.exists(self.batches_path):
+            os.remove(self.batches_path)
+        for r in batch_rows:
+            self.append_batch(r)
+
+    def append_batch(self, row: dict):
+        """One training batch (not synced: a crash loses at most the rows of the last epoch, which the
+        resume drops anyway)."""
+        append_csv_row(self.batches_path, row, sync=False)
+
+    def append(self, row: dict):
+        append_csv_row(self.metrics_path, row, sync=True)
+
+    def write_summary(self, summary: dict):
+        write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+GRAD_FIDELITY_FILE = 'grad_fidelity.csv'
+GRAD_FIDELITY_FIELDS = ['epoch', 'method', 'weight', 'shape', 'cosine', 'norm_ratio', 'sign_agreement']
+
+
+def plot_learning_curves(metrics: list, path: str, title: str = ''):
+    """loss and accuracy per epoch, train and test; with a grad_fidelity.csv next to `path`, a third
+    panel: each weight's cosine between the online and the BPTT gradient over the epochs."""
+    if not metrics:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [r['epoch'] for r in metrics]
+    fidelity = read_grad_fidelity(os.path.join(os.path.dirname(path) or '.', GRAD_FIDELITY_FILE))
+    fig, axes = plt.subplots(1, 3 if fidelity else 2, figsize=(15 if fidelity else 10, 4))
+    if fidelity:
+        ax = axes[2]
+        for weight in dict.fromkeys(r['weight'] for r in fidelity):
+            rs = [r for r in fidelity if r['weight'] == weight]
+            ax.plot([r['epoch'] for r in rs], [r['cosine'] for r in rs], marker='.', label=weight)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(f"cosine({METHOD_NAMES.get(fidelity[0]['method'], '')} gradient, BPTT gradient)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for key, ax in (('loss', axes[0]), ('acc', axes[1])):
+        for split in ('train', 'test'):
+            col = f'{split}_{key}'
+            if col in metrics[0]:
+                ax.plot(epochs, [r[col] for r in metrics], marker='.', label=split)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('accuracy' if key == 'acc' else 'loss')
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_grad_fidelity(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [dict(r, epoch=int(r['epoch']), cosine=float(r['cosine']), norm_ratio=float(r['norm_ratio']),
+                     sign_agreement=float(r['sign_agreement'])) for r in csv.DictReader(f)]
+
+
+def write_grad_fidelity(path: str, rows: list, append: bool = True):
+    new = not (append and os.path.exists(path))
+    with open(path, 'w' if new else 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=GRAD_FIDELITY_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def values_finite(values: dict) -> bool:
+    """Every weight finite (checked on the host before a checkpoint is written)."""
+    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(values))

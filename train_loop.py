@@ -1,0 +1,347 @@
+"""The epoch loop of the task scripts: train for a number of epochs (or until the smoothed training accuracy
+reaches acc_th), evaluate after each, log, checkpoint, resume; and --check_grad's gradient comparison.
+
+`fit(settings, trainer, run_dir, ...)` takes its settings as a LoopSettings (`LoopSettings.from_args(args)`
+in the task scripts); it writes config.json, metrics.csv, batches.csv, learning_curves.png, checkpoints and
+summary.json into run_dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
+                         values_finite, write_grad_fidelity)
+from training import Trainer
+from utils import METHOD_NAMES, peak_rss_mb, read_summary
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    """What the epoch loop needs to know of a run (the task scripts fill it from their flags)."""
+    epochs: int                            # the last epoch to train
+    method: str                            # bptt | diag | expsm_diag (names the figure, the progress bar)
+    experiment: str = ''                   # names the figure
+    resume: bool = False                   # continue from the run folder's last checkpoint
+    acc_th: Optional[float] = None         # stop when the mean accuracy of the last `smooth` batches reaches it
+    smooth: int = 20
+    check_grad_every: int = 0              # epochs between --check_grad comparisons (0 = none)
+    progress_bars: bool = True
+
+    @classmethod
+    def from_args(cls, args, acc_th: Optional[float] = None, smooth: int = 20) -> 'LoopSettings':
+        every = getattr(args, 'check_grad_every', None)
+        if every is None and getattr(args, 'check_grad', False):
+            every = 1  # --check_grad alone: every epoch
+        return cls(epochs=args.epochs, method=args.method, experiment=args.experiment, resume=bool(args.resume),
+                   acc_th=acc_th, smooth=smooth, check_grad_every=every or 0,
+                   progress_bars=not args.no_progress)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands between epochs (restored from the checkpoint's meta on a resume)."""
+    start_epoch: int = 1
+    best_test_acc: float = -1.0
+    recent: list = dataclasses.field(default_factory=list)
+    seconds_before: float = 0.
+
+
+def fit(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Iterable],
+        test_batches: Callable[[], Iterable], step_weights, config: dict) -> dict:
+    """Train, evaluating after every epoch; train_batches(epoch) yields (xs, labels) numpy batches,
+    test_batches() the held-out ones. `config` is written to config.json (a later --resume reads it).
+    Returns the summary (also written to summary.json)."""
+    log = RunLog(run_dir)
+    check = GradientCheck.for_run(settings, trainer, run_dir, test_batches, step_weights)
+    ckpt = None
+    try:
+        ckpt = Checkpoints(run_dir)
+        state = RunState()
+        if settings.resume:
+            state, finished = resume(ckpt, trainer, log, settings, run_dir)
+            if finished is not None:
+                return finished
+        log.write_config(config)  # the configuration the run goes on with (a resume's overrides included)
+        if check and state.start_epoch == 1:
+            check(0)  # the initial weights
+        return run_epochs(settings, trainer, run_dir, train_batches, test_batches, step_weights, log, ckpt,
+                          state, config, check)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def resume(ckpt: Checkpoints, trainer: Trainer, log: RunLog, settings: LoopSettings, run_dir: str):
+    """Load the last checkpoint; returns (RunState, None), or (RunState, summary) when the run is finished."""
+    done, meta = ckpt.restore(trainer)
+    finished = finished_because(meta, done, settings.epochs)
+    if finished:
+        print(f'{run_dir} is finished ({finished}); nothing to train. '
+              f'Its results are in {run_dir}/summary.json'
+              + ('' if meta.get('stopped_because') == 'acc_th' else
+                 f'; give --epochs N > {done} to train it further'), flush=True)
+        summary = read_summary(run_dir)
+        summary.setdefault('stopped_because', meta.get('stopped_because') or 'epochs')
+        return RunState(), dict(summary, finished=True)
+    state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
+                     recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.))
+    log.truncate_after(done)
+    fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
+    kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
+    if kept or os.path.exists(fidelity_path):
+        write_grad_fidelity(fidelity_path, kept, append=False)
+    print(f'resumed {run_dir} after epoch {done}')
+    return state, None
+
+
+def run_epochs(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches, test_batches, step_weights,
+               log: RunLog, ckpt: Checkpoints, state: RunState, config: dict, check) -> dict:
+    """The epochs from state.start_epoch on: train, evaluate, log a metrics.csv row, checkpoint."""
+    stopped = 'epochs'
+    t0 = time.time()
+    metrics = log.read_metrics()
+    # optimizer updates so far, the last `smooth` batch accuracies (acc_th), the compiling step's time
+    progress = Progress(batches_done=int(metrics[-1].get('batches', 0)) if metrics else 0, recent=state.recent)
+    for epoch in range(state.start_epoch, settings.epochs + 1):
+        ep_t0 = time.time()
+        batches = train_batches(epoch)
+        bar = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
+                   desc=f'epoch {epoch}/{settings.epochs} [{settings.method}]', disable=not settings.progress_bars,
+                   leave=False, dynamic_ncols=True)
+        ep = train_epoch(trainer, batches, step_weights, log, progress, epoch=epoch, acc_th=settings.acc_th,
+                         smooth=settings.smooth, bar=bar)
+        bar.close()
+        stopped = ep.stopped or 'epochs'
+        if stopped != 'nan' and not values_finite(trainer.param_values()):
+            stopped = 'nan'
+        if stopped == 'nan':
+            print(f'epoch {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
+                  f'stopping (the last good checkpoint is kept)')
+            break
+        row = epoch_row(trainer, test_batches, step_weights, epoch, ep, progress, time.time() - ep_t0)
+        is_best = row['test_acc'] > state.best_test_acc
+        state.best_test_acc = max(state.best_test_acc, row['test_acc'])
+        log.append(row)
+        metrics.append(row)
+        if check and epoch % settings.check_grad_every == 0:
+            check(epoch)
+        meta = dict(best_test_acc=state.best_test_acc, recent_train_acc=progress.recent,
+                    seconds=state.seconds_before + time.time() - t0, config=config,
+                    stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs)
+        ckpt.save(trainer, epoch, meta, best=is_best)
+        print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} acc {row["train_acc"]:.3f} | test loss '
+              f'{row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
+              f'{row["data_wait_s_per_batch"]:.3f} s/batch data', flush=True)
+        if stopped == 'acc_th':
+            print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {settings.acc_th}: stopping')
+            break
+    plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
+                         f'{settings.experiment} {METHOD_NAMES[settings.method]}')
+    summary = run_summary(settings.method, metrics, state, progress, stopped, state.seconds_before + time.time() - t0,
+                          run_dir)
+    log.write_summary(summary)
+    return summary
+
+
+def epoch_row(trainer: Trainer, test_batches, step_weights, epoch: int, ep: 'EpochStats', progress: 'Progress',
+              seconds: float) -> dict:
+    """The metrics.csv row of an epoch: the training means (batches weighted by their real samples, like
+    the test means), the held-out evaluation, timings and each layer's firing rate."""
+    n_batches = max(len(ep.losses), 1)
+    train_loss = float(np.average(ep.losses, weights=ep.sizes)) if ep.losses else float('nan')
+    train_acc = float(np.average(ep.accs, weights=ep.sizes)) if ep.accs else float('nan')
+    trainer.pop_eval_rates()
+    test_loss, test_acc = evaluate(trainer, test_batches(), step_weights)
+    rates = trainer.pop_eval_rates()
+    row = dict(epoch=epoch, batches=progress.batches_done, train_loss=train_loss, train_acc=train_acc,
+               test_loss=test_loss, test_acc=test_acc,
+               grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'),
+               seconds=seconds, data_wait_s_per_batch=ep.wait_s / n_batches,
+               step_s_per_batch=ep.step_s / ep.timed_steps if ep.timed_steps else float('nan'),
+               **{f'rate_layer{i}': r for i, r in enumerate(rates)})
+    if epoch == 1:
+        warning = silence_warning(rates, ep.losses, getattr(getattr(trainer.model, 'out', None), 'n_out', 0),
+                                  getattr(trainer, 'loss', 'cel'))
+        if warning:
+            print(warning, flush=True)
+    return row
+
+
+def run_summary(method: str, metrics: list, state: RunState, progress: 'Progress', stopped: str, seconds: float,
+                run_dir: str) -> dict:
+    last = metrics[-1] if metrics else {}
+    return dict(method=method, epochs_run=int(last.get('epoch', 0)),
+                batches_run=int(last.get('batches', 0)),
+                train_acc=last.get('train_acc'), test_acc=last.get('test_acc'),
+                best_test_acc=state.best_test_acc if state.best_test_acc >= 0 else None,
+                smoothed_train_acc=float(np.mean(progress.recent)) if progress.recent else None,
+                stopped_because=stopped, seconds=seconds,
+                compile_and_first_step_s=progress.first_step_s,
+                step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
+
+
+class GradientCheck:
+    """--check_grad: the online gradient of every weight against BPTT's on the first test batch (same
+    weights, same initial states), one grad_fidelity.csv row per weight and epoch."""
+
+    def __init__(self, trainer: Trainer, test_batches, step_weights, path: str):
+        self.trainer, self.test_batches, self.step_weights, self.path = trainer, test_batches, step_weights, path
+        self.batch = None
+
+    @classmethod
+    def for_run(cls, settings: LoopSettings, trainer: Trainer, run_dir: str, test_batches, step_weights):
+        """The check of this run, or None (no --check_grad, or nothing to compare with BPTT)."""
+        if not settings.check_grad_every:
+            return None
+        if settings.method == 'bptt':
+            print('note: --check_grad compares an online method with BPTT; with --method bptt there is nothing to '
+                  'compare (no grad_fidelity.csv)', file=sys.stderr, flush=True)
+            return None
+        return cls(trainer, test_batches, step_weights, os.path.join(run_dir, GRAD_FIDELITY_FILE))
+
+    def __call__(self, epoch: int):
+        if self.batch is None:
+            self.batch = next(iter(self.test_batches()))
+        xs, labels = self.batch
+        rows = [dict(r, epoch=epoch) for r in
+                grad_fidelity(self.trainer, np.asarray(xs), np.asarray(labels), self.step_weights)]
+        write_grad_fidelity(self.path, rows)
+        worst = min(rows, key=lambda r: r['cosine'] if math.isfinite(r['cosine']) else 2.)
+        print(f"gradient check, epoch {epoch}: cosine with BPTT {min(r['cosine'] for r in rows):.4f} "
+              f"({worst['weight']}) to {max(r['cosine'] for r in rows):.4f}, norm ratio "
+              f"{min(r['norm_ratio'] for r in rows):.3g} to {max(r['norm_ratio'] for r in rows):.3g} "
+              f"({self.path})", flush=True)
+
+
+def grad_fidelity(trainer: Trainer, xs, labels, ws) -> list:
+    """Each weight's gradient on one batch by the trainer's online method against BPTT's, from the same
+    weights and initial states: rows of weight name, shape, cosine, norm ratio (online / BPTT) and sign
+    agreement (the fraction of the elements where BPTT's gradient is not 0 that have its sign)."""
+    online = jax.tree_util.tree_flatten_with_path(trainer.gradients(xs, labels, ws))[0]
+    reference = jax.tree.leaves(trainer.gradients(xs, labels, ws, method='bptt'))
+    rows = []
+    for (path, g), r in zip(online, reference):
+        shape = np.shape(g)
+        g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
+        ng, nr = np.linalg.norm(g), np.linalg.norm(r)
+        nz = r != 0
+        rows.append(dict(method=trainer.method,
+                         weight='/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path),
+                         shape='x'.join(str(d) for d in shape),
+                         cosine=float(np.clip(g @ r / (ng * nr), -1, 1)) if ng > 0 and nr > 0 else float('nan'),
+                         norm_ratio=float(ng / nr) if nr > 0 else float('nan'),
+                         sign_agreement=float(np.mean(np.sign(g[nz]) == np.sign(r[nz]))) if nz.any() else float('nan')))
+    return rows
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the epochs of a run carry from one to the next."""
+    batches_done: int = 0                  # optimizer updates so far (kept across a resume)
+    recent: list = dataclasses.field(default_factory=list)  # the last batch accuracies (acc_th)
+    first_step_s: Optional[float] = None   # the first step of this process: compilation included
+
+
+@dataclasses.dataclass
+class EpochStats:
+    stopped: Optional[str] = None          # None, 'acc_th' or 'nan'
+    losses: list = dataclasses.field(default_factory=list)
+    accs: list = dataclasses.field(default_factory=list)
+    gnorms: list = dataclasses.field(default_factory=list)
+    sizes: list = dataclasses.field(default_factory=list)  # real samples per batch
+    wait_s: float = 0.
+    step_s: float = 0.
+    timed_steps: int = 0
+
+
+def train_epoch(trainer: Trainer, batches: Iterable, step_weights, log: RunLog, progress: Progress, *,
+                epoch: int, acc_th: Optional[float], smooth: int, bar=None) -> EpochStats:
+    """One epoch of optimizer updates: a batches.csv row per batch; stops early at a non-finite update
+    ('nan') or when the mean accuracy of the last `smooth` batches reaches acc_th ('acc_th')."""
+    ep = EpochStats()
+    it = iter(batches)
+    while True:
+        tw = time.time()
+        try:
+            xs, labels = next(it)
+        except StopIteration:
+            break
+        ts = time.time()
+        ep.wait_s += ts - tw
+        loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
+        if progress.first_step_s is None:  # compilation happens here: keep it out of the per-batch time
+            progress.first_step_s = time.time() - ts
+        else:
+            ep.step_s += time.time() - ts
+            ep.timed_steps += 1
+        if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
+            ep.stopped = 'nan'
+            break
+        ep.losses.append(loss)
+        ep.accs.append(acc)
+        ep.sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
+        ep.gnorms.append(gnorm)
+        progress.batches_done += 1
+        log.append_batch(dict(epoch=epoch, batch=progress.batches_done, loss=loss, acc=acc, grad_norm=gnorm,
+                              seconds=round(time.time() - ts, 4)))
+        progress.recent = (progress.recent + [acc])[-smooth:]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(progress.recent):.3f}')
+        if acc_th is not None and len(progress.recent) == smooth and np.mean(progress.recent) >= acc_th:
+            ep.stopped = 'acc_th'
+            break
+    return ep
+
+
+SILENT_RATE = 1e-3
+
+
+def silence_warning(rates: list, losses: list, n_classes: int, loss: str = 'cel') -> Optional[str]:
+    """One line when a layer is (nearly) silent (< SILENT_RATE spikes per neuron per step at the first
+    evaluation), or when the cross-entropy has stayed within 2 % of ln(n_classes) over the last batches of
+    the first epoch (at least 20 batches); None otherwise."""
+    silent = [(i, r) for i, r in enumerate(rates) if r < SILENT_RATE]
+    if silent:
+        i, r = silent[0]
+        flag = '--ff_scale (input weights)' if i == 0 else '--rec_scale or --ff_scale'
+        more = f' (layers {", ".join(str(j) for j, _ in silent)} are all below it)' if len(silent) > 1 else ''
+        return (f'warning: layer {i} fires {r:.2e} spikes per neuron per step at the first evaluation '
+                f'(< {SILENT_RATE:g}){more}: nothing reaches the readout; raise {flag}, or lower --V_th')
+    if loss == 'cel' and n_classes > 1 and len(losses) >= 20:
+        recent, chance = sum(losses[-10:]) / 10, math.log(n_classes)
+        if abs(recent - chance) <= 0.02 * chance:
+            return (f'warning: the training loss {recent:.4f} is still within 2 % of ln({n_classes}) = '
+                    f'{chance:.4f} after the first epoch: the network has not learned; check --lr, '
+                    f'--ff_scale / --rec_scale and the firing rates (rate_layer* in metrics.csv)')
+    return None
+
+
+def finished_because(meta: dict, done: int, epochs: int) -> Optional[str]:
+    """Why a run whose last checkpoint is epoch `done` has nothing left to train, or None."""
+    if meta.get('stopped_because') == 'acc_th':
+        return f'it stopped at acc_th after epoch {done}'
+    if done >= epochs:
+        return f'it ran its last epoch, {done} of --epochs {epochs}'
+    return None
+
+
+def evaluate(trainer: Trainer, batches: Iterable, step_weights):
+    total_loss = total_correct = total_n = 0.
+    for xs, labels in batches:
+        loss, acc, n = trainer.evaluate(xs, labels, step_weights)
+        total_loss += loss * n
+        total_correct += acc * n
+        total_n += n
+    if total_n == 0:
+        return float('nan'), float('nan')
+    return total_loss / total_n, total_correct / total_n
