@@ -14,9 +14,21 @@ trial independent as in the trial protocol.
 """
 from __future__ import annotations
 
+import collections
 import os
+import time
 
+import brainstate
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import checkpoints
+import dms_stream
+import utils
+from training import path_key
 
 
 # brainscale 0.1.0's eligibility-trace dicts: IODimVjpAlgorithm (ES-D-RTRL) and ParamDimVjpAlgorithm (D-RTRL)
@@ -25,9 +37,7 @@ TRACE_DICTS = ('etrace_xs', 'etrace_dfs', 'etrace_bwg')
 
 class StreamTrainer:
     def __init__(self, trainer, reset_per_trial: bool = False):
-        import brainstate
         if trainer.mesh is not None:
-            import utils
             raise utils.UserError('--protocol stream runs on one device; give --devices 0 or cpu')
         self.trainer, self.reset_per_trial = trainer, reset_per_trial
         self._canonicalize()
@@ -40,9 +50,6 @@ class StreamTrainer:
     def _canonicalize(self):
         """Every state, weight and optimizer leaf as a committed, strongly typed jax array: the form a
         compiled update returns them in, so that the second update does not compile again."""
-        import brainstate
-        import jax
-        import jax.numpy as jnp
         strong = lambda v: jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v
         node = self.trainer.algo if self.trainer.algo is not None else self.trainer.model
         for s in node.states().values():
@@ -55,8 +62,6 @@ class StreamTrainer:
         and, with_algo, the eligibility traces (by brainscale's dict and the position in it: its own keys
         hold Python ids, which differ from one process to the next, and the order of algo.states() changes
         after the first step, so neither can name a checkpointed trace)."""
-        import brainstate
-        from utils import path_key
         tr = self.trainer
         states = {'model/' + path_key(k): s for k, s in tr.model.states().items()
                   if not isinstance(s, brainstate.ParamState)}
@@ -85,8 +90,6 @@ class StreamTrainer:
 
     def _mask_reset(self, reset, with_algo: bool):
         """Zero the states (and traces) of the streams where `reset` (B,) is true: a trial starts there."""
-        import jax
-        import jax.numpy as jnp
         B = self.trainer.batch_size
         for s in self.stream_states(with_algo).values():
             def zero(v):
@@ -98,16 +101,11 @@ class StreamTrainer:
     # -- the loss of one step ------------------------------------------------------------------------
     def _step_loss(self, out, label, w):
         """sum_b w_b CE(out_b, label_b) / B: every stream's test period weighs as one trial."""
-        import jax
-        import jax.numpy as jnp
         per_stream = -jnp.take_along_axis(jax.nn.log_softmax(out, -1), label[:, None], -1)[:, 0]
         return jnp.sum(w * per_stream) / out.shape[0], w * per_stream
 
     # -- gradients of one chunk --------------------------------------------------------------------
     def _online_grads(self, xs, labels, ws, resets):
-        import brainstate
-        import jax
-        import jax.numpy as jnp
         tr = self.trainer
 
         def step(grad_sum, inp):
@@ -130,8 +128,6 @@ class StreamTrainer:
         return grads, losses, outs, per_stream
 
     def _tbptt_grads(self, xs, labels, ws, resets):
-        import brainstate
-        import jax
         tr = self.trainer
         # The states carried in from the previous window are constants: the gradient stops here.
         for s in self.stream_states(with_algo=False).values():
@@ -153,15 +149,11 @@ class StreamTrainer:
         return grads, losses, outs, per_stream
 
     def _chunk_grads(self, xs, labels, ws, resets):
-        from utils import path_key
         path = self._tbptt_grads if self.trainer.method == 'bptt' else self._online_grads
         grads, losses, outs, per_stream = path(xs, labels, ws, resets)
         return {path_key(k): g for k, g in grads.items()}, losses.sum(), outs, per_stream
 
     def _train_chunk(self, opt_state, xs, labels, ws, resets):
-        import jax
-        import jax.numpy as jnp
-        import optax
         tr = self.trainer
         grads, loss, outs, per_stream = self._chunk_grads(xs, labels, ws, resets)
         values = tr.param_values()
@@ -183,7 +175,6 @@ class StreamTrainer:
 
     def _eval_chunk(self, xs, labels, ws, resets):
         xs = xs.astype('float32')
-        import brainstate
         tr = self.trainer
 
         def step(x, label, w, reset):
@@ -215,8 +206,6 @@ class StreamTrainer:
 
     def compiled_memory(self, chunk_steps: int, n_in: int) -> dict:
         """XLA's memory analysis of the compiled update for chunks of `chunk_steps` steps (bytes)."""
-        import jax
-        import jax.numpy as jnp
         B = self.trainer.batch_size
         args = (self.opt_state, jax.ShapeDtypeStruct((chunk_steps, B, n_in), jnp.uint8),
                 jax.ShapeDtypeStruct((chunk_steps, B), jnp.int32), jax.ShapeDtypeStruct((chunk_steps, B), jnp.float32),
@@ -233,7 +222,6 @@ def evaluate_stream(st: StreamTrainer, stream, n_trials_per_stream: int):
     """Held-out accuracy and loss of the current weights, frozen, on the first n_trials_per_stream trials of
     every stream of `stream` (a DMSStream), run from zero states without any reset (unless the trainer's
     reset_per_trial control). The training states and traces are put back afterwards."""
-    import dms_stream
     saved = st.get_stream_state()
     st.reset_streams(with_algo=False)
     scorer = dms_stream.TrialScorer(stream.n_streams)
@@ -259,24 +247,20 @@ TRIALS_TO = 0.9  # summary: the training trials after which the held-out accurac
 class StreamCheckpoints:
     """orbax checkpoints of the weights, the optimizer state and the stream's state (neuron states,
     eligibility traces, the partial test-period sums, the chunk index): a killed run resumes where the
-    stream was. The layout of utils.Checkpoints (last keeps two steps, best one)."""
+    stream was. The layout of checkpoints.Checkpoints (last keeps two steps, best one)."""
 
     def __init__(self, run_dir: str):
-        import utils
-        self.inner = utils.Checkpoints(run_dir)
-        self.ocp = self.inner.ocp
+        self.inner = checkpoints.Checkpoints(run_dir)
+        self.ocp = ocp
 
     def _state(self, st: StreamTrainer, chunks_done: int, scorer) -> dict:
-        import brainstate
-        import utils
         return {'params': st.trainer.param_values(), 'opt_state': st.opt_state,
                 'stream_state': st.get_stream_state(), 'chunks_done': np.asarray(chunks_done, np.int64),
                 'partial': np.asarray(scorer.partial), 'loss_partial': np.asarray(scorer.loss_partial),
-                'rng_key': np.asarray(utils.rng_key_data(brainstate.random.DEFAULT.value))}
+                'rng_key': np.asarray(checkpoints.rng_key_data(brainstate.random.DEFAULT.value))}
 
     def save(self, st: StreamTrainer, step: int, chunks_done: int, scorer, meta: dict, best: bool):
-        import utils
-        if not utils.params_finite(st.trainer):
+        if not checkpoints.values_finite(st.trainer.param_values()):
             raise RuntimeError(f'refusing to save non-finite weights at evaluation {step}')
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(self._state(st, chunks_done, scorer)),
                                        meta=self.ocp.args.JsonSave(meta))
@@ -288,9 +272,6 @@ class StreamCheckpoints:
 
     def restore(self, st: StreamTrainer, scorer):
         """-> (evaluation step, chunks done, meta); loads everything into st and scorer."""
-        import brainstate
-        import jax
-        import utils
         manager = self.inner.last
         step = manager.latest_step()
         if step is None:
@@ -305,7 +286,7 @@ class StreamCheckpoints:
         st.set_stream_state(dict(state['stream_state']))
         scorer.partial[:] = np.asarray(state['partial'])
         scorer.loss_partial[:] = np.asarray(state['loss_partial'])
-        brainstate.random.DEFAULT.value = utils.rng_key_like(state['rng_key'], brainstate.random.DEFAULT.value)
+        brainstate.random.DEFAULT.value = checkpoints.rng_key_like(state['rng_key'], brainstate.random.DEFAULT.value)
         return int(step), int(state['chunks_done']), dict(restored['meta'])
 
     def close(self):
@@ -319,8 +300,6 @@ def chunk_ms(args) -> float:
 
 def stream_plan(args, cfg):
     """The training stream, the held-out stream and the number of chunks of the run."""
-    import dms_stream
-    import utils
     try:
         iti = dms_stream.parse_iti(args.t_iti)
     except ValueError as e:
@@ -343,15 +322,12 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     """Train on the stream for --stream_trials trials per stream; evaluate on the held-out stream every
     --eval_every_trials trials per stream. Writes config.json, batches.csv (one row per update),
     metrics.csv (one row per evaluation), learning_curves.png, checkpoints and summary.json."""
-    import time
-    import dms_stream
-    import utils
     st = StreamTrainer(trainer, reset_per_trial=bool(args.stream_reset))
     train, held_out, n_chunks = stream_plan(args, cfg)
     n_test = int(np.ceil(args.n_test_trials / args.batch_size))
     period = train.mean_period_steps()
     eval_steps = args.eval_every_trials * period
-    log = utils.RunLog(run_dir)
+    log = checkpoints.RunLog(run_dir)
     config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
                   mean_period_steps=period, n_test_trials_used=n_test * args.batch_size, **(extra_config or {}))
     scorer = dms_stream.TrialScorer(args.batch_size)
@@ -373,10 +349,7 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
 
 def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_steps, scorer, step, chunks_done,
                 meta) -> dict:
-    import collections
-    import time
-    import utils
-    U, B = train.chunk_steps, args.batch_size
+    U = train.chunk_steps
     best = meta.get('best_test_acc', -1.)
     trials_done = meta.get('trials_done', 0)
     recent = collections.deque(meta.get('recent', []), maxlen=ROLLING_TRIALS)
@@ -430,7 +403,7 @@ def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_ste
             print(f'{row["trials_per_stream"]:.0f} trials per stream ({row["stream_s"]:.0f} s of stream): train '
                   f'acc {row["train_acc"]:.3f} | held-out loss {test_loss:.4f} acc {test_acc:.3f} | '
                   f'{row["s_per_1000_steps"]:.3f} s per 1000 steps', flush=True)
-    utils.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
+    checkpoints.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
                                f'DMS stream, {utils.METHOD_NAMES[args.method]}, {chunk_ms(args):g} ms per update')
     return stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, log.run_dir)
 
@@ -439,7 +412,6 @@ ROLLING_TRIALS = 256  # the rolling training accuracy: the last trials that ende
 
 
 def stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, run_dir) -> dict:
-    import utils
     last = metrics[-1] if metrics else {}
     reached = [r for r in metrics if r['test_acc'] >= TRIALS_TO]
     timed = [r['s_per_1000_steps'] for r in metrics if np.isfinite(r.get('s_per_1000_steps', float('nan')))]

@@ -28,6 +28,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -130,14 +131,14 @@ def measure_update(spec: dict) -> dict:
     """Worker: build the network of `spec['flags']`, compile the stream update for chunks of spec['steps']
     steps and read XLA's memory analysis; run it once (peak RSS) when it needs less than spec['run_limit_mb']."""
     import resource
-    import numpy as np
+    import utils
     task = load_task()
-    args = __import__('utils').parse_args(task.build_parser(), spec['flags'], task.PRESETS)
+    args = utils.parse_args(task.build_parser(), spec['flags'], task.PRESETS)
     import brainstate
     import datasets
     import models
-    import utils
     import stream_training
+    import training
     brainstate.environ.set(dt=args.dt)
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample, t_delay=args.t_delay,
                              t_test=args.t_test)
@@ -145,7 +146,7 @@ def measure_update(spec: dict) -> dict:
                           tau_syn=args.tau_syn, tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale,
                           rec_scale=args.rec_scale, spk_fun=args.spk_fun, syn_gain=args.syn_gain, tau_o=args.tau_o,
                           readout_scale=args.readout_scale, seed=args.seed)
-    trainer = utils.Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay)
+    trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay)
     st = stream_training.StreamTrainer(trainer)
     m = st.compiled_memory(spec['steps'], cfg.n_input)
     need = (m['temp_bytes'] + m['argument_bytes'] + m['output_bytes'] - m['alias_bytes']) / 2 ** 20
@@ -155,7 +156,14 @@ def measure_update(spec: dict) -> dict:
     elif need <= spec['run_limit_mb']:
         import dms_stream
         stream = dms_stream.DMSStream(cfg, args.batch_size, spec['steps'], args.seed, dms_stream.parse_iti(args.t_iti))
-        st.train_chunk(stream.chunk(0))
+        st.train_chunk(stream.chunk(0))  # compiles
+        times = []
+        for k in range(1, 4 if spec['steps'] <= 20000 else 2):
+            chunk = stream.chunk(k)
+            t0 = time.perf_counter()
+            st.train_chunk(chunk)
+            times.append(time.perf_counter() - t0)
+        row['s_per_1000_steps'] = float(sorted(times)[len(times) // 2]) * 1000. / spec['steps']
         row['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.
     else:
         row['status'] = 'not run (above --run_limit_mb)'
@@ -256,8 +264,7 @@ def plot_stream(rows: list, path: str):
     for r in rows:
         metrics = read_csv(os.path.join(ROOT, r['run_dir'], 'metrics.csv'))
         key = 'bptt' if r['method'] == 'BPTT' else ('diag' if r['method'] == 'D-RTRL' else 'expsm_diag')
-        i = by_method.setdefault(key, []) or 0
-        by_method[key].append(r)
+        by_method.setdefault(key, []).append(r)
         label = (f"TBPTT {r['update_ms']:g} ms" if key == 'bptt' else f"{r['method']} (update {r['update_ms']:g} ms)") \
             + f", seed {r['seed']}"
         ax.plot([float(m['stream_s']) for m in metrics], [float(m['test_acc']) for m in metrics],
@@ -296,33 +303,35 @@ def plot_memory(rows: list, path: str):
 
 
 def memory_rows(P, out, runs_rows) -> list:
+    """One fresh process per row: the update of every (method, interval) of the runs (memory, peak RSS and
+    time per 1000 steps, the CPU to itself), full BPTT over ever longer stretches of the stream up to the
+    whole of it, and the peak RSS of the ES-D-RTRL runs against the stream length."""
     rows = []
     base = P['base'] + ['--seed', '0']
-    period = None
-    for r in runs_rows:  # the mean trial + ITI period, from a run's config
-        cfg = json.load(open(os.path.join(ROOT, r['run_dir'], 'config.json')))
-        period = cfg['mean_period_steps']
-        break
+    period = json.load(open(os.path.join(ROOT, runs_rows[0]['run_dir'], 'config.json')))['mean_period_steps']
     mb = machine_mb()
-    for n in P['full_bptt_trials']:
-        steps = int(round(n * period))
-        spec = dict(flags=base + ['--method', 'bptt'], steps=steps, machine_mb=mb, run_limit_mb=P['run_limit_mb'])
-        row = dict(what='full BPTT over the stream' if n == max(P['full_bptt_trials']) else 'BPTT window',
-                   method='BPTT', window_steps=steps, stream_trials=n, **memory_row(spec, out))
-        print(row, flush=True)
-        rows.append(row)
-    for w in (P['update_every'], P['update_every'] * 8):
-        spec = dict(flags=base + ['--method', 'expsm_diag'], steps=int(w), machine_mb=mb, run_limit_mb=P['run_limit_mb'])
-        row = dict(what='ES-D-RTRL update', method='ES-D-RTRL', window_steps=int(w), stream_trials=None,
+
+    def measure(what, method, steps, trials=None):
+        spec = dict(flags=base + ['--method', method], steps=int(steps), machine_mb=mb, run_limit_mb=P['run_limit_mb'])
+        row = dict(what=what, method=METHOD_NAMES[method], window_steps=int(steps), stream_trials=trials,
                    **memory_row(spec, out))
         print(row, flush=True)
         rows.append(row)
+
+    for method, interval in dict.fromkeys((KEYS[r['method']], r['update_ms']) for r in runs_rows if r['group'] == 'main'):
+        measure('TBPTT window' if method == 'bptt' else 'online update', method, interval)
+    for n in P['full_bptt_trials']:
+        measure('full BPTT over the stream', 'bptt', round(n * period), n)
     for r in runs_rows:  # peak RSS of whole runs against the stream length (ES-D-RTRL seed 0)
-        if r['method'] == 'ES-D-RTRL' and r['seed'] == P['es_seeds'][0]:
-            rows.append(dict(what='ES-D-RTRL run, peak RSS', method='ES-D-RTRL', window_steps=r['update_ms'],
-                             stream_trials=r['stream_trials'], update_memory_mb=r['update_memory_mb'],
-                             peak_rss_mb=r['peak_rss_mb'], status='ok'))
+        if r['method'] == 'ES-D-RTRL' and r['seed'] == P['es_seeds'][0] and not r['flags'] and \
+                r['update_ms'] == P['update_every']:
+            rows.append(dict(what='ES-D-RTRL run (peak RSS of the whole run)', method='ES-D-RTRL',
+                             window_steps=r['update_ms'], stream_trials=r['stream_trials'],
+                             update_memory_mb=r['update_memory_mb'], peak_rss_mb=r['peak_rss_mb'], status='ok'))
     return rows
+
+
+KEYS = {name: key for key, name in METHOD_NAMES.items()}
 
 
 def main(argv=None) -> int:
@@ -361,8 +370,13 @@ def main(argv=None) -> int:
     if 'memory' in a.parts and rows:
         mrows = memory_rows(P, out, rows)
         write_table(mrows, ['what', 'method', 'window_steps', 'stream_trials', 'update_memory_mb', 'update_temp_mb',
-                            'peak_rss_mb', 'status'], os.path.join(out, 'memory'),
-                    'Memory of one update (XLA memory analysis of the compiled update; peak RSS of a fresh process)')
+                            'peak_rss_mb', 's_per_1000_steps', 'status'], os.path.join(out, 'memory'),
+                    'One update in a fresh process: XLA memory analysis of the compiled update, peak RSS, time')
+        timed = {(r['method'], r['window_steps']): r.get('s_per_1000_steps') for r in mrows
+                 if r['what'] in ('online update', 'TBPTT window')}
+        for r in rows:  # the time per 1000 steps measured with the CPU to itself, where there is one
+            r['s_per_1000_steps'] = timed.get((r['method'], int(r['update_ms'])), r['s_per_1000_steps'])
+        write_outputs(P, out, rows)
     print(f'wrote {out}', flush=True)
     return 0
 
