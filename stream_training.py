@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 
 import brainstate
@@ -324,6 +325,9 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     metrics.csv (one row per evaluation), learning_curves.png, checkpoints and summary.json."""
     st = StreamTrainer(trainer, reset_per_trial=bool(args.stream_reset))
     train, held_out, n_chunks = stream_plan(args, cfg)
+    if getattr(args, 'check_grad', False) or getattr(args, 'check_grad_every', None):
+        print('note: --check_grad compares gradients on independent trials; the stream protocol has none '
+              '(no grad_fidelity.csv)', file=sys.stderr, flush=True)
     n_test = int(np.ceil(args.n_test_trials / args.batch_size))
     period = train.mean_period_steps()
     eval_steps = args.eval_every_trials * period

@@ -58,7 +58,8 @@ def build_parser():
     g = p.add_argument_group('stream protocol (--protocol stream; docs/stream.md)')
     g.add_argument('--protocol', choices=('trials', 'stream'), default='trials',
                    help='trials: independent trials, states reset per batch; stream: --batch_size endless '
-                        'streams of trials, states and traces never reset, one update per stretch of stream')
+                        'streams of trials, states and traces never reset, one update per stretch of stream '
+                        '(--epochs, --batches_per_epoch, --acc_th do not apply; docs/stream.md)')
     g.add_argument('--t_iti', default='100-500',
                    help='stream: inter-trial interval in ms (background input only), MIN-MAX drawn uniformly or '
                         'one value; with 0 the streams also start in step (no random phase)')

@@ -1,8 +1,9 @@
 """Learning on a stream: the DMS task (1000 ms delay) as 32 endless streams, ES-D-RTRL and D-RTRL updating
 online against truncated BPTT, and the memory each needs.
 
-    python scripts/reproduce_stream.py            # everything (about 50 minutes on 2 cores)
-    python scripts/reproduce_stream.py --tiny     # the same code path at toy sizes (CI)
+    python scripts/reproduce_stream.py                   # everything (see docs/stream.md for how long)
+    python scripts/reproduce_stream.py --budget_min 25   # start no run after 25 minutes; run again to go on
+    python scripts/reproduce_stream.py --tiny            # the same code path at toy sizes (CI)
 
 Every run is `task-rsnn-long-term-dependency.py --preset cpu-demo --protocol stream` (the paper's task
 and network, batch 32 = 32 streams) with one method and one update interval, for the same stream length
@@ -39,11 +40,12 @@ COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 FULL = dict(
     base=['--preset', 'cpu-demo', '--protocol', 'stream', '--t_iti', '100-500', '--n_test_trials', '256',
           '--eval_every_trials', '25', '--no_progress'],
-    stream_trials=200, short_trials=50,     # the memory check: ES-D-RTRL on a stream 4x shorter
+    stream_trials=400, short_trials=50,     # the memory check: ES-D-RTRL on a stream 8x shorter
     es_seeds=[0, 1, 2], update_every=500,
     tbptt_windows=[250, 500, 1000, 2000, 4000], tbptt_seeds=[0],
     drtrl_trials=4,                         # D-RTRL: ~45x slower per step, a capped budget
     best_tbptt_seeds=[1, 2],                # more seeds for the TBPTT window with the best final accuracy
+    control_trials=200,                     # the controls, against the first 200 trials of the main runs
     controls=[('expsm_diag', 2000, ['--stream_reset', '0']),  # a longer update interval
               ('expsm_diag', 500, ['--stream_reset', '1'])],  # a reset at every trial start (interference?)
     full_bptt_trials=[1, 4, 16, 64, 200],   # full BPTT over the whole stream of this many mean periods
@@ -54,7 +56,7 @@ TINY = dict(
           '--n_rec', '12', '--batch_size', '4', '--t_iti', '5-15', '--n_test_trials', '8', '--eval_every_trials', '2',
           '--devices', 'cpu', '--no_progress'],
     stream_trials=4, short_trials=1, es_seeds=[0], update_every=30, tbptt_windows=[20, 80], tbptt_seeds=[0],
-    drtrl_trials=2, full_bptt_trials=[1, 4], run_limit_mb=4096, best_tbptt_seeds=[1],
+    drtrl_trials=2, full_bptt_trials=[1, 4], run_limit_mb=4096, best_tbptt_seeds=[1], control_trials=3,
     controls=[('expsm_diag', 30, ['--stream_reset', '1'])],
 )
 
@@ -68,14 +70,19 @@ def run_folder_state(run_dir: str) -> str:
     return 'new'
 
 
-def launch(run_dir: str, flags: list, log_path: str) -> dict:
-    """Run the task script once (or resume it); returns its summary with the process's peak RSS."""
+def launch(run_dir: str, flags: list, log_path: str, trials: int) -> dict:
+    """Run the task script once (or resume it; or extend a finished run on a shorter stream to `trials`
+    trials per stream: the same stream goes on); returns its summary with the process's peak RSS."""
     state = run_folder_state(run_dir)
     if state == 'finished':
         with open(os.path.join(run_dir, 'summary.json')) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if summary.get('stream_trials', trials) >= trials:
+            return summary
+        os.remove(os.path.join(run_dir, 'summary.json'))
+        state = 'interrupted'
     if state == 'interrupted':
-        argv = ['--resume', run_dir, '--no_progress']
+        argv = ['--resume', run_dir, '--no_progress', '--stream_trials', str(trials)]
     else:
         if os.path.isdir(run_dir):
             import shutil
@@ -92,6 +99,8 @@ def launch(run_dir: str, flags: list, log_path: str) -> dict:
     with open(os.path.join(run_dir, 'summary.json')) as f:
         summary = json.load(f)
     summary['peak_rss_mb'] = usage.ru_maxrss / 1024.
+    flags = flags[:flags.index('--stream_trials')] + ['--stream_trials', str(trials)] + \
+        flags[flags.index('--stream_trials') + 2:]
     summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in flags)
     with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)
@@ -223,7 +232,7 @@ def later_runs(P, rows) -> list:
     if tbptt:
         best = max(tbptt, key=lambda r: r['final_test_acc'])['update_ms']
         runs += [('main', 'bptt', best, s, P['stream_trials'], ()) for s in P['best_tbptt_seeds']]
-    runs += [('control', m, interval, P['es_seeds'][0], P['stream_trials'], tuple(more))
+    runs += [('control', m, interval, P['es_seeds'][0], P['control_trials'], tuple(more))
              for m, interval, more in P['controls']]
     return runs
 
@@ -339,12 +348,16 @@ def main(argv=None) -> int:
     p.add_argument('--tiny', action='store_true', help='toy sizes, the same code path (CI)')
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'dms', 'stream'), help='output folder')
     p.add_argument('--parts', default='runs,memory', help='comma list of runs, memory')
+    p.add_argument('--budget_min', type=float, default=float('inf'),
+                   help='start no new run after this many minutes (the CPU is shared: run the script again '
+                        'later, finished runs are reused and an interrupted one resumed)')
     p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(measure_update(json.loads(a.worker))), flush=True)
         return 0
     P = TINY if a.tiny else FULL
+    t_start, complete = time.time(), True
     out = os.path.abspath(a.out)
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     rows = []
@@ -352,22 +365,27 @@ def main(argv=None) -> int:
     later_planned = False
     while todo:
         group, method, interval, seed, trials, more = todo.pop(0)
-        name = f'{method}-{interval:g}ms-seed{seed}-{trials}trials' + ''.join(m.strip('-') for m in more)
+        name = f'{method}-{interval:g}ms-seed{seed}' + ('-short' if group == 'short' else '') + \
+            ''.join('-' + m.strip('-') for m in more)
         run_dir = os.path.join(out, 'runs', name)
-        if 'runs' in a.parts:
+        if 'runs' in a.parts and (time.time() - t_start) / 60. < a.budget_min:
             summary = launch(run_dir, flags_of(P, method, interval, seed, trials, more),
-                             os.path.join(out, 'runs', name + '.log'))
+                             os.path.join(out, 'runs', name + '.log'), trials)
         elif run_folder_state(run_dir) == 'finished':
             summary = json.load(open(os.path.join(run_dir, 'summary.json')))
         else:
             summary = None
-        if summary is not None:
+            if 'runs' in a.parts:
+                complete = False
+                print(f'not run: {name} (the --budget_min of this invocation is spent; run the script again)',
+                      flush=True)
+        if summary is not None and summary.get('stream_trials') == trials:
             rows.append(row_of(group, method, interval, seed, trials, run_dir, summary, more))
             write_outputs(P, out, rows)
         if not todo and not later_planned:  # the plan is done: the best TBPTT window is known
             later_planned = True
             todo = later_runs(P, rows)
-    if 'memory' in a.parts and rows:
+    if 'memory' in a.parts and rows and complete:
         mrows = memory_rows(P, out, rows)
         write_table(mrows, ['what', 'method', 'window_steps', 'stream_trials', 'update_memory_mb', 'update_temp_mb',
                             'peak_rss_mb', 's_per_1000_steps', 'status'], os.path.join(out, 'memory'),
