@@ -44,11 +44,11 @@ FULL = dict(
     es_seeds=[0, 1, 2], update_every=500,
     tbptt_windows=[250, 500, 1000, 2000, 4000], tbptt_seeds=[0],
     drtrl_trials=4,                         # D-RTRL: ~45x slower per step, a capped budget
-    best_tbptt_seeds=[1, 2],                # more seeds for the TBPTT window with the best final accuracy
+    best_tbptt_seeds=[],                    # more seeds for the best TBPTT window: none (time; docs/stream.md)
     control_trials=200,                     # the controls, against the first 200 trials of the main runs
-    controls=[('expsm_diag', 2000, ['--stream_reset', '0']),  # a longer update interval
-              ('expsm_diag', 500, ['--stream_reset', '1'])],  # a reset at every trial start (interference?)
-    full_bptt_trials=[1, 4, 16, 64, 200],   # full BPTT over the whole stream of this many mean periods
+    controls=[('bptt', 250, ['--A2', '0']),                   # no adaptation current: where the memory is
+              ('expsm_diag', 2000, ['--stream_reset', '0'])],  # a longer update interval
+    full_bptt_trials=[1, 4, 16, 64, 400],   # full BPTT over the stream, up to the whole of it (mean periods)
     run_limit_mb=4096,                      # memory rows: run one update when XLA says it needs less
 )
 TINY = dict(
@@ -243,10 +243,20 @@ def write_outputs(P, out, rows):
                 f'DMS on a stream ({P["stream_trials"]} trials per stream unless said), held-out stream accuracy')
     plot_stream(main_rows, os.path.join(out, 'accuracy_vs_stream.png'))
     plot_memory(main_rows, os.path.join(out, 'accuracy_vs_memory.png'))
-    controls = [r for r in rows if r['group'] != 'main' or r['method'] == 'ES-D-RTRL']
+    controls = [dict(r, test_acc_at_control_trials=acc_at(r, P['control_trials'])) for r in rows
+                if r['group'] != 'main' or r['method'] == 'ES-D-RTRL' or (r['method'] == 'BPTT' and r['update_ms'] == 250)]
     write_table(controls, ['group', 'method', 'update_ms', 'flags', 'seed', 'stream_trials', 'peak_rss_mb',
-                           'final_test_acc', 'best_test_acc', 'trials_per_stream_to_0_9', 'seconds'],
-                os.path.join(out, 'controls'), 'ES-D-RTRL: update interval, a reset per trial, the stream length')
+                           'test_acc_at_control_trials', 'final_test_acc', 'best_test_acc',
+                           'trials_per_stream_to_0_9', 'seconds'],
+                os.path.join(out, 'controls'), 'Controls: no adaptation current (A2 = 0), the update interval, the '
+                'stream length')
+
+
+def acc_at(row, trials):
+    """Held-out accuracy at the evaluation nearest to `trials` trials per stream (none past the run's end)."""
+    metrics = read_csv(os.path.join(ROOT, row['run_dir'], 'metrics.csv'))
+    near = [m for m in metrics if float(m['trials_per_stream']) <= trials + 1]
+    return float(min(near, key=lambda m: abs(float(m['trials_per_stream']) - trials))['test_acc']) if near else None
 
 
 def row_of(group, method, interval, seed, trials, run_dir, summary, more=()) -> dict:
