@@ -198,7 +198,10 @@ def test_reproduce_stream_tiny_end_to_end(tmp_path):
         summary = json.load(open(os.path.join(ROOT, r['run_dir'], 'summary.json')))
         assert float(r['final_test_acc']) == summary['test_acc'] and float(r['peak_rss_mb']) > 100
     memory = utils.read_csv(os.path.join(out, 'memory.csv'))
-    bptt = [float(r['update_memory_mb']) for r in memory if r['method'] == 'BPTT']
-    assert len(bptt) == 2 and bptt[1] > 2 * bptt[0]  # BPTT's update grows with the window
+    windows = [(int(r['window_steps']), float(r['update_memory_mb'])) for r in memory if r['method'] == 'BPTT']
+    assert [w for w, _ in windows] == [20, 80, 75, 300]  # the TBPTT windows, then full BPTT over 1 and 4 periods
+    assert windows[3][1] > 2.5 * windows[2][1] and windows[1][1] > 2 * windows[0][1]  # grows with the window
+    online = [r for r in memory if r['what'] == 'online update']
+    assert {r['method'] for r in online} == {'ES-D-RTRL', 'D-RTRL'} and all(float(r['s_per_1000_steps']) > 0 for r in online)
     for name in ('table.md', 'memory.md', 'accuracy_vs_stream.png', 'accuracy_vs_memory.png'):
         assert os.path.getsize(os.path.join(out, name)) > 0
