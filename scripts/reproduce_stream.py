@@ -47,7 +47,8 @@ FULL = dict(
     best_tbptt_seeds=[],                    # more seeds for the best TBPTT window: none (time; docs/stream.md)
     control_trials=200,                     # the controls, against the first 200 trials of the main runs
     controls=[('bptt', 250, ['--A2', '0']),                   # no adaptation current: where the memory is
-              ('expsm_diag', 2000, ['--stream_reset', '0'])],  # a longer update interval
+              ('expsm_diag', 2000, ['--stream_reset', '0']),   # a longer update interval
+              ('expsm_diag', 500, ['--stream_reset', '1'])],   # a reset at every trial start (interference?)
     full_bptt_trials=[1, 4, 16, 64, 400],   # full BPTT over the stream, up to the whole of it (mean periods)
     run_limit_mb=4096,                      # memory rows: run one update when XLA says it needs less
 )
