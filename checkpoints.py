@@ -8,7 +8,11 @@ Works on any object with the Trainer's `param_values()`, `set_param_values()`, `
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+import sys
+from typing import Optional
+
 import brainstate
 import jax
 import numpy as np
@@ -51,10 +55,12 @@ class Checkpoints:
                  # brainstate's global key (weight init, any stochastic layer); the data streams are
                  # seeded by (seed, epoch, batch) and need nothing else to continue identically
                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                       meta=ocp.args.JsonSave(meta))
         if not values_finite(trainer.param_values()):
             raise RuntimeError(f'refusing to save non-finite weights as epoch {epoch}')
+        # a checksum of the arrays as saved: a resume verifies what it reads against it
+        meta = dict(meta, state_sha256=state_checksum(state))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       meta=ocp.args.JsonSave(meta))
         managers = [self.last] + ([self.best] if best else [])
         for m in managers:
             m.save(epoch, args=args, force=True)
@@ -62,24 +68,73 @@ class Checkpoints:
             m.wait_until_finished()
 
     def restore(self, trainer, which: str = 'last'):
-        """Load params and optimizer state into `trainer`; returns (epoch, meta)."""
+        """Load params and optimizer state into `trainer` from the newest step that restores and matches
+        its checksum, newest first; returns (epoch, meta). A damaged newer step is set aside (moved to
+        checkpoints/damaged/) with one warning line, and steps newer than the one restored are dropped,
+        since their epochs will be trained again."""
         manager = self.last if which == 'last' else self.best
-        step = manager.latest_step()
-        if step is None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             raise UserError(f'no checkpoint in {manager.directory}')
+        damaged = []
+        for step in steps:
+            restored, problem = self.read_step(manager, trainer, step)
+            if problem is None:
+                break
+            damaged.append(step)
+            print(f'warning: checkpoint {which}/{step} is damaged ({problem}); trying an older one',
+                  file=sys.stderr, flush=True)
+        else:
+            raise UserError(f'no checkpoint in {manager.directory} restores and matches its checksum (steps '
+                            f'{", ".join(map(str, steps))}); the run cannot be resumed: start a new one')
+        if damaged:
+            print(f'resuming from checkpoint {which}/{step}, the newest one that restores and verifies',
+                  file=sys.stderr, flush=True)
+        self.set_aside(damaged, step)
+        trainer.set_param_values(restored['state']['params'])
+        trainer.opt_state = restored['state']['opt_state']
+        trainer.place()  # on the devices of this run, whichever devices saved it
+        brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
+        return int(restored['state']['epoch']), dict(restored['meta'])
+
+    @staticmethod
+    def read_step(manager, trainer, step: int):
+        """(restored, None), or (None, what is wrong) for a step whose files are damaged."""
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': np.asarray(0, np.int32),
                   'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
         # restored onto this run's devices (replicated there), whichever devices saved the checkpoint
         where = trainer.weights_sharding()
         abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=where), target)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        trainer.set_param_values(restored['state']['params'])
-        trainer.opt_state = restored['state']['opt_state']
-        trainer.place()  # on the devices of this run, whichever devices saved it
-        brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
-        return int(restored['state']['epoch']), dict(restored['meta'])
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # truncated or emptied files fail in orbax, tensorstore or json, each its own way
+            return None, f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+        expected = (restored['meta'] or {}).get('state_sha256')
+        if not isinstance(restored['meta'], dict) or 'epoch' not in restored['state']:
+            return None, 'its metadata is missing'
+        if expected and state_checksum(restored['state']) != expected:
+            return None, 'its arrays differ from the checksum saved with them'
+        return restored, None
+
+    def set_aside(self, damaged: list, restored_step: int):
+        """Move damaged steps to checkpoints/damaged/ (kept for inspection, never read again) and delete
+        the steps newer than the restored one in last/ and best/ (this run's own files: their epochs are
+        trained again)."""
+        import shutil
+        root = os.path.dirname(str(self.last.directory))
+        for step in damaged:
+            target = os.path.join(root, 'damaged', f'last-{step}')
+            while os.path.exists(target):
+                target += '+'
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(str(self.last.directory), str(step)), target)
+        for manager in (self.last, self.best):
+            for step in manager.all_steps():
+                if step > restored_step and os.path.isdir(os.path.join(str(manager.directory), str(step))):
+                    shutil.rmtree(os.path.join(str(manager.directory), str(step)))
+            manager.reload()
 
     def close(self):
         self.last.close()
@@ -107,17 +162,14 @@ class RunLog:
             return [{k: float(v) if k != 'epoch' else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def truncate_after(self, epoch: int):
-        """Drop rows newer than the checkpoint we resume from (written after it, then interrupted)."""
-        rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
-        if os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
-        for r in rows:
-            self.append(r)
-        batch_rows = [r for r in read_csv(self.batches_path) if int(r['epoch']) <= epoch]
-        if os.path.exists(self.batches_path):
-            os.remove(self.batches_path)
-        for r in batch_rows:
-            self.append_batch(r)
+        """Drop rows newer than the checkpoint we resume from (written after it, then interrupted). Each
+        file is rewritten whole into a temporary file and renamed over the old one, so a kill at any moment
+        leaves either the old rows or the new ones."""
+        for path in (self.metrics_path, self.batches_path):
+            rows = read_csv(path)
+            kept = [r for r in rows if epoch_of(r) is not None and epoch_of(r) <= epoch]
+            if len(kept) < len(rows):
+                rewrite_csv(path, kept)
 
     def append_batch(self, row: dict):
         """One training batch (not synced: a crash loses at most the rows of the last epoch, which the
@@ -129,6 +181,37 @@ class RunLog:
 
     def write_summary(self, summary: dict):
         write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+def epoch_of(row: dict) -> Optional[int]:
+    """A CSV row's epoch, or None for a row cut short (a full disk) or not of this repository."""
+    try:
+        return int(row['epoch'])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def rewrite_csv(path: str, rows: list):
+    """Replace the rows of the CSV file at `path` (its header kept) atomically: tmp file, fsync, rename."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        header = next(csv.reader(f), None)
+    if header is None:
+        return
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            for row in rows:
+                w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 GRAD_FIDELITY_FILE = 'grad_fidelity.csv'
@@ -166,8 +249,10 @@ def plot_learning_curves(metrics: list, path: str, title: str = ''):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path + '.tmp.png'  # whole or not at all: a kill while drawing leaves the earlier figure
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def read_grad_fidelity(path: str) -> list:
@@ -179,12 +264,29 @@ def read_grad_fidelity(path: str) -> list:
 
 
 def write_grad_fidelity(path: str, rows: list, append: bool = True):
-    new = not (append and os.path.exists(path))
-    with open(path, 'w' if new else 'a', newline='') as f:
+    if append and os.path.exists(path):
+        with open(path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=GRAD_FIDELITY_FIELDS).writerows(rows)
+        return
+    tmp = path + '.tmp'  # a new file or a rewrite on resume: whole, then renamed
+    with open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=GRAD_FIDELITY_FIELDS)
-        if new:
-            w.writeheader()
+        w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def state_checksum(state) -> Optional[str]:
+    """sha256 of every array of a checkpoint's state (dtype, shape and bytes, in tree order); None where an
+    array is not all on this host (a multi-host run: orbax checks its own files there)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f'{a.dtype}{a.shape}'.encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 def values_finite(values: dict) -> bool:

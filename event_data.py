@@ -1,18 +1,21 @@
-"""N-MNIST and SHD: tonic's readers, ToFrame, and a disk cache of the framed data, batched time-major
-(T, B, n_in) through torch DataLoaders.
+"""N-MNIST and SHD framed by tonic ToFrame, a disk cache of the framed data, batched time-major
+(T, B, n_in) through torch DataLoaders; the datasets as tonic reads them are in tonic_data.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
+from typing import Optional
 
 import numpy as np
 
 from datasets import worker_loader
+# the datasets as tonic reads them (re-exported: event_data is where the scripts and tests find them)
+from tonic_data import (EVENT_DATASETS, SYNTHETIC_MARKER, EventDataset, event_dataset, is_synthetic,  # noqa: F401
+                        missing_data_message, open_tonic_dataset, tonic_files_present)
 from utils import UserError
 
 # The events are read by tonic's own classes (`tonic.datasets.NMNIST(first_saccade_only=True)`,
@@ -24,209 +27,6 @@ from utils import UserError
 
 
 CACHE_FORMAT = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class EventDataset:
-    key: str                 # --dataset value
-    title: str
-    tonic_class: str         # class name in tonic.datasets (also the folder tonic uses under --data_dir)
-    sensor_size: tuple       # tonic's (x, y, p)
-    n_classes: int
-    train_files: tuple       # what tonic needs on disk, relative to <data_dir>/<tonic_class>/
-    test_files: tuple
-    urls: tuple              # (file name, official download address)
-    homepage: str
-    size: str                # download size, for the message
-
-    @property
-    def n_in(self) -> int:
-        return int(np.prod(self.sensor_size))
-
-
-EVENT_DATASETS = {
-    'nmnist': EventDataset(
-        key='nmnist', title='N-MNIST', tonic_class='NMNIST', sensor_size=(34, 34, 2), n_classes=10,
-        train_files=('train.zip', 'Train/<digit>/*.bin (at least 10000 files; 60000 in the release)'),
-        test_files=('test.zip', 'Test/<digit>/*.bin (10000 files)'),
-        urls=(('train.zip', 'https://data.mendeley.com/public-files/datasets/468j46mzdv/files/'
-                            '39c25547-014b-4137-a934-9d29fa53c7a0/file_downloaded'),
-              ('test.zip', 'https://data.mendeley.com/public-files/datasets/468j46mzdv/files/'
-                           '05a4d654-7e03-4c15-bdfa-9bb2bcbea494/file_downloaded')),
-        homepage='https://www.garrickorchard.com/datasets/n-mnist (https://data.mendeley.com/datasets/468j46mzdv/1)',
-        size='about 1.1 GB'),
-    'shd': EventDataset(
-        key='shd', title='SHD', tonic_class='SHD', sensor_size=(700, 1, 1),
-        n_classes=20,
-        train_files=('shd_train.h5', 'shd_train.h5.zip'),
-        test_files=('shd_test.h5', 'shd_test.h5.zip'),
-        urls=(('shd_train.h5.zip', 'https://zenkelab.org/datasets/shd_train.h5.zip'),
-              ('shd_test.h5.zip', 'https://zenkelab.org/datasets/shd_test.h5.zip')),
-        homepage='https://zenkelab.org/resources/spiking-heidelberg-datasets-shd/',
-        size='about 0.4 GB'),
-}
-
-
-def event_dataset(name: str) -> EventDataset:
-    if name not in EVENT_DATASETS:
-        raise ValueError(f'unknown dataset {name!r}; choose one of {sorted(EVENT_DATASETS)}')
-    return EVENT_DATASETS[name]
-
-
-def _tonic_probe(cls, location: str, train: bool):
-    """An instance of tonic's class with only the attributes its `_check_exists` reads (its constructor
-    would start a download when the check fails)."""
-    probe = cls.__new__(cls)
-    probe.location_on_system = location
-    if cls.__name__ == 'NMNIST':
-        probe.filename = cls.train_filename if train else cls.test_filename
-        probe.folder_name = cls.train_folder if train else cls.test_folder
-    else:
-        probe.filename = cls.train_zip if train else cls.test_zip
-        probe.folder_name = ''
-        probe.data_filename = probe.filename[:-4]
-    return probe
-
-
-# scripts/synthetic_events.py writes this file into the NMNIST/ (SHD/) folder it generates.
-SYNTHETIC_MARKER = 'SYNTHETIC.json'
-
-
-def is_synthetic(location: str) -> bool:
-    return os.path.isfile(os.path.join(location, SYNTHETIC_MARKER))
-
-
-class _relaxed_nmnist_check:
-    """While active, tonic's NMNIST existence check asks for one .bin file per split instead of 10000:
-    used only for a folder that holds SYNTHETIC_MARKER. The dataset object stays a plain tonic NMNIST
-    (a subclass made on the fly could not be pickled into spawned loader workers)."""
-
-    def __init__(self, cls):
-        self.cls = cls
-
-    def __enter__(self):
-        def _check_exists(ds):
-            return ds._is_file_present() and ds._folder_contains_at_least_n_files_of_type(1, '.bin')
-        self.original = self.cls.__dict__.get('_check_exists')
-        self.cls._check_exists = _check_exists
-        return self.cls
-
-    def __exit__(self, *exc):
-        if self.original is None:
-            del self.cls._check_exists
-        else:
-            self.cls._check_exists = self.original
-
-
-def tonic_files_present(info: EventDataset, data_dir: str, train: bool) -> bool:
-    """tonic's own existence check (the one its constructor runs), without constructing the class."""
-    import tonic.datasets
-    cls = getattr(tonic.datasets, info.tonic_class)
-    location = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), cls.__name__)
-    probe = _tonic_probe(cls, location, train)
-    if cls.__name__ == 'NMNIST' and is_synthetic(location):
-        with _relaxed_nmnist_check(cls):
-            ok = bool(probe._check_exists())
-    else:
-        ok = bool(probe._check_exists())
-    if ok and hasattr(probe, 'data_filename'):
-        ok = os.path.isfile(os.path.join(location, probe.data_filename))
-    return ok
-
-
-def missing_data_message(info: EventDataset, data_dir: str, train: bool, reason: str) -> str:
-    location = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), info.tonic_class)
-    split = 'train' if train else 'test'
-    files = '; '.join(f'{split} split: ' + ' + '.join(fs) for split, fs in
-                      (('train', info.train_files), ('test', info.test_files)))
-    urls = ', '.join(f'{name} from {url}' for name, url in info.urls)
-    return (f'{info.title} ({split} split) not found in {location} and it could not be downloaded '
-            f'({reason}). Expected there: {files}. Get {urls} (official page: {info.homepage}), '
-            f'unzip them in {location} keeping the .zip files, or point --data_dir at the folder that '
-            f'holds {info.tonic_class}/.')
-
-
-def _missing_ancestors(path: str) -> list:
-    """The folders from `path` up that do not exist yet (deepest first)."""
-    out = []
-    while path and not os.path.exists(path):
-        out.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return out
-
-
-def _snapshot(location: str) -> set:
-    found = set()
-    if os.path.isdir(location):
-        for root, dirs, files in os.walk(location):
-            found.update(os.path.join(root, n) for n in dirs + files)
-    return found
-
-
-def _remove_new(location: str, before: set, created: list):
-    """Remove what a failed download left: paths under `location` that were not there before, then the
-    folders that did not exist (only if empty)."""
-    if os.path.isdir(location):
-        for root, dirs, files in os.walk(location, topdown=False):
-            for n in files:
-                p = os.path.join(root, n)
-                if p not in before:
-                    os.remove(p)
-            for n in dirs:
-                p = os.path.join(root, n)
-                if p not in before and not os.listdir(p):
-                    os.rmdir(p)
-    for p in created:  # deepest first
-        if os.path.isdir(p) and not os.listdir(p):
-            os.rmdir(p)
-
-
-def open_tonic_dataset(info: EventDataset, data_dir: str, train: bool, transform=None):
-    """tonic's NMNIST (first saccade) or SHD (`info`, from event_dataset) on `data_dir`.
-
-    When the files are absent, tonic's constructor downloads them (online). If that fails, whatever it
-    created is removed and a UserError says where the files were expected and where to get them.
-    """
-    import tonic.datasets
-    cls = getattr(tonic.datasets, info.tonic_class)
-    root = os.path.abspath(os.path.expanduser(data_dir))
-    location = os.path.join(root, cls.__name__)
-    kwargs = dict(first_saccade_only=True) if info.tonic_class == 'NMNIST' else {}
-    if tonic_files_present(info, root, train):
-        if info.tonic_class == 'NMNIST' and is_synthetic(location):
-            # a synthetic set (scripts/synthetic_events.py) may hold fewer than tonic's 10000 files
-            print(f'{location} holds a synthetic N-MNIST ({SYNTHETIC_MARKER}): tonic\'s 10000-file check '
-                  f'relaxed to one .bin file per split', flush=True)
-            with _relaxed_nmnist_check(cls):
-                try:
-                    return cls(root, train=train, transform=transform, **kwargs)
-                except (OSError, KeyError, ValueError) as e:
-                    raise UserError(f'{info.title} in {location} could not be read ({type(e).__name__}: '
-                                      f'{e}); regenerate it with scripts/synthetic_events.py')
-        try:
-            return cls(root, train=train, transform=transform, **kwargs)
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f'{info.title} in {location} could not be read ({type(e).__name__}: {e}); '
-                              f'replace the files with the official ones ({info.homepage})')
-    created = _missing_ancestors(location)
-    before = _snapshot(location)
-    print(f'{info.title} ({"train" if train else "test"}) not found in {location}: trying to download it '
-          f'({info.size})', flush=True)
-    try:
-        ds = cls(root, train=train, transform=transform, **kwargs)
-        if not tonic_files_present(info, root, train):
-            raise RuntimeError('the downloaded archive did not hold the expected files')
-        return ds
-    except Exception as e:
-        _remove_new(location, before, created)
-        reason = f'{type(e).__name__}: {e}'.replace('\n', ' ')
-        raise UserError(missing_data_message(info, root, train, reason)) from None
-    except BaseException:
-        _remove_new(location, before, created)
-        raise
 
 
 class FrameToSparse:
@@ -243,10 +43,25 @@ class FrameToSparse:
     def __call__(self, events):
         if len(events) == 0:
             return np.zeros(0, self.index_dtype), np.zeros(0, np.int16)
+        self.check_coordinates(events)
         frames = np.asarray(self.to_frame(events))        # (T, p, y, x) int16 counts
         flat = frames.reshape(-1)
         idx = np.flatnonzero(flat)
         return idx.astype(self.index_dtype), flat[idx].astype(np.int16)
+
+
+    def check_coordinates(self, events):
+        """Every event on the sensor: x (N-MNIST pixel column, SHD unit) and y below the sensor's size, and
+        the polarity where the sensor has two (SHD's single channel takes tonic's constant polarity)."""
+        names = events.dtype.names or ()
+        for field, size in (('x', self.sensor_size[0]), ('y', self.sensor_size[1]), ('p', self.sensor_size[2])):
+            if field not in names or (field == 'p' and size == 1):
+                continue
+            values = events[field]
+            bad = values[(values < 0) | (values >= size)]
+            if len(bad):
+                what = 'unit' if self.sensor_size[1:] == (1, 1) and field == 'x' else field
+                raise ValueError(f'an event has {what} = {bad[0]}, outside the sensor\'s 0..{size - 1}')
 
 
 def _identity(x):
@@ -360,8 +175,26 @@ def densify(pos, cnt, labels, shape):
     return xs.reshape(shape), labels
 
 
+def sample_source(ds, i: Optional[int] = None) -> str:
+    """The file that holds sample i of tonic's dataset `ds` (an N-MNIST .bin, or SHD's HDF5 file)."""
+    data = getattr(ds, 'data', None)
+    if i is not None and isinstance(data, (list, tuple)) and i < len(data):
+        return str(data[i])
+    name = getattr(ds, 'data_filename', None)
+    where = os.path.join(ds.location_on_system, name) if name else getattr(ds, 'location_on_system', '?')
+    return where + (f' (sample {i})' if i is not None else '')
+
+
+def error_text(e: BaseException) -> str:
+    """One line of an exception, also of one re-raised from a DataLoader worker (whose message holds the
+    worker's traceback: its last line is the error)."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    text = (lines[-1] if 'Traceback' in str(e) else lines[0]) if lines else ''
+    return text if text.startswith(type(e).__name__) else f'{type(e).__name__}: {text}'
+
+
 def build_frame_cache(ds, transform: FrameToSparse, folder: str, n_workers: int = 0, desc: str = '',
-                      progress: bool = True):
+                      progress: bool = True, n_classes: Optional[int] = None):
     """Frame every sample of the tonic dataset `ds` (whose transform is `transform`) and write the cache
     folder atomically: into a temporary folder, renamed when complete."""
     from tqdm import tqdm
@@ -374,8 +207,19 @@ def build_frame_cache(ds, transform: FrameToSparse, folder: str, n_workers: int 
         loader = worker_loader(ds, n_workers, batch_size=None, shuffle=False, collate_fn=_identity)
         offsets, labels = [0], []
         with open(os.path.join(tmp, 'index.bin'), 'wb') as fi, open(os.path.join(tmp, 'count.bin'), 'wb') as fc:
-            for (idx, cnt), label in tqdm(loader, total=len(ds), desc=desc, leave=False, dynamic_ncols=True,
-                                     disable=not progress):
+            samples = iter(tqdm(loader, total=len(ds), desc=desc, leave=False, dynamic_ncols=True,
+                                disable=not progress))
+            while True:
+                try:  # the samples come in order: the i-th is sample len(labels)
+                    (idx, cnt), label = next(samples)
+                except StopIteration:
+                    break
+                except (IndexError, KeyError, ValueError, TypeError, OSError, EOFError) as e:
+                    raise UserError(f'{sample_source(ds, len(labels))} cannot be read: {error_text(e)}; replace '
+                                    f'the file (or the dataset) with an intact copy') from None
+                if n_classes is not None and not 0 <= int(label) < n_classes:
+                    raise UserError(f'{sample_source(ds, len(labels))}: label {int(label)} is outside the '
+                                    f'{n_classes} classes 0..{n_classes - 1}; replace the file with an intact copy')
                 fi.write(np.ascontiguousarray(idx, transform.index_dtype).tobytes())
                 fc.write(np.ascontiguousarray(cnt, np.int16).tobytes())
                 offsets.append(offsets[-1] + len(idx))
@@ -409,7 +253,8 @@ class _FileLock:
 
 def load_framed_split(info: EventDataset, data_dir: str, train: bool, n_time_bins: int, cache_dir: str = None,
                       n_workers: int = 0, ds=None, progress: bool = True) -> FramedSplit:
-    """The framed split of `info` (from event_dataset) from the cache, framing it (tonic ToFrame) on first use."""
+    """The framed split of `info` (from event_dataset) from the cache, framing it (tonic ToFrame) on first use.
+    A damaged cache (a file cut short, unreadable arrays) is rebuilt once, with a warning."""
     if n_time_bins < 1:
         raise UserError(f'--data_length must be >= 1, got {n_time_bins}')
     transform = FrameToSparse(info.sensor_size, n_time_bins)
@@ -418,30 +263,74 @@ def load_framed_split(info: EventDataset, data_dir: str, train: bool, n_time_bin
     else:
         ds.transform = transform
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or os.path.join(data_dir, 'cache')))
-    key, params = frame_cache_key(info, train, n_time_bins, ds)
+    try:
+        key, params = frame_cache_key(info, train, n_time_bins, ds)
+    except (IndexError, KeyError, ValueError, TypeError, OSError) as e:  # e.g. an HDF5 file without labels
+        raise UserError(f'{sample_source(ds)} cannot be read: {error_text(e)}; replace it with an intact copy')
     folder = os.path.join(cache_dir, key)
-    if not os.path.isfile(os.path.join(folder, 'meta.json')):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f'cannot create the frame cache folder {cache_dir} ({e}); choose a writable '
-                              f'--cache_dir')
+    for attempt in range(2):
+        if not os.path.isfile(os.path.join(folder, 'meta.json')):
+            frame_split(info, ds, transform, train, n_time_bins, cache_dir, key, params, n_workers, progress)
+        problem = cache_problem(folder, info)
+        if problem is None:
+            return FramedSplit(folder)
+        if attempt:
+            raise UserError(f'the frame cache {folder} is damaged again right after it was built ({problem}); '
+                            f'check the disk, or give another --cache_dir')
+        print(f'warning: the frame cache {folder} is damaged ({problem}); building it again', flush=True)
         with _FileLock(os.path.join(cache_dir, key + '.lock')):
-            if not os.path.isfile(os.path.join(folder, 'meta.json')):
-                t0 = time.time()
-                split = 'train' if train else 'test'
-                print(f'framing {info.title} {split} ({len(ds)} samples, {n_time_bins} bins) into {folder} '
-                      f'(once; later runs read the cache)', flush=True)
-                tmp = build_frame_cache(ds, transform, folder, n_workers, desc=f'framing {info.key} {split}',
-                                         progress=progress)
-                meta = dict(params, n_time_bins=int(n_time_bins), n_in=info.n_in, n_samples=len(ds),
-                            index_dtype=np.dtype(transform.index_dtype).name,
-                            seconds_to_build=round(time.time() - t0, 2))
-                with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-                    json.dump(meta, f, indent=2)
-                shutil.rmtree(folder, ignore_errors=True)  # an incomplete one (no meta.json): we hold the lock
-                os.replace(tmp, folder)
-    return FramedSplit(folder)
+            shutil.rmtree(folder, ignore_errors=True)  # this repository's own cache files
+
+
+def frame_split(info: EventDataset, ds, transform, train: bool, n_time_bins: int, cache_dir: str, key: str,
+                params: dict, n_workers: int, progress: bool):
+    """Frame a split into cache_dir/key (under a lock: runs started together frame it once)."""
+    folder = os.path.join(cache_dir, key)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create the frame cache folder {cache_dir} ({e}); choose a writable '
+                          f'--cache_dir')
+    with _FileLock(os.path.join(cache_dir, key + '.lock')):
+        if os.path.isfile(os.path.join(folder, 'meta.json')):
+            return
+        t0 = time.time()
+        split = 'train' if train else 'test'
+        print(f'framing {info.title} {split} ({len(ds)} samples, {n_time_bins} bins) into {folder} '
+              f'(once; later runs read the cache)', flush=True)
+        tmp = build_frame_cache(ds, transform, folder, n_workers, desc=f'framing {info.key} {split}',
+                                progress=progress, n_classes=info.n_classes)
+        meta = dict(params, n_time_bins=int(n_time_bins), n_in=info.n_in, n_samples=len(ds),
+                    index_dtype=np.dtype(transform.index_dtype).name,
+                    seconds_to_build=round(time.time() - t0, 2))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete one (no meta.json): we hold the lock
+        os.replace(tmp, folder)
+
+
+def cache_problem(folder: str, info: EventDataset) -> Optional[str]:
+    """What is wrong with a frame-cache folder, or None: the sizes of index.bin and count.bin against the
+    offsets, the number of labels, the label range."""
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        offsets = np.load(os.path.join(folder, 'offsets.npy'))
+        labels = np.load(os.path.join(folder, 'labels.npy'))
+        n = int(offsets[-1])
+        for name, dtype in (('index.bin', meta['index_dtype']), ('count.bin', 'int16')):
+            size, expected = os.path.getsize(os.path.join(folder, name)), n * np.dtype(dtype).itemsize
+            if size != expected:
+                return f'{name} holds {size} bytes, {expected} expected'
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        return error_text(e)
+    if len(labels) != len(offsets) - 1 or len(labels) != meta.get('n_samples', len(labels)):
+        return f'{len(labels)} labels for {len(offsets) - 1} samples'
+    if np.any(np.diff(offsets) < 0):
+        return 'offsets.npy is not increasing'
+    if len(labels) and not (0 <= labels.min() and labels.max() < info.n_classes):
+        return f'a label outside 0..{info.n_classes - 1}'
+    return None
 
 
 class EpochBatchSampler:
@@ -562,6 +451,9 @@ def event_loaders(train_split: FramedSplit, test_split: FramedSplit, *, batch_si
     # (tonic lists N-MNIST sorted by digit).
     test_sampler = EpochBatchSampler(len(test_split), batch_size, shuffle=True, drop_last=False,
                                      seed=seed, max_batches=eval_batches)
+    if len(test_split) == 0:
+        raise UserError(f'the test split ({test_split.folder}) has no samples: there is nothing to measure '
+                        f'test accuracy on; check the dataset files')
     if len(train_sampler) == 0:
         raise UserError(f'the training split has {len(train_split)} samples: no full batch of '
                           f'{batch_size} (drop --drop_last or lower --batch_size)')

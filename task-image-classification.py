@@ -33,7 +33,8 @@ def build_parser():
     p.set_defaults(epochs=100, batch_size=128, etrace_decay=0.9)
     for action in p._actions:  # the run folder is named after --dataset (see main)
         if action.dest == 'out_dir':
-            action.help = 'run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>)'
+            action.help = ('run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>): a new or empty '
+                           'folder, or a run of this repository stopped before its first checkpoint')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=('nmnist', 'shd'), default='nmnist',
                    help='nmnist = N-MNIST (first saccade, 2312 inputs, 10 classes); shd = Spiking Heidelberg '
@@ -125,8 +126,23 @@ def open_data(args):
             event_data.open_tonic_dataset(info, args.data_dir, False))
 
 
-def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
-    """data: open_data(args), ws: step_weights(...) when main has them already."""
+def frame_data(args, data=None):
+    """(info, [train split, test split]) framed from the cache (framing it on first use); a damaged data file
+    is a UserError naming it."""
+    import event_data
+    info, train_ds, test_ds = data if data is not None else open_data(args)
+    splits = [event_data.load_framed_split(info, args.data_dir, train, args.data_length,
+                                           cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
+                                           progress=not args.no_progress)
+              for train, ds in ((True, train_ds), (False, test_ds))]
+    if len(splits[1]) == 0:
+        raise utils.UserError(f'the {info.title} test split in {args.data_dir} has no samples: there is nothing to '
+                              f'measure test accuracy on; check the dataset files')
+    return info, splits
+
+
+def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> dict:
+    """data: open_data(args), ws: step_weights(...), framed: frame_data(args, data) when main has them."""
     import brainstate
     import numpy as np
     import event_data
@@ -136,11 +152,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None) -> dict:
 
     ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
     warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
-    info, train_ds, test_ds = data if data is not None else open_data(args)
-    splits = [event_data.load_framed_split(info, args.data_dir, train, args.data_length,
-                                           cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
-                                           progress=not args.no_progress)
-              for train, ds in ((True, train_ds), (False, test_ds))]
+    info, splits = framed if framed is not None else frame_data(args, data)
     train_batches, test_batches = event_data.event_loaders(
         *splits, batch_size=args.batch_size, seed=args.seed, n_workers=args.n_data_worker,
         drop_last=bool(args.drop_last), batches_per_epoch=args.batches_per_epoch, eval_batches=args.eval_batches)
@@ -186,10 +198,16 @@ def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
+    n_in = {'nmnist': 2 * 34 * 34, 'shd': 700}[args.dataset]
+    utils.check_memory([('--batch_size', args.batch_size, args.batch_size * args.data_length * n_in * 4 * 2,
+                         'one batch of float32 event frames (and its copy on the device)')])
     utils.check_batch_for_devices(args.batch_size, args.devices)
-    data = open_data(args)  # a missing dataset fails before the run folder exists
-    run_dir = utils.prepare_run_dir(args)
-    summary = train_and_evaluate(args, run_dir, data, ws)
+    framed = frame_data(args)  # a missing or damaged dataset fails before the run folder exists
+    run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
+    try:
+        summary = train_and_evaluate(args, run_dir, ws=ws, framed=framed)
+    finally:
+        utils.release_run_dir()
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

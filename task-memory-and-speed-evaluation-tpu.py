@@ -68,6 +68,17 @@ def method_list(text: str):
     return names
 
 
+def devices_flag(text: str) -> str:
+    """--devices: 'auto' or what utils.parse_devices accepts (checked here, before anything is written)."""
+    text = str(text).strip().lower()
+    if text != 'auto':
+        try:
+            utils.parse_devices(text)
+        except utils.UserError as e:
+            raise utils.UserError(str(e).replace("'all' or 'cpu'", "'all', 'cpu' or 'auto'"))
+    return text
+
+
 def length_list(text: str):
     try:
         values = [int(v) for v in text.split(',') if v.strip()]
@@ -112,7 +123,7 @@ def build_parser():
                    help='ES-D-RTRL decay in (0,1) or integer rank')
     p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
-    p.add_argument('--devices', default='auto',
+    p.add_argument('--devices', type=devices_flag, default='auto',
                    help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; an accelerator index; or "
                         "a comma list of indices / 'all': the batch split across several devices (memory per device)")
     p.add_argument('--out_dir', default=None,
@@ -401,6 +412,7 @@ def forward_warnings(stderr: str):
 def run_child(flag: str, payload: dict, timeout: float, devices: str):
     """Run this script with a hidden flag in a fresh process; returns (result dict or None, failure row)."""
     cmd = [sys.executable, SCRIPT, flag, json.dumps(payload)]
+    oom_before = oom_kills()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(devices),
                               cwd=os.path.dirname(SCRIPT))
@@ -411,12 +423,44 @@ def run_child(flag: str, payload: dict, timeout: float, devices: str):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):]), None
     if proc.returncode < 0:
-        sig = -proc.returncode
-        status = 'OOM' if sig == 9 else 'error'
-        why = 'killed by SIGKILL (the kernel OOM killer?)' if sig == 9 else f'killed by signal {sig}'
-        return None, dict(status=status, reason=why)
+        return None, killed_row(-proc.returncode, oom_before, oom_kills())
     text = proc.stderr or proc.stdout or f'exit code {proc.returncode}'
     return None, dict(status=classify_failure(text), reason=one_line(text))
+
+
+def oom_kills():
+    """The kernel's count of OOM kills so far (/proc/vmstat oom_kill, Linux >= 4.13; memory-cgroup kills
+    included), or None where the system does not say."""
+    try:
+        with open('/proc/vmstat') as f:
+            for line in f:
+                if line.startswith('oom_kill '):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def killed_row(sig: int, oom_before, oom_after) -> dict:
+    """The row of a worker that a signal ended: 'OOM' only when the kernel's OOM-kill count rose meanwhile;
+    a kill by the user (or another process) is 'killed'."""
+    if sig == 9 and oom_before is not None and oom_after is not None and oom_after > oom_before:
+        return dict(status='OOM', reason='killed by the kernel OOM killer (/proc/vmstat oom_kill rose)')
+    if sig == 9 and oom_before is not None and oom_after is not None:
+        return dict(status='killed', reason='killed by SIGKILL from outside, not by the OOM killer '
+                                            '(/proc/vmstat oom_kill unchanged)')
+    if sig == 9:
+        return dict(status='killed', reason='killed by SIGKILL (the OOM killer or a user: this system does not '
+                                            'say which)')
+    return dict(status='killed', reason=f'killed by signal {sig}')
+
+
+def resolve_devices(spec: str, platform: str) -> str:
+    """--devices auto as the device the probe found: 'cpu' on a CPU, else accelerator 0 (the first GPU/TPU,
+    as pick_device chooses); any other value as given."""
+    if spec != 'auto':
+        return spec
+    return 'cpu' if platform == 'cpu' else '0'
 
 
 def resolve_config(args, platform: str) -> dict:
@@ -427,7 +471,8 @@ def resolve_config(args, platform: str) -> dict:
     for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
-               devices=args.devices, timeout=args.timeout, memory_limit_mb=args.memory_limit_mb)
+               devices=resolve_devices(args.devices, platform), timeout=args.timeout,
+               memory_limit_mb=args.memory_limit_mb)
     return cfg
 
 
@@ -572,12 +617,19 @@ def plot(rows: list, cfg: dict, probe_info: dict, path: str):
 def run_sweep(args, out_dir: str) -> dict:
     """The whole sweep; writes results.csv, results.json, results.md, memory_and_time.png into out_dir.
     Returns {'config', 'machine', 'rows', 'targets', 'memory_growth', 'out_dir'}."""
-    os.makedirs(out_dir, exist_ok=True)
+    earlier = [n for n in ('results.csv', 'results.json') if os.path.exists(os.path.join(out_dir, n))]
+    if earlier:
+        raise utils.UserError(f'--out_dir {out_dir} already holds a sweep ({earlier[0]}); give another --out_dir '
+                              f'(its rows are kept as they are)')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise utils.UserError(f'cannot create --out_dir {out_dir}: {e.strerror or e}; give a writable folder')
     probe_info, failure = run_child('--_probe', dict(devices=args.devices), args.timeout, args.devices)
     if probe_info is None:
         raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
     cfg = resolve_config(args, probe_info['platform'])
-    utils.check_batch_for_devices(cfg['batch_size'], args.devices)
+    utils.check_batch_for_devices(cfg['batch_size'], cfg['devices'])  # auto is resolved by now
     print(f"device: {probe_info['device']} ({probe_info['platform']}, {probe_info['n_cpu']} CPU cores, load average "
           f"{probe_info['load_avg']}), float32 matmul {probe_info['matmul_gflops']:.1f} GFLOP/s "
           f"({probe_info['matmul_n']}^3)")

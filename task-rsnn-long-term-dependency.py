@@ -42,15 +42,15 @@ def build_parser():
     g = p.add_argument_group('task')
     g.add_argument('--dataset', choices=['dms'], default='dms', help='the task (only dms here)')
     g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms)')
-    g.add_argument('--t_fixation', type=float, default=10., help='fixation period before the sample (ms)')
+    g.add_argument('--t_fixation', type=utils.finite_float, default=10., help='fixation period before the sample (ms)')
     g.add_argument('--t_sample', type=utils.positive_float, default=500., help='sample period (ms)')
-    g.add_argument('--t_delay', type=float, default=1000., help='delay between sample and test (ms)')
+    g.add_argument('--t_delay', type=utils.finite_float, default=1000., help='delay between sample and test (ms)')
     g.add_argument('--t_test', type=utils.positive_float, default=500., help='test period (ms); the loss is here')
     g.add_argument('--batches_per_epoch', type=utils.positive_int, default=100,
                    help='freshly generated training batches per epoch')
     g.add_argument('--n_test_trials', type=utils.positive_int, default=512,
                    help='size of the fixed held-out set of trials for test accuracy')
-    g.add_argument('--acc_th', type=float, default=0.95,
+    g.add_argument('--acc_th', type=utils.finite_float, default=0.95,
                    help='stop when the training accuracy averaged over the last --acc_th_window batches '
                         'reaches this')
     g.add_argument('--acc_th_window', type=utils.positive_int, default=20,
@@ -80,10 +80,10 @@ def build_parser():
     g.add_argument('--tau_syn', type=utils.positive_float, default=100., help='synaptic time constant (ms)')
     g.add_argument('--tau_I2', type=utils.positive_float, default=1500.,
                    help='adaptation current time constants are drawn from U(100, 1.5 tau_I2) ms')
-    g.add_argument('--A2', type=float, default=1., help='adaptation current jump per spike (I2 -= A2 s)')
+    g.add_argument('--A2', type=utils.finite_float, default=1., help='adaptation current jump per spike (I2 -= A2 s)')
     g.add_argument('--ff_scale', type=utils.positive_float, default=6.,
                    help='input weights: Kaiming normal with variance ff_scale / n_in')
-    g.add_argument('--rec_scale', type=float, default=2.,
+    g.add_argument('--rec_scale', type=utils.nonneg_float, default=2.,
                    help='recurrent weights: Kaiming normal with variance rec_scale / n_rec')
     g.add_argument('--syn_gain', type=utils.positive_float, default=0.3,
                    help='scale of the synaptic input c in g_t = g_{t-1} exp(-dt/tau_syn) + syn_gain c; with 1 '
@@ -146,11 +146,28 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     return summary
 
 
+def check_sizes(args):
+    """Refuse, before anything is allocated, sizes whose trial arrays alone exceed the memory available."""
+    import datasets
+    cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample,
+                             t_delay=args.t_delay, t_test=args.t_test)
+    per_trial = cfg.n_steps * cfg.n_input  # uint8 spikes; generating them takes two float32 arrays more
+    utils.check_memory([
+        ('--n_test_trials', args.n_test_trials, args.n_test_trials * per_trial, 'the held-out trials'),
+        ('--batch_size', args.batch_size, args.batch_size * per_trial * 9 * (1 + 2 * args.n_data_worker),
+         'generating one batch of trials'),
+    ])
+
+
 def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
-    run_dir = utils.prepare_run_dir(args)
-    summary = train_and_evaluate(args, run_dir)
+    check_sizes(args)
+    run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
+    try:
+        summary = train_and_evaluate(args, run_dir)
+    finally:
+        utils.release_run_dir()
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

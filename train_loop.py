@@ -53,6 +53,7 @@ class RunState:
     best_test_acc: float = -1.0
     recent: list = dataclasses.field(default_factory=list)
     seconds_before: float = 0.
+    batches_done: Optional[int] = None     # optimizer updates so far, from the checkpoint (None: count them)
 
 
 def fit(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Iterable],
@@ -81,8 +82,17 @@ def fit(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches: C
 
 
 def resume(ckpt: Checkpoints, trainer: Trainer, log: RunLog, settings: LoopSettings, run_dir: str):
-    """Load the last checkpoint; returns (RunState, None), or (RunState, summary) when the run is finished."""
+    """Load the newest checkpoint that verifies; returns (RunState, None), or (RunState, summary) when the
+    run is finished."""
     done, meta = ckpt.restore(trainer)
+    log.truncate_after(done)  # the rows of epochs after the checkpoint are trained again
+    fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
+    kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
+    if kept or os.path.exists(fidelity_path):
+        write_grad_fidelity(fidelity_path, kept, append=False)
+    state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
+                     recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.),
+                     batches_done=meta.get('batches_done'))
     finished = finished_because(meta, done, settings.epochs)
     if finished:
         print(f'{run_dir} is finished ({finished}); nothing to train. '
@@ -90,15 +100,13 @@ def resume(ckpt: Checkpoints, trainer: Trainer, log: RunLog, settings: LoopSetti
               + ('' if meta.get('stopped_because') == 'acc_th' else
                  f'; give --epochs N > {done} to train it further'), flush=True)
         summary = read_summary(run_dir)
+        if not summary:  # stopped after its last checkpoint, before summary.json was written: write it now
+            stopped = meta.get('stopped_because') or 'epochs'
+            summary = finish_run(settings, run_dir, log, state, Progress(state.batches_done or 0, state.recent),
+                                 stopped, state.seconds_before)
+            print(f'wrote the missing {run_dir}/summary.json', flush=True)
         summary.setdefault('stopped_because', meta.get('stopped_because') or 'epochs')
         return RunState(), dict(summary, finished=True)
-    state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
-                     recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.))
-    log.truncate_after(done)
-    fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
-    kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
-    if kept or os.path.exists(fidelity_path):
-        write_grad_fidelity(fidelity_path, kept, append=False)
     print(f'resumed {run_dir} after epoch {done}')
     return state, None
 
@@ -110,7 +118,8 @@ def run_epochs(settings: LoopSettings, trainer: Trainer, run_dir: str, train_bat
     t0 = time.time()
     metrics = log.read_metrics()
     # optimizer updates so far, the last `smooth` batch accuracies (acc_th), the compiling step's time
-    progress = Progress(batches_done=int(metrics[-1].get('batches', 0)) if metrics else 0, recent=state.recent)
+    done = state.batches_done if state.batches_done is not None else int(metrics[-1].get('batches', 0)) if metrics else 0
+    progress = Progress(batches_done=done, recent=state.recent)
     for epoch in range(state.start_epoch, settings.epochs + 1):
         ep_t0 = time.time()
         batches = train_batches(epoch)
@@ -136,7 +145,8 @@ def run_epochs(settings: LoopSettings, trainer: Trainer, run_dir: str, train_bat
             check(epoch)
         meta = dict(best_test_acc=state.best_test_acc, recent_train_acc=progress.recent,
                     seconds=state.seconds_before + time.time() - t0, config=config,
-                    stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs)
+                    stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs,
+                    batches_done=progress.batches_done)
         ckpt.save(trainer, epoch, meta, best=is_best)
         print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} acc {row["train_acc"]:.3f} | test loss '
               f'{row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
@@ -144,10 +154,20 @@ def run_epochs(settings: LoopSettings, trainer: Trainer, run_dir: str, train_bat
         if stopped == 'acc_th':
             print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {settings.acc_th}: stopping')
             break
+    return finish_run(settings, run_dir, log, state, progress, stopped, state.seconds_before + time.time() - t0)
+
+
+def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunState, progress: 'Progress',
+               stopped: str, seconds: float) -> dict:
+    """The learning curves and summary.json of a run that has stopped (also written by a resume that finds
+    them missing)."""
+    metrics = log.read_metrics()
     plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
                          f'{settings.experiment} {METHOD_NAMES[settings.method]}')
-    summary = run_summary(settings.method, metrics, state, progress, stopped, state.seconds_before + time.time() - t0,
-                          run_dir)
+    summary = run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
+    if metrics and not math.isfinite(metrics[-1]['test_acc']):
+        print('warning: test_acc is not a number (no test sample was evaluated); summary.json holds null',
+              file=sys.stderr, flush=True)
     log.write_summary(summary)
     return summary
 

@@ -12,6 +12,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import sys
 from typing import Callable, Optional
@@ -34,11 +35,22 @@ class UserError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite (float() accepts 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+    return value
+
+
 def decay_or_rank(text: str):
     """--etrace_decay: a float in (0, 1) is a decay; an integer >= 1 is a rank r (decay (r-1)/(r+1))."""
     try:
-        value = float(text)
-    except ValueError:
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f'expected a decay in (0, 1) or an integer rank >= 1, got {text!r}')
     if value >= 1 and value == int(value):
         return int(value)
@@ -58,27 +70,24 @@ def positive_int(text: str) -> int:
 
 
 def nonneg_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
     return value
 
 
 def nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
     return value
@@ -118,9 +127,11 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='torch DataLoader worker processes preparing batches (0 = in the main process)')
     g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
     g.add_argument('--out_dir', default=None,
-                   help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>)')
+                   help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>): a new or empty '
+                        'folder, or a run of this repository stopped before its first checkpoint')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
-                   help='continue the run saved in RUN_DIR from its last checkpoint')
+                   help='continue the run saved in RUN_DIR from its newest checkpoint that verifies; flags given '
+                        'with it may change only the schedule, batching and devices (docs/run-folders.md)')
     g.add_argument('--no_progress', action='store_true', help='hide the progress bars')
     g = p.add_argument_group('gradient fidelity')
     g.add_argument('--check_grad', action='store_true',
@@ -143,7 +154,7 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
 
     A first parse (which also answers --help and rejects bad flags) finds --preset and --resume; the
     preset and the saved config then become the parser's defaults (`set_defaults`) and argv is parsed
-    once more, so the flags given on the command line win.
+    once more, so the flags given on the command line win. A resume may change only RESUME_MAY_CHANGE.
     """
     argv = list(argv)
     args = parser.parse_args(argv)
@@ -151,20 +162,62 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
     if getattr(args, 'preset', None):
         defaults.update(presets[args.preset])
     run_dir = getattr(args, 'resume', None)
+    saved = {}
     if run_dir:
-        saved = args_from_checkpoint(run_dir)
+        saved = args_from_checkpoint(run_dir, parser)
         defaults.update({k: v for k, v in saved.items() if k in vars(args) and k != 'resume'})
     if defaults:
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
     if run_dir:
+        check_resume_overrides(args, saved, run_dir)
         if has_checkpoint(run_dir):
             args.resume = args.out_dir = run_dir
-        else:  # interrupted before its first checkpoint: nothing to continue from
-            print(f'note: {run_dir} has no checkpoint yet (stopped before its first epoch ended); '
-                  f'starting it over in place with its saved configuration', file=sys.stderr, flush=True)
-            args.resume, args.out_dir = None, run_dir
+        else:  # interrupted before its first checkpoint: nothing to continue from; prepare_run_dir starts it
+            args.resume, args.out_dir = None, run_dir  # over in place with its saved configuration
     return args
+
+
+# What a --resume may change: how long and where it trains, how it shows progress, the learning-rate
+# schedule and the batching. Everything else (method, network, task, data, seed, optimizer) is part of
+# what the checkpoint means, and changing it is refused.
+RESUME_MAY_CHANGE = {'epochs', 'lr', 'lr_schedule', 'lr_milestones', 'grad_clip', 'batch_size', 'batches_per_epoch',
+                     'eval_batches', 'n_test_trials', 'acc_th', 'acc_th_window', 'devices', 'distributed',
+                     'n_data_worker', 'no_progress', 'check_grad', 'check_grad_every', 'data_dir', 'cache_dir',
+                     'exp_name', 'preset'}
+
+
+def check_resume_overrides(args, saved: dict, run_dir: str):
+    """One error line when a flag given with --resume changes what the checkpoint means, or names another
+    run folder (--out_dir)."""
+    out_dir = getattr(args, 'out_dir', None)
+    if out_dir and out_dir != saved.get('out_dir') and os.path.realpath(out_dir) != os.path.realpath(run_dir):
+        raise UserError(f'--resume {run_dir} --out_dir {out_dir}: a resumed run stays in its own folder; '
+                        f'drop --out_dir (or copy {run_dir} to {out_dir} and resume the copy)')
+    changed = [k for k, v in saved.items() if k in vars(args) and k not in RESUME_MAY_CHANGE | {'resume', 'out_dir'}
+               and json_value(getattr(args, k)) != json_value(v)]
+    if changed:
+        k = changed[0]
+        raise UserError(f'--resume {run_dir}: --{k} {getattr(args, k)} differs from the run\'s {saved[k]}; '
+                        f'{", ".join("--" + c for c in changed)} cannot change in a resumed run (the checkpoint '
+                        f'was trained with them); start a new run with another --out_dir instead')
+
+
+def json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: what identifies it, its lock, and what may be deleted
+# --------------------------------------------------------------------------------------------
+
+RUN_MARKER = '.brainscale-run'          # written into every run folder this repository creates
+RUN_LOCK = '.brainscale-run.lock'       # flock()ed by the process that trains in the folder
+# the files a run writes (besides config.json and checkpoints/): the only ones a start over deletes
+RUN_FILES = ('metrics.csv', 'batches.csv', 'summary.json', 'learning_curves.png', 'grad_fidelity.csv')
+# each dataset's script, to name it when a run is resumed with the other one
+SCRIPT_OF_DATASET = {'dms': 'task-rsnn-long-term-dependency.py', 'nmnist': 'task-image-classification.py',
+                     'shd': 'task-image-classification.py'}
 
 
 def has_checkpoint(run_dir: str) -> bool:
@@ -174,23 +227,119 @@ def has_checkpoint(run_dir: str) -> bool:
     return os.path.isdir(last) and any(name.isdigit() for name in os.listdir(last))
 
 
+def is_run_folder(run_dir: str) -> bool:
+    """A folder this repository created for a run: it holds RUN_MARKER, or (runs made before the marker
+    existed) a checkpoint and a config.json with the fields this repository writes."""
+    if os.path.isfile(os.path.join(run_dir, RUN_MARKER)):
+        return True
+    if not has_checkpoint(run_dir):
+        return False
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {'run_dir', 'experiment', 'method', 'n_params'} <= set(config)
+
+
 def prepare_run_dir(args) -> str:
-    """The run folder; refuses to write over an earlier run unless resuming it."""
+    """The run folder, locked by this process until it ends. A fresh start refuses a folder that holds a
+    run (resume it instead) or files this repository did not write; a run of ours stopped before its
+    first checkpoint is started over: only its RUN_FILES and checkpoints/ are deleted."""
     run_dir = args.resume or args.out_dir or default_run_dir(args)
-    if not args.resume and os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-        if has_checkpoint(run_dir):
-            raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
-                            f'or choose another --out_dir')
-        # a run stopped before its first checkpoint left only an empty start: begin again in place
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f'--out_dir {run_dir} is a file, not a folder; give a new or empty folder')
+    ours = os.path.isdir(run_dir) and is_run_folder(run_dir)
+    if not args.resume and not ours and set(listdir(run_dir)) - {RUN_LOCK}:
+        raise UserError(f'--out_dir {run_dir} holds files that this repository did not write for a run (no '
+                        f'{RUN_MARKER} there); nothing was changed: give a new or empty folder')
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock_run_dir(run_dir)
+    except OSError as e:
+        raise UserError(f'cannot write the run folder {run_dir}: {e.strerror or e}; give a writable --out_dir')
+    if not args.resume and has_checkpoint(run_dir):
+        raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
+                        f'or choose another --out_dir')
+    stale = [n for n in ('checkpoints',) + RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
+    if not args.resume and stale:  # ours (checked above), stopped before its first checkpoint
         import shutil
-        shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
-        for name in ('metrics.csv', 'summary.json', 'learning_curves.png', 'grad_fidelity.csv'):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
-        print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting over there',
-              file=sys.stderr, flush=True)
-    os.makedirs(run_dir, exist_ok=True)
+        for name in stale:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting it over there with '
+              f'its configuration (removed {", ".join(stale)})', file=sys.stderr, flush=True)
+    if not os.path.exists(os.path.join(run_dir, RUN_MARKER)):
+        write_json(os.path.join(run_dir, RUN_MARKER), dict(
+            written_by='BrainScale experiments (this repository); marks a run folder that its scripts may '
+                       'resume and clean', experiment=getattr(args, 'experiment', None),
+            created=datetime.datetime.now().isoformat(timespec='seconds')))
     return run_dir
+
+
+def listdir(path: str) -> list:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+_held_lock = None  # the open lock file of the run folder this process trains in
+
+
+def lock_run_dir(run_dir: str):
+    """An exclusive flock on RUN_DIR/RUN_LOCK, held until this process ends (the OS releases it when the
+    process dies, kill -9 included) or it prepares another run folder; another holder -> one error line."""
+    import fcntl
+    import socket
+    global _held_lock
+    release_run_dir()
+    f = open(os.path.join(run_dir, RUN_LOCK), 'a+')
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f'{run_dir} is in use by {holder}; two processes must not write one run folder: wait '
+                        f'for it to end (then --resume {run_dir}) or give another --out_dir')
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()} since '
+            f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
+    f.flush()
+    _held_lock = f
+
+
+def release_run_dir():
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()  # closing the file releases the flock
+        _held_lock = None
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory available to a new allocation (Linux MemAvailable; else the physical memory; None if unknown)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(parts: list):
+    """parts: (flag, value, estimated bytes, what needs them); one error line for the first part that needs
+    more memory than is available, before anything is allocated."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    for flag, value, need, what in parts:
+        if need > available:
+            raise UserError(f'{flag} {value}: {what} needs about {need / 2 ** 30:,.1f} GiB, more than the '
+                            f'{available / 2 ** 30:,.1f} GiB of memory available here; lower {flag}')
 
 
 def cli_main(main: Callable[[list], int]):
@@ -348,22 +497,83 @@ def read_csv(path: str) -> list:
 
 
 def write_json(path: str, obj):
+    """Strict JSON (NaN and infinities become null), written whole and then renamed over `path`."""
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(finite_or_null(obj), f, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 
 
-def args_from_checkpoint(run_dir: str) -> dict:
+def finite_or_null(obj):
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    if isinstance(obj, float) or type(obj).__name__.startswith('float'):  # numpy floats too
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def args_from_checkpoint(run_dir: str, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """The saved configuration of the run in RUN_DIR (config.json), after checking that the folder is a run
+    of this repository, of this script (parser), and that every saved value passes its flag's check."""
     path = os.path.join(run_dir, 'config.json')
+    if not os.path.isdir(run_dir):
+        raise UserError(f'--resume {run_dir}: no checkpoint there (no such folder); give the folder of an earlier run')
+    if not is_run_folder(run_dir):
+        raise UserError(f'--resume {run_dir}: not a run folder of this repository (no {RUN_MARKER} and no '
+                        f'checkpoint of ours); nothing there was changed')
     if not os.path.exists(path):
         if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
             raise UserError(f'--resume {run_dir}: no checkpoint and no config.json there (stopped while '
                             f'starting); start it again with its flags and --out_dir {run_dir}')
         raise UserError(f'--resume {run_dir}: no checkpoint there (expected {run_dir}/config.json and '
                         f'{run_dir}/checkpoints/last); give the folder of an earlier run')
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--resume {run_dir}: {path} is not readable JSON ({str(e).splitlines()[0]}); '
+                        f'repair it or start a new run')
+    if not isinstance(saved, dict):
+        raise UserError(f'--resume {run_dir}: {path} holds no configuration (a JSON object); repair it')
+    if parser is not None:
+        check_saved_values(saved, parser, path)
+    return saved
+
+
+def check_saved_values(saved: dict, parser: argparse.ArgumentParser, path: str):
+    """Each saved value as its flag would take it: a config.json edited by hand (or another script's)
+    is refused in one line instead of training with a value the parser refuses."""
+    datasets = [a.choices for a in parser._actions if a.dest == 'dataset']
+    if datasets and 'dataset' in saved and saved['dataset'] not in datasets[0]:
+        script = SCRIPT_OF_DATASET.get(saved.get('dataset'), 'the script that started it')
+        raise UserError(f'{os.path.dirname(path) or "."} is a run of --dataset {saved.get("dataset")}, which this '
+                        f'script does not train; resume it with {script}')
+    for action in parser._actions:
+        if action.dest not in saved or action.dest in ('help', 'resume') or not action.option_strings:
+            continue
+        flag, value = action.option_strings[0], saved[action.dest]
+        if value is None:
+            if action.default is None:
+                continue
+            problem = 'has no value'
+        elif action.choices is not None and value not in action.choices:
+            problem = f'is not one of {", ".join(map(str, action.choices))}'
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            problem = None if isinstance(value, bool) else 'is not true or false'
+        elif action.type is not None:
+            text = ','.join(map(str, value)) if isinstance(value, list) else str(value)
+            try:
+                action.type(text)
+                problem = None
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                problem = f'is refused ({e})'
+        else:
+            problem = None
+        if problem:
+            raise UserError(f'{path}: {flag} {value!r} {problem}; correct it there or start a new run')
 
 
 def read_summary(run_dir: str) -> dict:

@@ -67,7 +67,13 @@ def fmt(v) -> str:
 
 def build_table(root: str) -> list:
     """Write root/results.md and root/results.csv; return the rows (dicts keyed by COLUMNS)."""
-    rows = [run_row(d, root) for d in find_runs(root)]
+    rows = []
+    for run_dir in find_runs(root):
+        try:
+            rows.append(run_row(run_dir, root))
+        except (OSError, ValueError, AttributeError) as e:  # unreadable or not a JSON object
+            print(f'warning: skipped {run_dir}: its summary.json or config.json cannot be read '
+                  f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})', file=sys.stderr, flush=True)
     with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()

@@ -33,6 +33,7 @@ def saved_run(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'config.json').write_text(json.dumps(dict(batch_size=7, lr=0.5, run_dir=str(run), n_steps=99)))
+    (run / utils.RUN_MARKER).write_text('{}')  # as utils.prepare_run_dir leaves it
     return str(run)
 
 
@@ -73,3 +74,18 @@ def test_memory_auto_preset_follows_the_platform():
     cpu, gpu = mem.resolve_config(args, 'cpu'), mem.resolve_config(args, 'gpu')
     assert (cpu['preset'], cpu['batch_size'], cpu['lengths'], cpu['n_rec']) == ('cpu', 32, [25, 50, 100, 200], 16)
     assert (gpu['preset'], gpu['batch_size'], gpu['n_in'], gpu['n_rec']) == ('paper', 128, 32768, 16)
+
+
+def test_memory_devices_auto_is_the_probed_device():
+    """--devices auto (the default) becomes the device the probe found before anything needs a device list
+    (issue 18: utils.check_batch_for_devices refused 'auto'); a bad value fails at parse time."""
+    mem = load_script(MEMORY)
+    args = mem.parse_args(['--n_rec', '16'])
+    assert args.devices == 'auto'
+    for platform, devices in (('cpu', 'cpu'), ('gpu', '0'), ('tpu', '0')):
+        cfg = mem.resolve_config(args, platform)
+        assert cfg['devices'] == devices
+        utils.check_batch_for_devices(cfg['batch_size'], cfg['devices'])  # no error
+    assert mem.resolve_config(mem.parse_args(['--devices', '0,1']), 'gpu')['devices'] == '0,1'
+    with pytest.raises(utils.UserError, match="'all', 'cpu' or 'auto', got 'gpu0'"):
+        mem.parse_args(['--devices', 'gpu0'])

@@ -263,3 +263,24 @@ def test_bptt_layer_by_layer_equals_step_by_step(kind, reset):
         xs, labels, ws = data(3, seed=1)
         grads[layered] = trainer.gradients(xs, labels, ws)
     assert_same(grads[False], grads[True])
+
+
+@pytest.mark.parametrize('oom_counts, status', [((3, 4), 'OOM'), ((3, 3), 'killed'), ((None, None), 'killed')])
+def test_a_sigkilled_worker_is_oom_only_when_the_kernel_says_so(mem_script, monkeypatch, oom_counts, status):
+    """A worker killed by the user is not recorded as out of memory (issue 17, item 14)."""
+    import subprocess
+    counts = iter(oom_counts)
+    monkeypatch.setattr(mem_script, 'oom_kills', lambda: next(counts))
+    monkeypatch.setattr(subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(a, -9, '', ''))
+    result, row = mem_script.run_child('--_worker', {}, 10., 'cpu')
+    assert result is None and row['status'] == status, row
+
+
+def test_a_second_sweep_into_one_out_dir_is_refused(mem_script, tmp_path):
+    out = tmp_path / 'sweep'
+    out.mkdir()
+    (out / 'results.csv').write_text('method,T,status\nbptt,25,ok\n')
+    args = mem_script.parse_args(TINY + ['--out_dir', str(out)])
+    with pytest.raises(utils.UserError, match='already holds a sweep'):
+        mem_script.run_sweep(args, str(out))
+    assert (out / 'results.csv').read_text() == 'method,T,status\nbptt,25,ok\n'

@@ -41,3 +41,19 @@ def test_table_of_two_tiny_dms_runs(dms_script, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'results_table.py'), str(tmp_path / 'no')],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'RESULTS=DIR' in proc.stderr
+
+
+def test_a_malformed_summary_is_skipped_with_a_warning(tmp_path, capsys):
+    """One damaged run folder must not abort the table of all the others (issue 17, item 14)."""
+    root = tmp_path / 'results'
+    good, cut, not_object = root / 'dms' / 'good', root / 'dms' / 'cut', root / 'dms' / 'list'
+    for folder in (good, cut, not_object):
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(json.dumps(dict(dataset='dms', method='bptt', n_rec=16)))
+    (good / 'summary.json').write_text(json.dumps(dict(method='bptt', epochs_run=3, test_acc=0.75)))
+    (cut / 'summary.json').write_text('{"method": "bptt", "epochs_r')
+    (not_object / 'summary.json').write_text('[1, 2]')
+    rows = load_script('scripts/results_table.py').build_table(str(root))
+    assert [r['run_dir'] for r in rows] == [os.path.join('dms', 'good')] and rows[0]['test_acc'] == 0.75
+    err = capsys.readouterr().err
+    assert err.count('warning: skipped') == 2 and str(cut) in err and str(not_object) in err
