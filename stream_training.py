@@ -15,6 +15,7 @@ trial independent as in the trial protocol.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import sys
 import time
@@ -339,6 +340,11 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     try:
         step, chunks_done, meta = 0, 0, {}
         if args.resume:
+            with open(os.path.join(run_dir, 'config.json')) as f:
+                saved = json.load(f)
+            if saved.get('batch_size', args.batch_size) != args.batch_size:
+                raise utils.UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
+                                      f'in a resumed stream run (the run has {saved["batch_size"]})')
             step, chunks_done, meta = ckpt.restore(st, scorer)
             log.truncate_after(step)
             print(f'resumed {run_dir} after evaluation {step} (chunk {chunks_done} of {n_chunks})', flush=True)
