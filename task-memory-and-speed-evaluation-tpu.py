@@ -13,7 +13,6 @@ compiled, its compile time and its compiled memory analysis are recorded, then i
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -22,10 +21,11 @@ import sys
 import time
 
 import utils
+from memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
+                           write_outputs)
 
 SCRIPT = os.path.abspath(__file__)
 RESULT_TAG = '@@MEMSPEED_RESULT@@ '
-METHOD_ORDER = ('bptt', 'expsm_diag', 'diag')
 
 PRESETS = {
     # The paper's configuration (DVS-Gesture-shaped input); needs an accelerator.
@@ -36,24 +36,6 @@ PRESETS = {
     'cpu': dict(methods='bptt,expsm_diag,diag', lengths='25,50,100,200', batch_size=32,
                 n_in=2312, n_rec=512, n_layer=3, n_out=11, repeats=3),
 }
-
-CSV_COLUMNS = [
-    'method', 'method_name', 'T', 'status', 'reason',
-    'batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'n_params',
-    'setup_s', 'compile_s', 'first_step_s', 'step_s', 'step_s_min', 'step_s_max', 'ms_per_time_step',
-    'gflop_per_step', 'gflops', 'matmul_gflops', 'frac_of_matmul',
-    'input_mb', 'xla_args_mb', 'xla_out_mb', 'xla_alias_mb', 'xla_temp_mb', 'step_mb',
-    'predicted_state_mb', 'params_mb', 'device_peak_mb', 'device_peak_minus_input_mb',
-    'rss_base_mb', 'peak_rss_mb', 'platform', 'device', 'n_devices', 'device_peak_mb_per_device',
-]
-
-MB = 2.0 ** 20
-
-# The speed targets of docs/memory-and-speed.md, set for the CPU preset: BPTT reaches at least this fraction
-# of the machine's float32 matmul throughput; an online method's step time is at most this multiple of BPTT's (same T).
-BPTT_MIN_FRAC_OF_MATMUL = 0.5
-MAX_STEP_TIME_OVER_BPTT = {'expsm_diag': 0.6, 'diag': 10.}
-
 
 # --------------------------------------------------------------------------------------------
 # Arguments
@@ -157,55 +139,6 @@ def parse_args(argv=None, platform: str = None):
 
 
 # --------------------------------------------------------------------------------------------
-# Theory: FLOPs and predicted state size
-# --------------------------------------------------------------------------------------------
-
-
-def layer_inputs(cfg):
-    return [cfg['n_in'] if l == 0 else cfg['n_rec'] for l in range(cfg['n_layer'])]
-
-
-def n_params(cfg) -> int:
-    n_rec, n_out = cfg['n_rec'], cfg['n_out']
-    return sum((n_x + n_rec) * n_rec + n_rec for n_x in layer_inputs(cfg)) + n_rec * n_out + n_out
-
-
-def flop_per_time_step(cfg) -> float:
-    """Matmul FLOPs of one time step of training: forward, weight gradients, and the input gradients
-    that are needed (all but the data input's). The same yardstick for the three methods."""
-    B, n_rec, n_out = cfg['batch_size'], cfg['n_rec'], cfg['n_out']
-    total = 0.
-    for l, n_x in enumerate(layer_inputs(cfg)):
-        total += 2 * 2 * B * (n_x + n_rec) * n_rec                    # forward + weight gradient
-        total += 2 * B * n_rec * (n_rec + (n_x if l > 0 else 0))     # gradient of s_{t-1} (and x_t)
-    total += 3 * 2 * B * n_rec * n_out                               # readout
-    return total
-
-
-STATES_PER_NEURON = {'lif-delta': 1, 'alif-delta': 2, 'lif-exp-cu': 2}  # V; V, b; V, I
-
-
-def predicted_state_bytes(cfg, method: str, T: int) -> float:
-    """The memory that the method's formula says grows (float32).
-
-    bptt:       T x B x (2 n_layer n_rec + n_out): spikes and membrane potential of every layer and the
-                readout, kept for every step of the backward pass (grows with T);
-    diag:       B x (S x recurrent-layer weights + readout weights): one eligibility trace per weight,
-                sample and hidden state of the neuron the weight drives (D-RTRL);
-    expsm_diag: B x sum over weight matrices of (inputs + S x outputs) (ES-D-RTRL);
-    S = hidden states per neuron (lif-delta 1; alif-delta, lif-exp-cu 2; the readout 1).
-    """
-    B, n_rec, n_out, L = cfg['batch_size'], cfg['n_rec'], cfg['n_out'], cfg['n_layer']
-    S = STATES_PER_NEURON[cfg.get('model', 'lif-delta')]
-    if method == 'bptt':
-        return 4. * T * B * (2 * L * n_rec + n_out)
-    if method == 'diag':
-        readout = n_rec * n_out + n_out
-        return 4. * B * (S * (n_params(cfg) - readout) + readout)
-    io = sum((n_x + n_rec) + S * n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
-    return 4. * B * io
-
-
 # --------------------------------------------------------------------------------------------
 # Worker side (a fresh process per measurement)
 # --------------------------------------------------------------------------------------------
@@ -281,6 +214,32 @@ def get_jitted_parts(jitted):
     return jitted.stateful_fun, jitted.jitted_fun
 
 
+def time_repeats(run, repeats: int) -> list:
+    """Seconds of each of `repeats` calls of run(), each waited for (block until ready)."""
+    import jax
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+        del out
+    return times
+
+
+def device_peaks_mb(devices) -> list:
+    """Each device's peak memory in use (MB), where the device reports it (GPU/TPU; not the CPU)."""
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:
+            stats = None
+        if stats and 'peak_bytes_in_use' in stats:
+            peaks.append(stats['peak_bytes_in_use'] / MB)
+    return peaks
+
+
 def measure(cfg: dict) -> dict:
     """Build, compile and time one training step of `training.Trainer`; returns a result row."""
     row = dict(method=cfg['method'], T=cfg['T'])
@@ -342,23 +301,10 @@ def measure(cfg: dict) -> dict:
     jax.block_until_ready(out)
     row['first_step_s'] = time.perf_counter() - t0
     del out
-    times = []
-    for _ in range(cfg['repeats']):
-        t0 = time.perf_counter()
-        out = compiled(state_vals, *args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-        del out
+    times = time_repeats(lambda: compiled(state_vals, *args), cfg['repeats'])
     row.update(step_s=float(np.median(times)), step_s_min=float(min(times)), step_s_max=float(max(times)),
                status='ok', reason='')
-    peaks = []
-    for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:
-            stats = None
-        if stats and 'peak_bytes_in_use' in stats:
-            peaks.append(stats['peak_bytes_in_use'] / MB)
+    peaks = device_peaks_mb(devices)
     if peaks:  # the largest device's peak; each device's in device_peak_mb_per_device
         row['device_peak_mb'] = max(peaks)
         row['device_peak_minus_input_mb'] = row['device_peak_mb'] - row['input_mb']
@@ -474,144 +420,6 @@ def resolve_config(args, platform: str) -> dict:
                devices=resolve_devices(args.devices, platform), timeout=args.timeout,
                memory_limit_mb=args.memory_limit_mb)
     return cfg
-
-
-def complete_row(row: dict, cfg: dict, probe_info: dict) -> dict:
-    """Add the configuration, the theory and the derived speed figures to a measured row."""
-    method, T = row['method'], int(row['T'])
-    row.update(method_name=utils.METHOD_NAMES[method], batch_size=cfg['batch_size'], n_in=cfg['n_in'],
-               n_rec=cfg['n_rec'], n_layer=cfg['n_layer'], n_out=cfg['n_out'], n_params=n_params(cfg))
-    n_dev = int(row.get('n_devices') or 1)  # per device: each holds batch / n_devices samples
-    row['predicted_state_mb'] = predicted_state_bytes(dict(cfg, batch_size=cfg['batch_size'] // n_dev), method, T) / MB
-    row['params_mb'] = 4. * n_params(cfg) / MB
-    row['gflop_per_step'] = flop_per_time_step(cfg) * T / 1e9
-    row['matmul_gflops'] = probe_info.get('matmul_gflops')
-    row.setdefault('platform', probe_info.get('platform'))
-    row.setdefault('device', probe_info.get('device'))
-    if row.get('step_s'):
-        row['ms_per_time_step'] = 1e3 * row['step_s'] / T
-        row['gflops'] = row['gflop_per_step'] / row['step_s']
-        if row['matmul_gflops']:
-            row['frac_of_matmul'] = row['gflops'] / row['matmul_gflops']
-    return {k: row.get(k) for k in CSV_COLUMNS}
-
-
-def write_outputs(out_dir: str, cfg: dict, probe_info: dict, rows: list, summary=None):
-    with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ('' if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-        json.dump(dict(config=cfg, machine=probe_info, rows=rows, **(summary or {})), f, indent=1, default=str)
-
-
-def fmt(v, spec='.3g'):
-    if v is None or v == '':
-        return '-'
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
-
-
-def markdown_table(rows: list) -> str:
-    head = ('| method | T | status | step (s) | ms / time step | compile (s) | GFLOP/s | % of matmul | '
-            'step memory (MB) | predicted state (MB) | device peak (MB) | peak RSS (MB) |')
-    lines = [head, '|' + '---|' * 12]
-    for r in rows:
-        status = r['status'] if r['status'] == 'ok' else f"{r['status']}: {r.get('reason') or ''}"[:80]
-        frac = fmt(100 * r['frac_of_matmul'], '.0f') if r.get('frac_of_matmul') else '-'
-        lines.append(f"| {r['method_name']} | {r['T']} | {status} | {fmt(r.get('step_s'))} | "
-                     f"{fmt(r.get('ms_per_time_step'))} | {fmt(r.get('compile_s'), '.2g')} | "
-                     f"{fmt(r.get('gflops'), '.1f')} | {frac} | {fmt(r.get('step_mb'), '.4g')} | "
-                     f"{fmt(r.get('predicted_state_mb'), '.4g')} | {fmt(r.get('device_peak_minus_input_mb'), '.4g')} | "
-                     f"{fmt(r.get('peak_rss_mb'), '.4g')} |")
-    return '\n'.join(lines)
-
-
-def speed_targets(rows: list) -> dict:
-    """The speed targets (docs/memory-and-speed.md), evaluated at the longest T that BPTT and the other
-    method completed."""
-    ok = {(r['method'], r['T']): r for r in rows if r['status'] == 'ok'}
-    out = {}
-    bptt_T = sorted(T for (m, T) in ok if m == 'bptt')
-    if bptt_T:
-        b = ok[('bptt', bptt_T[-1])]
-        if b.get('frac_of_matmul') is not None:
-            out['bptt_frac_of_matmul'] = dict(T=b['T'], value=b['frac_of_matmul'],
-                                              target=f'>= {BPTT_MIN_FRAC_OF_MATMUL:g}',
-                                              met=b['frac_of_matmul'] >= BPTT_MIN_FRAC_OF_MATMUL)
-    for method, key in (('expsm_diag', 'esdrtrl_over_bptt'), ('diag', 'drtrl_over_bptt')):
-        limit = MAX_STEP_TIME_OVER_BPTT[method]
-        common = sorted(T for (m, T) in ok if m == method and ('bptt', T) in ok)
-        if common:
-            T = common[-1]
-            ratio = ok[(method, T)]['step_s'] / ok[('bptt', T)]['step_s']
-            out[key] = dict(T=T, value=ratio, target=f'<= {limit:g}', met=ratio <= limit)
-    return out
-
-
-def memory_growth(rows: list) -> dict:
-    """Per method: step memory at the shortest and longest T measured, their ratio, and the growth per
-    time step next to the predicted state's."""
-    out = {}
-    for method in METHOD_ORDER:
-        rs = sorted([r for r in rows if r['method'] == method and r.get('step_mb') is not None], key=lambda r: r['T'])
-        if len(rs) < 2:
-            continue
-        a, b = rs[0], rs[-1]
-        out[method] = dict(T_min=a['T'], T_max=b['T'], mb_T_min=a['step_mb'], mb_T_max=b['step_mb'],
-                           ratio=b['step_mb'] / a['step_mb'],
-                           mb_per_step=(b['step_mb'] - a['step_mb']) / (b['T'] - a['T']),
-                           predicted_mb_per_step=(b['predicted_state_mb'] - a['predicted_state_mb']) / (b['T'] - a['T']))
-    return out
-
-
-def plot(rows: list, cfg: dict, probe_info: dict, path: str):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    on_device = any(r.get('device_peak_minus_input_mb') for r in rows)
-    mem_key = 'device_peak_minus_input_mb' if on_device else 'step_mb'
-    mem_label = ('device peak memory - input (MB)' if on_device
-                 else 'compiled step memory - input (MB)')
-    colors = {'bptt': 'tab:red', 'expsm_diag': 'tab:blue', 'diag': 'tab:green'}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for method in [m for m in METHOD_ORDER if m in cfg['methods']]:
-        rs = sorted([r for r in rows if r['method'] == method], key=lambda r: r['T'])
-        c, name = colors[method], utils.METHOD_NAMES[method]
-        ok = [r for r in rs if r['status'] == 'ok' or (r.get(mem_key) is not None and r['status'] == 'OOM')]
-        pts = [(r['T'], r[mem_key]) for r in ok if r.get(mem_key) is not None]
-        if pts:
-            axes[0].plot(*zip(*pts), 'o-', color=c, label=f'{name} measured')
-        axes[0].plot([r['T'] for r in rs], [r['predicted_state_mb'] for r in rs], '--', color=c, alpha=0.6,
-                     label=f'{name} predicted state')
-        fails = [r for r in rs if r['status'] != 'ok']
-        for r in fails:
-            axes[0].annotate(r['status'], (r['T'], r.get(mem_key) or r['predicted_state_mb']), color=c,
-                             fontsize=8, ha='center')
-        t_pts = [(r['T'], r['step_s']) for r in rs if r['status'] == 'ok']
-        if t_pts:
-            axes[1].plot(*zip(*t_pts), 'o-', color=c, label=name)
-        f_pts = [(r['T'], 100 * r['frac_of_matmul']) for r in rs if r.get('frac_of_matmul')]
-        if f_pts:
-            axes[2].plot(*zip(*f_pts), 'o-', color=c, label=name)
-    fixed = 2 * 3 * 4. * n_params(cfg) / MB
-    axes[0].axhline(fixed, color='gray', ls=':', lw=1,
-                    label='weights + Adam moments, in and out (every method)')
-    axes[0].set(xlabel='sequence length T', ylabel=mem_label, yscale='log', title='peak memory of one training step')
-    axes[1].set(xlabel='sequence length T', ylabel='seconds per training step (median)', yscale='log',
-                title='time of one training step after compilation')
-    axes[2].set(xlabel='sequence length T', ylabel='% of float32 matmul GFLOP/s',
-                title=f"model matmul FLOP/s vs machine ({fmt(probe_info.get('matmul_gflops'), '.0f')} GFLOP/s)")
-    for ax in axes:
-        ax.grid(alpha=0.3, which='both')
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg['n_layer']} x {cfg['n_rec']} {cfg['model']}, {cfg['n_in']} inputs, batch {cfg['batch_size']}, "
-                 f"{probe_info.get('device')} ({cfg['preset']} preset)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_sweep(args, out_dir: str) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import brainscale_adapter
+import memory_report
 import models
 import training
 import utils
@@ -45,7 +46,7 @@ def test_sweep_writes_csv_json_png_one_row_per_method_and_length(sweep, mem_scri
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, 'results.csv')) as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == mem_script.CSV_COLUMNS
+        assert reader.fieldnames == memory_report.CSV_COLUMNS
         rows = list(reader)
     assert sorted((r['method'], int(r['T'])) for r in rows) == sorted(
         (m, T) for m in utils.METHODS for T in (SHORT, LONG))
@@ -141,28 +142,28 @@ def test_formulas_match_the_real_network_and_traces(mem_script, model):
     for method in ('diag', 'expsm_diag'):
         net = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=model, seed=0)
         trainer = training.Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
-        assert mem_script.n_params(cfg) == models.count_params(net)
+        assert memory_report.n_params(cfg) == models.count_params(net)
         algo = trainer.algo
         states = list(algo.etrace_bwg.values()) if method == 'diag' else \
             list(algo.etrace_xs.values()) + list(algo.etrace_dfs.values())
         sizes[method] = 4. * sum(np.size(leaf) for st in states for leaf in jax.tree.leaves(st.value))
         assert sizes[method] > 0
-        assert mem_script.predicted_state_bytes(cfg, method, 10) == sizes[method], (method, sizes[method])
+        assert memory_report.predicted_state_bytes(cfg, method, 10) == sizes[method], (method, sizes[method])
     if model == 'lif-delta':
-        assert sizes['diag'] == 4. * cfg['batch_size'] * mem_script.n_params(cfg)
+        assert sizes['diag'] == 4. * cfg['batch_size'] * memory_report.n_params(cfg)
     else:
-        assert sizes['diag'] > 1.9 * 4. * cfg['batch_size'] * mem_script.n_params(cfg)
+        assert sizes['diag'] > 1.9 * 4. * cfg['batch_size'] * memory_report.n_params(cfg)
 
 
 def test_flops_and_predicted_state(mem_script):
     cfg = dict(batch_size=128, n_in=32768, n_rec=512, n_layer=3, n_out=11)
     # D-RTRL's trace of the paper's network: batch x #params floats; layer 1 alone ~8 GiB
-    assert mem_script.predicted_state_bytes(cfg, 'diag', 1000) == 4 * 128 * mem_script.n_params(cfg)
+    assert memory_report.predicted_state_bytes(cfg, 'diag', 1000) == 4 * 128 * memory_report.n_params(cfg)
     assert 128 * 33280 * 512 * 4 / 2 ** 30 == pytest.approx(8.125)
-    assert mem_script.predicted_state_bytes(cfg, 'bptt', 200) == 2 * mem_script.predicted_state_bytes(cfg, 'bptt', 100)
+    assert memory_report.predicted_state_bytes(cfg, 'bptt', 200) == 2 * memory_report.predicted_state_bytes(cfg, 'bptt', 100)
     small = dict(batch_size=1, n_in=2, n_rec=3, n_layer=1, n_out=1)
     # forward + weight gradient of [x, s] W (2 x 2 x 5 x 3), gradient of s (2 x 3 x 3), readout 3 x 2 x 3
-    assert mem_script.flop_per_time_step(small) == 60 + 18 + 18
+    assert memory_report.flop_per_time_step(small) == 60 + 18 + 18
 
 
 # ------------------------------------------------------------------------------------------------
