@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo reproduce-dms test test-all clean-results
+.PHONY: demo reproduce-dms reproduce-stream test test-all clean-results
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(VENV)/.installed
 # sweep; table and figures in results/dms/reproduce/ (docs/dms.md, "Reproduction").
 reproduce-dms: $(VENV)/.installed
 	$(PY) scripts/reproduce_dms.py
+
+# The DMS task as 32 endless streams: ES-D-RTRL (3 seeds), D-RTRL (capped) and truncated BPTT windows, and
+# the memory of one update up to full BPTT over the stream; results/dms/stream/ (README, "Learning on a
+# stream"; docs/stream.md). TINY=1: toy sizes (seconds).
+reproduce-stream: $(VENV)/.installed
+	$(PY) scripts/reproduce_stream.py $(if $(TINY),--tiny --out results/dms/stream-tiny,)
 
 # The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed

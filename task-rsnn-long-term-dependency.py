@@ -55,6 +55,25 @@ def build_parser():
                         'reaches this')
     g.add_argument('--acc_th_window', type=utils.positive_int, default=20,
                    help='training batches whose accuracies are averaged for --acc_th')
+    g = p.add_argument_group('stream protocol (--protocol stream; docs/stream.md)')
+    g.add_argument('--protocol', choices=('trials', 'stream'), default='trials',
+                   help='trials: independent trials, states reset per batch; stream: --batch_size endless '
+                        'streams of trials, states and traces never reset, one update per stretch of stream '
+                        '(--epochs, --batches_per_epoch, --acc_th do not apply; docs/stream.md)')
+    g.add_argument('--t_iti', default='100-500',
+                   help='stream: inter-trial interval in ms (background input only), MIN-MAX drawn uniformly or '
+                        'one value; with 0 the streams also start in step (no random phase)')
+    g.add_argument('--update_every', type=utils.positive_float, default=500.,
+                   help='stream, online methods: ms of stream per weight update')
+    g.add_argument('--tbptt_window', type=utils.positive_float, default=1000.,
+                   help='stream, bptt: truncated BPTT window in ms (states carried in, gradient cut at its '
+                        'start, one update per window)')
+    g.add_argument('--stream_trials', type=utils.positive_int, default=500,
+                   help='stream: training length in trials per stream (times the mean trial + ITI period)')
+    g.add_argument('--eval_every_trials', type=utils.positive_int, default=25,
+                   help='stream: trials per stream between evaluations on the held-out stream (and checkpoints)')
+    g.add_argument('--stream_reset', type=int, choices=(0, 1), default=0,
+                   help='stream, a control: 1 = zero the states and traces of a stream at every trial start')
     g = p.add_argument_group('network')
     g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent GIF neurons')
     g.add_argument('--tau_neu', type=utils.positive_float, default=100., help='membrane time constant (ms)')
@@ -103,7 +122,18 @@ def train_and_evaluate(args, run_dir: str) -> dict:
         training.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
-                            vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk)
+                            vjp_time=args.vjp_time, devices=devices,
+                            trace_chunk=1 if args.protocol == 'stream' else args.trace_chunk)
+    if args.protocol == 'stream':
+        import stream_training
+        print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
+              f'{stream_training.chunk_ms(args):g} ms per update, {args.n_rec} GIF neurons, '
+              f'{utils.METHOD_NAMES[args.method]}; run folder {run_dir}', flush=True)
+        summary = stream_training.fit_stream(args, trainer, run_dir, cfg, extra_config=dict(
+            n_steps=cfg.n_steps, test_start=cfg.test_start, n_params=models.count_params(model),
+            device=utils.devices_name(devices), n_devices=len(devices)))
+        print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+        return summary
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
           f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
@@ -134,6 +164,9 @@ def check_sizes(args):
 def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
+    if args.protocol == 'stream' and (args.trace_chunk or 1) > 1:
+        raise utils.UserError(f'--protocol stream runs the online methods step by step through brainscale (the '
+                              f'traces carried across updates); leave out --trace_chunk {args.trace_chunk}')
     check_sizes(args)
     run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
     try:

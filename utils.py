@@ -186,13 +186,13 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
     return args
 
 
-# What a --resume may change: how long and where it trains, how it shows progress, the learning-rate
+# What a --resume may change: how long and where it trains (--stream_trials: a stream run goes on), how it shows progress, the learning-rate
 # schedule and the batching. Everything else (method, network, task, data, seed, optimizer) is part of
 # what the checkpoint means, and changing it is refused.
 RESUME_MAY_CHANGE = {'epochs', 'lr', 'lr_schedule', 'lr_milestones', 'grad_clip', 'batch_size', 'batches_per_epoch',
                      'eval_batches', 'n_test_trials', 'acc_th', 'acc_th_window', 'devices', 'distributed',
                      'n_data_worker', 'no_progress', 'check_grad', 'check_grad_every', 'data_dir', 'cache_dir',
-                     'exp_name', 'preset'}
+                     'exp_name', 'preset', 'stream_trials', 'eval_every_trials'}
 
 
 def check_resume_overrides(args, saved: dict, run_dir: str):
