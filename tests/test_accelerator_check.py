@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow  # about 40 s: the GPU/TPU machine's script at toy size; `make test-all` runs it
 def test_accelerator_check_runs_at_tiny_size(tmp_path):
     out = tmp_path / 'check'
     env = dict(os.environ, TINY='1', PY=sys.executable, OUT=str(out))
