@@ -29,9 +29,10 @@ For each chunk of K steps (the last one may be shorter):
 Exact in real arithmetic; in float32 the sums are ordered differently (tests/test_chunked_traces.py:
 cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
 
-The networks' neuron updates are written here again as pure functions (`LIFCell`, `GIFCell`: the
-arithmetic of models.LIFDeltaLayer and models.GIFExpLayer, in the same order); the tests compare
-against brainscale running the models' own code, so a change there that is not made here fails them.
+The networks' neuron updates as pure functions: `LIFCell` uses models.LIFDeltaLayer.step (the pure form
+that BPTT's run_sequence also uses), `GIFCell` writes models.GIFExpLayer's arithmetic again, in the same
+order. The tests compare against brainscale running the models' stateful `update`, so a change there that
+is not made in the pure form fails them.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 
 import brainscale_adapter  # its D-RTRL trace update and batch-sum read (the same formulas, fast on a CPU)
 import models
+import recurrence
 
 
 def decay_of(decay_or_rank) -> float:
@@ -72,32 +74,14 @@ class LIFCell:
         for n in self.names:
             getattr(self.layer, n).value = h[n]
 
-    def threshold(self, h):
-        L = self.layer
-        return L.V_th + L.beta * h['b'] if L.neuron == 'alif' else L.V_th
-
     def prev_spike(self, h):
         """s_{t-1}: the spike that enters this step's recurrent input (LIFDeltaLayer.update)."""
-        return self.layer.spk_fun((h['V'] - self.threshold(h)) / self.layer.V_th)
+        return self.layer.prev_spike(h)
 
     def step(self, h: dict, y, perturb: dict = None):
         """(new states, output spike) from the previous states h and the weight output y; `perturb` is
         added to each new state where brainscale adds its hidden perturbation (later uses see it)."""
-        L = self.layer
-        th = self.threshold(h)
-        s = L.spk_fun((h['V'] - th) / L.V_th)
-        s_reset = jax.lax.stop_gradient(s) if L.detach_reset else s
-        new, c = {}, y
-        if L.synapse == 'exp':
-            c = new['I'] = _add(perturb, 'I', h['I'] * L.syn_decay + c)
-        if L.neuron == 'alif':
-            new['b'] = _add(perturb, 'b', h['b'] * L.adapt_decay + s_reset)
-        if L.spk_reset == 'soft':
-            V = L.mem_decay * (h['V'] - th * s_reset) + c
-        else:
-            V = L.mem_decay * h['V'] * (1. - s_reset) + c
-        new['V'] = _add(perturb, 'V', V)
-        return new, L.spk_fun((new['V'] - self.threshold(new)) / L.V_th)
+        return self.layer.step(h, y, perturb)
 
 
 class GIFCell:
@@ -157,14 +141,13 @@ def supports(model) -> bool:
 
 
 def layer_forward(cell, w, bias, xs, h0):
-    """The layer over the chunk's inputs xs (K, B, n_x), from the states h0. Returns the final states
-    and, per step: the previous states (dict of (K, B, J)), the recurrent input s_{t-1}, the weight
-    output y_t and the output (spikes, or V for GIFCell)."""
-    n_x = xs.shape[-1]
-    z = jnp.einsum('kbi,ij->kbj', xs, w[:n_x])
+    """The layer over the chunk's inputs xs (K, B, n_x), from the states h0; w: the layer's weights as
+    `prepared_weights` gives them. Returns the final states and, per step: the previous states (dict of
+    (K, B, J)), the recurrent input s_{t-1}, the weight output y_t and the output (spikes, or V for GIFCell)."""
+    z = recurrence.input_products(xs, w['in'])
     if bias is not None:
         z = z + bias
-    w_rec = w[n_x:]
+    w_rec = w['rec']
 
     def step(h, z_t):
         s = cell.prev_spike(h)
@@ -194,27 +177,27 @@ def state_jacobians(cell, prevs, ys):
     return jnp.stack(columns, axis=-1), stacked(t, names)
 
 
-def chunk_forward_and_signals(cells, readout_input, model, values, hidden, xs, ws, step_loss):
+def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, ws, step_loss):
     """Forward over the chunk and the learning signals. `values`: {'layers': [{'weight', 'bias'}...],
-    'out': {...}}; `hidden`: ([state dicts], readout r). Returns (new hidden, relations, loss sum,
+    'out': {...}}; `weights`: prepared_weights(values); `hidden`: ([state dicts], readout r). Returns (new hidden, relations, loss sum,
     weighted readout sum); relations: {layer index or 'out': dict(x (K, B, I), D, df, L)}, one per
     trace-carrying weight."""
     relations, states, layer_data = {}, [], []
     x = xs
-    for cell, p, h0 in zip(cells, values['layers'], hidden[0]):
-        h_end, prevs, s_prev, ys, outs = layer_forward(cell, p['weight'], p.get('bias'), x, h0)
+    for cell, p, w, h0 in zip(cells, values['layers'], weights, hidden[0]):
+        h_end, prevs, s_prev, ys, outs = layer_forward(cell, w, p.get('bias'), x, h0)
         states.append(h_end)
         layer_data.append((x, prevs, s_prev, ys))
         x = outs
     x_out, back_out = jax.vjp(readout_input, x)
     po, decay = values['out'], model.out.decay
-    y_out = jnp.einsum('kbj,jo->kbo', x_out, po['weight']) + po['bias']
+    y_out = recurrence.input_products(x_out, po['weight']) + po['bias']
     r_end, rs = jax.lax.scan(lambda r, y: (decay * r + y, decay * r + y), hidden[1], y_out)
     losses, dl_dr = jax.vmap(jax.value_and_grad(step_loss))(rs, ws)
     ones = jnp.ones(rs.shape + (1,), rs.dtype)
     relations['out'] = dict(x=x_out, D=decay * ones[..., None], df=ones, L=dl_dr[..., None])
     # Learning signals, top down: the chunk's steps with the recurrent inputs held fixed.
-    ct, = back_out(jnp.einsum('kbo,jo->kbj', dl_dr, po['weight']))
+    ct, = back_out(recurrence.input_products(dl_dr, weights[-1]['in_T']))
     for i in reversed(range(len(cells))):
         cell, (x_in, prevs, s_prev, ys) = cells[i], layer_data[i]
         zero_perturb = {n: jnp.zeros_like(prevs[n]) for n in cell.names}
@@ -223,7 +206,7 @@ def chunk_forward_and_signals(cells, readout_input, model, values, hidden, xs, w
         D, df = state_jacobians(cell, prevs, ys)
         relations[i] = dict(x=jnp.concatenate([x_in, s_prev], axis=-1), D=D, df=df, L=stacked(signal, cell.names))
         if i > 0:
-            ct = jnp.einsum('kbj,ij->kbi', ct_y, values['layers'][i]['weight'][:x_in.shape[-1]])
+            ct = recurrence.input_products(ct_y, weights[i]['in_T'])
     wout = jnp.sum(ws[:, None, None] * rs, axis=0)
     return (states, r_end), relations, jnp.sum(losses), wout
 
@@ -231,6 +214,11 @@ def chunk_forward_and_signals(cells, readout_input, model, values, hidden, xs, w
 # --------------------------------------------------------------------------------------------
 # The trace recursion and the gradient read of one chunk
 # --------------------------------------------------------------------------------------------
+
+
+def rows_product(x, g):
+    """sum_k x_k^T g_k over the chunk's K x B rows, x (K, B, I), g (K, B, J) -> (I, J), as one 2-D product."""
+    return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
 
 
 def _apply(D, v):
@@ -274,7 +262,7 @@ def es_drtrl_chunk(rel, trace, decay: float, t0):
     G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
     _, G_rev = affine_scan(jnp.full((K, 1, 1), decay, G.dtype), G[::-1], matrix=False)
     G_tilde = G_rev[::-1]                                                            # sum_{t>=s} a^(t-s) G_t
-    dW = jnp.einsum('kbi,kbj->ij', x, G_tilde) + decay * xhat.T @ G_tilde[0]
+    dW = rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
     powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
     return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
@@ -295,7 +283,7 @@ def drtrl_chunk(rel, trace):
     M = _apply_t(D[0], lams[0])                                                      # D_1^T Lambda_1
     phi_all = _matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
-    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + jnp.einsum('kbi,kbj->ij', x, h),
+    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + rows_product(x, h),
             'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
     e_w = brainscale_adapter._new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
     e_b = brainscale_adapter._new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
@@ -324,6 +312,19 @@ def _zero_traces(method, cells, values, batch):
     return traces
 
 
+def prepared_weights(values, n_in: int) -> list:
+    """Per layer the input and recurrent parts of its weight and the input part transposed (for the
+    learning signals), then the readout's weight transposed: made once per sequence, before the loop over
+    chunks. A dot that contracts a weight's second axis inside the loop (jax's transpose of x W) runs
+    several times slower on the CPU measured here (recurrence.py)."""
+    out = []
+    for i, p in enumerate(values['layers']):
+        n_x = n_in if i == 0 else p['weight'].shape[1]
+        w_in = p['weight'][:n_x]
+        out.append({'in': w_in, 'rec': p['weight'][n_x:], 'in_T': jnp.transpose(w_in)})
+    return out + [{'in_T': jnp.transpose(values['out']['weight'])}]
+
+
 def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, step_loss):
     """D-RTRL (`method='diag'`) or ES-D-RTRL (`'expsm_diag'`, decay = brainscale's decay) over xs
     (T, B, n_in) with step weights ws (T,), K steps per chunk, from the model's current states (zero
@@ -337,13 +338,14 @@ def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, s
     T, B = xs.shape[:2]
     K = max(1, min(int(K), T))
     keys = list(range(len(cells))) + ['out']
+    weights = prepared_weights(values, n_in=xs.shape[-1])
     zero_grads = [jax.tree.map(jnp.zeros_like, dict(v)) for v in values['layers'] + [values['out']]]
 
     def chunk(carry, inp):
         hidden, traces, grads, loss, wout, t0 = carry
         xs_c, ws_c = inp
         hidden, relations, loss_c, wout_c = chunk_forward_and_signals(
-            cells, readout_input, model, values, hidden, xs_c, ws_c, step_loss)
+            cells, readout_input, model, values, weights, hidden, xs_c, ws_c, step_loss)
         new_traces, new_grads = [], []
         for key, trace, g in zip(keys, traces, grads):
             if method == 'diag':

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import recurrence
 import utils
 
 SURROGATES = {
@@ -81,7 +82,7 @@ class LeakyReadout(brainstate.nn.Module):
     def run_sequence(self, xs):
         """`update` over xs (T, B, n_in) -> (T, B, n_out), with x_t W + b for all t as one product."""
         p = self.linear.weight_op.value
-        z = jnp.einsum('tbi,ij->tbj', xs, p['weight']) + p['bias']
+        z = recurrence.input_products(xs, p['weight']) + p['bias']
 
         def step(z_t):
             r = self.decay * self.r.value + z_t
@@ -228,22 +229,49 @@ class LIFDeltaLayer(brainstate.nn.Module):
     def run_sequence(self, xs):
         """`update` over a whole sequence, xs (T, B, n_in) -> spikes (T, B, n_rec), for BPTT.
 
-        The same arithmetic, except that x_t W_in for all t is one matrix product before the time loop
-        (only s_{t-1} W_rec stays inside it): several times faster on a CPU, same gradients.
+        The same arithmetic (`step`), except that x_t W_in for all t is one matrix product before the time
+        loop (only s_{t-1} W_rec stays inside it), and the backward pass is recurrence.recurrent_scan's:
+        several times faster on a CPU, the same gradients.
         """
         p = self.linear.weight_op.value
         n_x = xs.shape[-1]
         w_in, w_rec = p['weight'][:n_x], p['weight'][n_x:]
-        currents = jnp.einsum('tbi,ij->tbj', xs, w_in)
+        currents = recurrence.input_products(xs, w_in)
         if 'bias' in p:
             currents = currents + p['bias']
+        h0 = {n: getattr(self, n).value for n in self._state_names()}
+        spikes, h_last = recurrence.recurrent_scan(self.step, self.prev_spike, w_rec, currents, h0)
+        for n in self._state_names():
+            getattr(self, n).value = h_last[n]
+        return spikes
 
-        def step(s, c_in):  # s_{t-1} is carried: the spike that the previous step returned
-            out = self._integrate(c_in + s @ w_rec, s, self.threshold())
-            return out, out
+    # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
+    def prev_spike(self, h):
+        """s_{t-1}, the spike that enters step t's recurrent input, from the states h_{t-1}."""
+        th = self.V_th + self.beta * h['b'] if self.neuron == 'alif' else self.V_th
+        return self.spk_fun((h['V'] - th) / self.V_th)
 
-        s0 = self.spk_fun((self.V.value - self.threshold()) / self.V_th)
-        return brainstate.transform.scan(step, s0, currents)[1]
+    def step(self, h: dict, y, perturb: dict = None):
+        """(new states, output spike) from the previous states h and the weight output y = [x_t, s_{t-1}] W:
+        `update`'s arithmetic in the same order. `perturb` (chunked_traces.py) is added to each new state
+        where the model writes it, which is where brainscale adds its hidden perturbation."""
+        def add(name, value):
+            return value + perturb[name] if perturb and name in perturb else value
+
+        th = self.V_th + self.beta * h['b'] if self.neuron == 'alif' else self.V_th
+        s = self.spk_fun((h['V'] - th) / self.V_th)
+        s_reset = jax.lax.stop_gradient(s) if self.detach_reset else s
+        new, c = {}, y
+        if self.synapse == 'exp':
+            c = new['I'] = add('I', h['I'] * self.syn_decay + c)
+        if self.neuron == 'alif':
+            new['b'] = add('b', h['b'] * self.adapt_decay + s_reset)
+        if self.spk_reset == 'soft':
+            V = self.mem_decay * (h['V'] - th * s_reset) + c
+        else:
+            V = self.mem_decay * h['V'] * (1. - s_reset) + c
+        new['V'] = add('V', V)
+        return new, self.prev_spike(new)
 
     def _integrate(self, c, s, th):
         s_reset = jax.lax.stop_gradient(s) if self.detach_reset else s

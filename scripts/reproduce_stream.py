@@ -33,7 +33,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import METHOD_NAMES  # noqa: E402  (utils imports no jax at import time)
+import utils  # noqa: E402  (utils imports no jax at import time)
+from child_runs import run_folder_state, run_task  # noqa: E402
+from utils import METHOD_NAMES  # noqa: E402
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 
@@ -62,15 +64,6 @@ TINY = dict(
 )
 
 
-def run_folder_state(run_dir: str) -> str:
-    if os.path.exists(os.path.join(run_dir, 'summary.json')):
-        return 'finished'
-    last = os.path.join(run_dir, 'checkpoints', 'last')
-    if os.path.isdir(last) and any(name.isdigit() for name in os.listdir(last)):
-        return 'interrupted'
-    return 'new'
-
-
 def launch(run_dir: str, flags: list, log_path: str, trials: int) -> dict:
     """Run the task script once (or resume it; or extend a finished run on a shorter stream to `trials`
     trials per stream: the same stream goes on); returns its summary with the process's peak RSS."""
@@ -85,26 +78,12 @@ def launch(run_dir: str, flags: list, log_path: str, trials: int) -> dict:
     if state == 'interrupted':
         argv = ['--resume', run_dir, '--no_progress', '--stream_trials', str(trials)]
     else:
-        if os.path.isdir(run_dir):
-            import shutil
-            shutil.rmtree(run_dir)
         argv = flags + ['--out_dir', run_dir]
-    cmd = [sys.executable, SCRIPT] + argv
-    print('$', ' '.join(shlex.quote(c) for c in cmd[1:]), flush=True)
-    with open(log_path, 'a') as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f'run failed (exit {code}); see {log_path}')
-    with open(os.path.join(run_dir, 'summary.json')) as f:
-        summary = json.load(f)
-    summary['peak_rss_mb'] = usage.ru_maxrss / 1024.
+    summary = run_task(SCRIPT, argv, run_dir, log_path, ROOT)
     flags = flags[:flags.index('--stream_trials')] + ['--stream_trials', str(trials)] + \
         flags[flags.index('--stream_trials') + 2:]
     summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in flags)
-    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
     return summary
 
 
