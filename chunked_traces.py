@@ -29,9 +29,8 @@ For each chunk of K steps (the last one may be shorter):
 Exact in real arithmetic; in float32 the sums are ordered differently (tests/test_chunked_traces.py:
 cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
 
-The networks' neuron updates as pure functions: `LIFCell` uses models.LIFDeltaLayer.step (the pure form
-that BPTT's run_sequence also uses), `GIFCell` writes models.GIFExpLayer's arithmetic again, in the same
-order. The tests compare against brainscale running the models' stateful `update`, so a change there that
+The networks' neuron updates as pure functions: `LIFCell` and `GIFCell` use the layers' `step` (the pure
+form of models.LIFDeltaLayer.update and models.GIFExpLayer.update that BPTT's run_sequence also uses). The tests compare against brainscale running the models' stateful `update`, so a change there that
 is not made in the pure form fails them.
 """
 from __future__ import annotations
@@ -54,10 +53,6 @@ def decay_of(decay_or_rank) -> float:
 # --------------------------------------------------------------------------------------------
 # The networks' neuron updates as pure functions
 # --------------------------------------------------------------------------------------------
-
-
-def _add(perturb, name, value):
-    return value + perturb[name] if perturb and name in perturb else value
 
 
 class LIFCell:
@@ -100,17 +95,10 @@ class GIFCell:
             getattr(self.layer, n).value = h[n]
 
     def prev_spike(self, h):
-        return self.layer.spike(h['V'])
+        return self.layer.prev_spike(h)
 
     def step(self, h: dict, y, perturb: dict = None):
-        L = self.layer
-        s = L.spike(h['V'])
-        s_reset = s if L.diff_spike else jax.lax.stop_gradient(s)
-        g = _add(perturb, 'g', h['g'] * L.syn_decay + L.syn_gain * y)
-        I2 = _add(perturb, 'I2', (h['I2'] - L.A2 * s) * L.I2_decay)
-        V = (h['V'] - L.V_th * s_reset) * L.neu_decay + (1. - L.neu_decay) * (L.V_rest + L.R * (g + I2))
-        V = _add(perturb, 'V', V)
-        return {'V': V, 'g': g, 'I2': I2}, V
+        return self.layer.step(h, y, perturb)
 
 
 def network_cells(model):
@@ -120,14 +108,6 @@ def network_cells(model):
     if isinstance(model, models.DMSNet) and type(model.rec) is models.GIFExpLayer:
         return [GIFCell(model.rec)], models.standardize
     return None
-
-
-def default_trace_chunk(model, method: str, K: int) -> int:
-    """--trace_chunk's default for this network and method: K (utils.DEFAULT_TRACE_CHUNK), except ES-D-RTRL
-    on the DMS network, where brainscale's step-by-step path measured faster (its per-step work is small:
-    one 200-neuron layer, so the chunk's extra passes over K x B x neurons x S^2 buffers cost more than the
-    per-step loop; docs/chunked-traces.md)."""
-    return 1 if method == 'expsm_diag' and isinstance(model, models.DMSNet) else K
 
 
 def supports(model) -> bool:
@@ -255,13 +235,19 @@ def es_drtrl_chunk(rel, trace, decay: float, t0):
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     xhat, fhat = trace
     K = x.shape[0]
-    P, f = affine_scan(decay * D, (1. - decay) * df)            # f^_t = a D_t f^_{t-1} + (1 - a) df_t
-    fhats = _apply(P, fhat) + f
+    def f_step(f, inp):  # f^_t = a D_t f^_{t-1} + (1 - a) df_t: a few flops per neuron, step by step
+        D_t, df_t = inp
+        f = decay * _apply(D_t, f) + (1. - decay) * df_t
+        return f, f
+
+    _, fhats = jax.lax.scan(f_step, fhat, (D, df))
     n = t0 + jnp.arange(K)
     correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)
     G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
-    _, G_rev = affine_scan(jnp.full((K, 1, 1), decay, G.dtype), G[::-1], matrix=False)
-    G_tilde = G_rev[::-1]                                                            # sum_{t>=s} a^(t-s) G_t
+    steps = jnp.arange(K)
+    lag = steps[None, :] - steps[:, None]                                            # t - s
+    later = jnp.where(lag >= 0, decay ** jnp.maximum(lag, 0).astype(G.dtype), 0.)    # a^(t-s) for t >= s
+    G_tilde = (later @ G.reshape(K, -1)).reshape(G.shape)                            # sum_{t>=s} a^(t-s) G_t
     dW = rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
     powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)

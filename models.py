@@ -147,6 +147,37 @@ class GIFExpLayer(brainstate.nn.Module):
         self.g.value, self.I2.value, self.V.value = g, I2, V
         return V
 
+    def run_sequence(self, xs):
+        """`update` over a whole sequence, xs (T, B, n_in) -> V (T, B, n_rec), for BPTT: the input products
+        of all steps as one matrix product, the backward pass recurrence.recurrent_scan's (LIFDeltaLayer)."""
+        p = self.linear.weight_op.value
+        w_in, w_rec = p['weight'][:self.n_in], p['weight'][self.n_in:]
+        currents = recurrence.input_products(xs, w_in)
+        if 'bias' in p:
+            currents = currents + p['bias']
+        h0 = {'V': self.V.value, 'g': self.g.value, 'I2': self.I2.value}
+        Vs, h_last = recurrence.recurrent_scan(self.step, self.prev_spike, w_rec, currents, h0)
+        self.V.value, self.g.value, self.I2.value = h_last['V'], h_last['g'], h_last['I2']
+        return Vs
+
+    # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
+    def prev_spike(self, h):
+        return self.spike(h['V'])
+
+    def step(self, h: dict, y, perturb: dict = None):
+        """(new states, V) from the previous states h and y = [x_t, s_{t-1}] W + b: `update`'s arithmetic in
+        the same order; `perturb` as in LIFDeltaLayer.step."""
+        def add(name, value):
+            return value + perturb[name] if perturb and name in perturb else value
+
+        s = self.spike(h['V'])
+        s_reset = s if self.diff_spike else jax.lax.stop_gradient(s)
+        g = add('g', h['g'] * self.syn_decay + self.syn_gain * y)
+        I2 = add('I2', (h['I2'] - self.A2 * s) * self.I2_decay)
+        V = (h['V'] - self.V_th * s_reset) * self.neu_decay + (1. - self.neu_decay) * (self.V_rest + self.R * (g + I2))
+        V = add('V', V)
+        return {'V': V, 'g': g, 'I2': I2}, V
+
 
 class DMSNet(brainstate.nn.Module):
     """GIF-exp recurrent layer -> standardized membrane potential -> leaky readout (2 outputs)."""
@@ -164,6 +195,10 @@ class DMSNet(brainstate.nn.Module):
 
     def update(self, x):
         return self.out(standardize(self.rec(x)))
+
+    def run_sequence(self, xs):
+        """The readout for a whole sequence xs (T, B, n_in), layer after layer (BPTT; see Trainer)."""
+        return self.out.run_sequence(standardize(self.rec.run_sequence(xs)))
 
     def spikes(self):
         return self.rec.spike(self.rec.V.value)

@@ -54,8 +54,7 @@ def path_key(path) -> str:
 def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str, several_devices: bool = False) -> int:
     """The K of --trace_chunk for this run: K > 1 needs an online method on one of the repository's networks
     with --vjp_time t and the D-RTRL trace fix (brainscale_adapter), on one device; else only 1 (brainscale
-    step by step). `None` means the measured default (chunked_traces.default_trace_chunk) where K > 1 works,
-    else 1."""
+    step by step). `None` means the measured default (utils.DEFAULT_TRACE_CHUNK) where K > 1 works, else 1."""
     why_not = None
     if method == 'bptt':
         why_not = 'BPTT has no traces'
@@ -68,7 +67,7 @@ def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str, several_de
     elif several_devices:  # not yet measured nor tested split over devices (docs/chunked-traces.md)
         why_not = 'the chunked traces run on one device only'
     if trace_chunk is None:
-        return 1 if why_not else chunked_traces.default_trace_chunk(model, method, utils.DEFAULT_TRACE_CHUNK)
+        return 1 if why_not else utils.DEFAULT_TRACE_CHUNK
     if int(trace_chunk) < 1:
         raise UserError(f'--trace_chunk must be >= 1, got {trace_chunk}')
     if int(trace_chunk) > 1 and why_not and method != 'bptt':

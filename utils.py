@@ -112,7 +112,7 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='online methods: the eligibility traces K time steps at a time, with the same gradient '
                         '(docs/chunked-traces.md); 1 = brainscale step by step; default (None): '
                         f'{DEFAULT_TRACE_CHUNK} for the networks of this repository with --vjp_time t on one '
-                        'device (ES-D-RTRL on the DMS network: 1, measured faster there), else 1')
+                        'device, else 1')
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
     g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')

@@ -253,16 +253,24 @@ class PerStep(brainstate.nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize('kind,reset', [('lif-delta', 'hard'), ('alif-delta', 'soft'), ('lif-exp-cu', 'soft')])
-def test_bptt_layer_by_layer_equals_step_by_step(kind, reset):
+@pytest.mark.parametrize('kind,reset,detach', [('lif-delta', 'hard', True), ('alif-delta', 'soft', True),
+                                               ('lif-exp-cu', 'soft', True), ('lif-delta', 'soft', False),
+                                               ('dms', None, None)])
+def test_bptt_layer_by_layer_equals_step_by_step(kind, reset, detach):
+    """run_sequence (input products out of the loop, recurrence.recurrent_scan's backward pass) gives the
+    gradient of the plain per-step loop, for every layer type and reset."""
     grads = {}
     for layered in (False, True):
-        brainstate.environ.set(dt=1.)
-        net = models.SpikingStack(N_IN, N_REC, 3, 2, model=kind, spk_reset=reset, seed=3)
+        if kind == 'dms':
+            net, n_out = build('dms', seed=3)
+        else:
+            brainstate.environ.set(dt=1.)
+            net, n_out = models.SpikingStack(N_IN, N_REC, 3, 2, model=kind, spk_reset=reset, detach_reset=detach,
+                                             seed=3), 3
         net = net if layered else PerStep(net)
         assert hasattr(net, 'run_sequence') == layered
         trainer = training.Trainer(net, 'bptt', N_IN, B)
-        xs, labels, ws = data(3, seed=1)
+        xs, labels, ws = data(n_out, seed=1)
         grads[layered] = trainer.gradients(xs, labels, ws)
     assert_same(grads[False], grads[True])
 
