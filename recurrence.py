@@ -4,11 +4,11 @@
 
 `recurrent_scan` returns the outputs of all steps and the last state, and has the exact gradient of that
 scan (the same as jax's autodiff, summed in another order). Its backward pass differs from jax's in two
-places, both measured on this repository's 2-core CPU (XLA CPU, jax 0.8; docs/chunked-traces.md, "Speed"):
+places, both measured on this repository's 2-core CPU (XLA CPU, jax 0.8; docs/chunked-traces.md, "BPTT, the yardstick"):
 
 * jax's transpose of `s @ W_rec` inside the backward scan is a dot that contracts W_rec's second axis
-  (`dy @ W_rec^T` without a transposed copy). XLA CPU runs that form about 4x slower than a plain product
-  (32 x 512 by 512 x 512, 100 steps: 60 ms against 16 ms). Here W_rec^T is materialized once, before the
+  (`dy @ W_rec^T` without a transposed copy). XLA CPU runs that form about 3.5x slower than a plain product
+  (32 x 512 by 512 x 512, 100 steps: 58 ms against 17 ms). Here W_rec^T is materialized once, before the
   loop, and the loop multiplies by it.
 * jax accumulates dW_rec += s_{t-1}^T dy_t inside the loop, one small product per step. Here the loop
   keeps dy_t, and dW_rec is one product over all T x B rows after it.
