@@ -196,11 +196,6 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
 # --------------------------------------------------------------------------------------------
 
 
-def rows_product(x, g):
-    """sum_k x_k^T g_k over the chunk's K x B rows, x (K, B, I), g (K, B, J) -> (I, J), as one 2-D product."""
-    return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
-
-
 def _apply(D, v):
     """sum_s D[..., k, s] v[..., s]: a per-neuron S x S matrix on a state vector."""
     return jnp.sum(D * v[..., None, :], axis=-1)
@@ -248,7 +243,7 @@ def es_drtrl_chunk(rel, trace, decay: float, t0):
     lag = steps[None, :] - steps[:, None]                                            # t - s
     later = jnp.where(lag >= 0, decay ** jnp.maximum(lag, 0).astype(G.dtype), 0.)    # a^(t-s) for t >= s
     G_tilde = (later @ G.reshape(K, -1)).reshape(G.shape)                            # sum_{t>=s} a^(t-s) G_t
-    dW = rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
+    dW = recurrence.rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
     powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
     return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
@@ -269,7 +264,7 @@ def drtrl_chunk(rel, trace):
     M = _apply_t(D[0], lams[0])                                                      # D_1^T Lambda_1
     phi_all = _matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
-    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + rows_product(x, h),
+    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + recurrence.rows_product(x, h),
             'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
     e_w = brainscale_adapter._new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
     e_b = brainscale_adapter._new_trace(e_b, phi_all, jnp.sum(qs, axis=0))

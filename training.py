@@ -16,6 +16,7 @@ import optax
 
 import brainscale_adapter
 import chunked_traces
+import recurrence
 import utils
 from utils import METHODS, VJP_METHODS, UserError, batch_error, devices_name
 
@@ -214,11 +215,12 @@ class Trainer:
         """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
         BPTT's gradient from the same weights and initial states, for --check_grad)."""
         method = method or self.method
-        if self.mesh is not None and method != 'bptt':
-            # brainscale_adapter's D-RTRL gradient read must slice each device's part of the batch
-            with brainscale_adapter.batch_shards(self.mesh):
-                return self._loss_and_grads_traced(xs, labels, mask, ws, method)
-        return self._loss_and_grads_traced(xs, labels, mask, ws, method)
+        if self.mesh is None:
+            return self._loss_and_grads_traced(xs, labels, mask, ws, method)
+        # the batch split over the devices: brainscale_adapter's D-RTRL gradient read must slice each
+        # device's part of it, and recurrence.py's products must keep it split
+        with brainscale_adapter.batch_shards(self.mesh), recurrence.batch_split_over_devices():
+            return self._loss_and_grads_traced(xs, labels, mask, ws, method)
 
     def _loss_and_grads_traced(self, xs, labels, mask, ws, method):
         xs = xs.astype('float32')
