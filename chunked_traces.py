@@ -29,7 +29,7 @@ For each chunk of K steps (the last one may be shorter):
 Exact in real arithmetic; in float32 the sums are ordered differently (tests/test_chunked_traces.py:
 cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
 
-The networks' neuron updates as pure functions: `LIFCell` and `GIFCell` use the layers' `step` (the pure
+The networks' neuron updates as pure functions: `LayerCell` uses the layers' `step` (the pure
 form of models.LIFDeltaLayer.update and models.GIFExpLayer.update that BPTT's run_sequence also uses). The tests compare against brainscale running the models' stateful `update`, so a change there that
 is not made in the pure form fails them.
 """
@@ -55,37 +55,12 @@ def decay_of(decay_or_rank) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class LIFCell:
-    """models.LIFDeltaLayer (LIF / ALIF, delta or exponential current synapse) as a pure function."""
+class LayerCell:
+    """A recurrent layer of models.py (LIFDeltaLayer: LIF / ALIF, delta or exponential current synapse;
+    GIFExpLayer: the DMS network's layer, whose output is V) as a pure function of its states `names`."""
 
-    def __init__(self, layer: models.LIFDeltaLayer):
-        self.layer = layer
-        self.names = layer._state_names()
-
-    def state(self) -> dict:
-        return {n: getattr(self.layer, n).value for n in self.names}
-
-    def set_state(self, h: dict):
-        for n in self.names:
-            getattr(self.layer, n).value = h[n]
-
-    def prev_spike(self, h):
-        """s_{t-1}: the spike that enters this step's recurrent input (LIFDeltaLayer.update)."""
-        return self.layer.prev_spike(h)
-
-    def step(self, h: dict, y, perturb: dict = None):
-        """(new states, output spike) from the previous states h and the weight output y; `perturb` is
-        added to each new state where brainscale adds its hidden perturbation (later uses see it)."""
-        return self.layer.step(h, y, perturb)
-
-
-class GIFCell:
-    """models.GIFExpLayer (the DMS network's recurrent layer) as a pure function; its output is V."""
-
-    names = ['V', 'g', 'I2']
-
-    def __init__(self, layer: models.GIFExpLayer):
-        self.layer = layer
+    def __init__(self, layer, names):
+        self.layer, self.names = layer, list(names)
 
     def state(self) -> dict:
         return {n: getattr(self.layer, n).value for n in self.names}
@@ -95,18 +70,21 @@ class GIFCell:
             getattr(self.layer, n).value = h[n]
 
     def prev_spike(self, h):
+        """s_{t-1}: the spike that enters this step's recurrent input."""
         return self.layer.prev_spike(h)
 
     def step(self, h: dict, y, perturb: dict = None):
+        """(new states, output) from the previous states h and the weight output y; `perturb` is added to
+        each new state where brainscale adds its hidden perturbation (later uses see it)."""
         return self.layer.step(h, y, perturb)
 
 
 def network_cells(model):
     """(cells, readout input function) of a supported network, or None."""
     if isinstance(model, models.SpikingStack) and all(type(l) is models.LIFDeltaLayer for l in model.layers):
-        return [LIFCell(l) for l in model.layers], lambda s: s
+        return [LayerCell(l, l.state_names()) for l in model.layers], lambda s: s
     if isinstance(model, models.DMSNet) and type(model.rec) is models.GIFExpLayer:
-        return [GIFCell(model.rec)], models.standardize
+        return [LayerCell(model.rec, model.rec.state_names())], models.standardize
     return None
 
 
@@ -123,20 +101,12 @@ def supports(model) -> bool:
 def layer_forward(cell, w, bias, xs, h0):
     """The layer over the chunk's inputs xs (K, B, n_x), from the states h0; w: the layer's weights as
     `prepared_weights` gives them. Returns the final states and, per step: the previous states (dict of
-    (K, B, J)), the recurrent input s_{t-1}, the weight output y_t and the output (spikes, or V for GIFCell)."""
+    (K, B, J)), the recurrent input s_{t-1}, the weight output y_t and the output (spikes, or V for the GIF layer)."""
     z = recurrence.input_products(xs, w['in'])
     if bias is not None:
         z = z + bias
-    w_rec = w['rec']
-
-    def step(h, z_t):
-        s = cell.prev_spike(h)
-        y = z_t + s @ w_rec
-        new, out = cell.step(h, y)
-        return new, (h, s, y, out)
-
-    h_end, (prevs, s_prev, ys, outs) = jax.lax.scan(step, h0, z)
-    return h_end, prevs, s_prev, ys, outs
+    outs, h_end, prevs, ys = recurrence.forward_scan(cell.step, cell.prev_spike, w['rec'], z, h0)
+    return h_end, prevs, cell.prev_spike(prevs), ys, outs
 
 
 def stacked(d: dict, names):

@@ -57,6 +57,25 @@ def standardize(v, eps=1e-5):
     return (v - mean) * jax.lax.rsqrt(var + eps)
 
 
+def run_layer(layer, xs):
+    """A recurrent layer's `update` over a whole sequence, xs (T, B, n_x) -> its outputs (T, B, n_rec), for
+    BPTT. The same arithmetic (the layer's pure `step`), except that x_t W_in for all t is one matrix product
+    before the time loop (only s_{t-1} W_rec stays inside it), and the backward pass is
+    recurrence.recurrent_scan's: several times faster on a CPU, the same gradients. The layer's states are
+    left at their values after the last step."""
+    p = layer.linear.weight_op.value
+    n_x = xs.shape[-1]
+    w_in, w_rec = p['weight'][:n_x], p['weight'][n_x:]
+    currents = recurrence.input_products(xs, w_in)
+    if 'bias' in p:
+        currents = currents + p['bias']
+    h0 = {n: getattr(layer, n).value for n in layer.state_names()}
+    outs, h_last = recurrence.recurrent_scan(layer.step, layer.prev_spike, w_rec, currents, h0)
+    for n in layer.state_names():
+        getattr(layer, n).value = h_last[n]
+    return outs
+
+
 class LeakyReadout(brainstate.nn.Module):
     """r_t = exp(-dt/tau_o) r_{t-1} + x_t W + b, with W and b trace-carrying."""
 
@@ -147,18 +166,12 @@ class GIFExpLayer(brainstate.nn.Module):
         self.g.value, self.I2.value, self.V.value = g, I2, V
         return V
 
+    def state_names(self):
+        return ['V', 'g', 'I2']
+
     def run_sequence(self, xs):
-        """`update` over a whole sequence, xs (T, B, n_in) -> V (T, B, n_rec), for BPTT: the input products
-        of all steps as one matrix product, the backward pass recurrence.recurrent_scan's (LIFDeltaLayer)."""
-        p = self.linear.weight_op.value
-        w_in, w_rec = p['weight'][:self.n_in], p['weight'][self.n_in:]
-        currents = recurrence.input_products(xs, w_in)
-        if 'bias' in p:
-            currents = currents + p['bias']
-        h0 = {'V': self.V.value, 'g': self.g.value, 'I2': self.I2.value}
-        Vs, h_last = recurrence.recurrent_scan(self.step, self.prev_spike, w_rec, currents, h0)
-        self.V.value, self.g.value, self.I2.value = h_last['V'], h_last['g'], h_last['I2']
-        return Vs
+        """`update` over a whole sequence, xs (T, B, n_in) -> V (T, B, n_rec), for BPTT (run_layer)."""
+        return run_layer(self, xs)
 
     # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
     def prev_spike(self, h):
@@ -238,15 +251,15 @@ class LIFDeltaLayer(brainstate.nn.Module):
     def _zeros(self, batch_size):
         return jnp.zeros((batch_size, self.n_rec) if batch_size else (self.n_rec,))
 
-    def _state_names(self):
+    def state_names(self):
         return ['V'] + (['b'] if self.neuron == 'alif' else []) + (['I'] if self.synapse == 'exp' else [])
 
     def init_state(self, batch_size=None, **kwargs):
-        for name in self._state_names():
+        for name in self.state_names():
             setattr(self, name, brainstate.HiddenState(self._zeros(batch_size)))
 
     def reset_state(self, batch_size=None, **kwargs):
-        for name in self._state_names():
+        for name in self.state_names():
             getattr(self, name).value = self._zeros(batch_size)
 
     def threshold(self):
@@ -262,23 +275,8 @@ class LIFDeltaLayer(brainstate.nn.Module):
         return self._integrate(self.linear(jnp.concatenate([x, s], axis=-1)), s, th)
 
     def run_sequence(self, xs):
-        """`update` over a whole sequence, xs (T, B, n_in) -> spikes (T, B, n_rec), for BPTT.
-
-        The same arithmetic (`step`), except that x_t W_in for all t is one matrix product before the time
-        loop (only s_{t-1} W_rec stays inside it), and the backward pass is recurrence.recurrent_scan's:
-        several times faster on a CPU, the same gradients.
-        """
-        p = self.linear.weight_op.value
-        n_x = xs.shape[-1]
-        w_in, w_rec = p['weight'][:n_x], p['weight'][n_x:]
-        currents = recurrence.input_products(xs, w_in)
-        if 'bias' in p:
-            currents = currents + p['bias']
-        h0 = {n: getattr(self, n).value for n in self._state_names()}
-        spikes, h_last = recurrence.recurrent_scan(self.step, self.prev_spike, w_rec, currents, h0)
-        for n in self._state_names():
-            getattr(self, n).value = h_last[n]
-        return spikes
+        """`update` over a whole sequence, xs (T, B, n_in) -> spikes (T, B, n_rec), for BPTT (run_layer)."""
+        return run_layer(self, xs)
 
     # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
     def prev_spike(self, h):

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 _batch_split = False  # True while a step is traced with its batch axis split over several devices
 
 
-def _forward(step, prev_spike, w_rec, currents, h0):
+def forward_scan(step, prev_spike, w_rec, currents, h0):
+    """The scan itself: (outputs, last state, the states h_{t-1} and weight outputs y_t of every step)."""
     def body(h, c_t):
         y = c_t + prev_spike(h) @ w_rec
         new, out = step(h, y)
@@ -41,12 +42,12 @@ def _forward(step, prev_spike, w_rec, currents, h0):
 def recurrent_scan(step, prev_spike, w_rec, currents, h0):
     """(outputs (T, B, ...), last state) of the layer over currents (T, B, N) from the states h0 (a dict of
     (B, N) arrays). `step(h, y) -> (new h, output)` and `prev_spike(h) -> s` are pure functions."""
-    outs, h_last, _, _ = _forward(step, prev_spike, w_rec, currents, h0)
+    outs, h_last, _, _ = forward_scan(step, prev_spike, w_rec, currents, h0)
     return outs, h_last
 
 
 def _recurrent_scan_fwd(step, prev_spike, w_rec, currents, h0):
-    outs, h_last, prevs, ys = _forward(step, prev_spike, w_rec, currents, h0)
+    outs, h_last, prevs, ys = forward_scan(step, prev_spike, w_rec, currents, h0)
     return (outs, h_last), (w_rec, prevs, ys)
 
 
