@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import recurrence
+from rsnn import recurrence
 import utils
 
 SURROGATES = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import utils
+from rsnn import methods
 
 
 def milestone_list(text: str) -> list:
@@ -120,7 +121,7 @@ def step_weights(T: int, warmup_ratio: float):
 def open_data(args):
     """(the dataset's description, tonic's train and test datasets); raises a UserError, leaving nothing
     behind, when the files are absent."""
-    import event_data
+    from rsnn import event_data
     info = event_data.event_dataset(args.dataset)
     return (info, event_data.open_tonic_dataset(info, args.data_dir, True),
             event_data.open_tonic_dataset(info, args.data_dir, False))
@@ -129,7 +130,7 @@ def open_data(args):
 def frame_data(args, data=None):
     """(info, [train split, test split]) framed from the cache (framing it on first use); a damaged data file
     is a UserError naming it."""
-    import event_data
+    from rsnn import event_data
     info, train_ds, test_ds = data if data is not None else open_data(args)
     splits = [event_data.load_framed_split(info, args.data_dir, train, args.data_length,
                                            cache_dir=args.cache_dir, n_workers=args.n_data_worker, ds=ds,
@@ -145,10 +146,10 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
     """data: open_data(args), ws: step_weights(...), framed: frame_data(args, data) when main has them."""
     import brainstate
     import numpy as np
-    import event_data
+    from rsnn import event_data
     import models
-    import train_loop
-    import training
+    from rsnn import train_loop
+    from rsnn import trainer as training
 
     ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
     warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
@@ -181,7 +182,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
                                trace_chunk=args.trace_chunk)
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; '
+          f'{models.count_params(model)} weights, {methods.title(args.method)} on {utils.devices_name(devices)}; '
           f'{n_batches} batches per epoch; loss on steps {warm}..{args.data_length - 1}; run folder {run_dir}',
           flush=True)
     config = dict(vars(args), run_dir=run_dir, n_in=info.n_in, n_classes=info.n_classes, warmup_steps=warm,

@@ -21,7 +21,8 @@ import sys
 import time
 
 import utils
-from memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
+from rsnn import methods
+from rsnn.memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
                            write_outputs)
 
 SCRIPT = os.path.abspath(__file__)
@@ -44,9 +45,9 @@ PRESETS = {
 
 def method_list(text: str):
     names = [m.strip() for m in text.split(',') if m.strip()]
-    bad = [m for m in names if m not in utils.METHODS]
+    bad = [m for m in names if m not in methods.names()]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f'unknown method(s) {bad or text!r}; choose from {", ".join(utils.METHODS)}')
+        raise argparse.ArgumentTypeError(f'unknown method(s) {bad or text!r}; choose from {", ".join(methods.names())}')
     return names
 
 
@@ -250,7 +251,7 @@ def measure(cfg: dict) -> dict:
     import jax
     import numpy as np
     import models
-    import training
+    from rsnn import trainer as training
     row['rss_base_mb'] = utils.peak_rss_mb()
     devices = pick_devices(cfg['devices'])
     device = devices[0]
@@ -468,7 +469,7 @@ def run_sweep(args, out_dir: str) -> dict:
                        f"{fmt(row['step_mb'], '.4g')} MB (predicted state {row['predicted_state_mb']:.4g} MB)")
             else:
                 msg = f"{row['status']}: {row['reason']}"
-            print(f"{utils.METHOD_NAMES[method]:>9} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+            print(f"{methods.title(method):>9} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     probe_info['load_avg_end'] = load_average()
     targets = speed_targets(rows)
     growth = memory_growth(rows)
@@ -482,7 +483,7 @@ def run_sweep(args, out_dir: str) -> dict:
     print(table)
     print()
     for method, g in growth.items():
-        print(f"memory {utils.METHOD_NAMES[method]}: {g['mb_T_min']:.4g} MB at T={g['T_min']} -> {g['mb_T_max']:.4g} MB "
+        print(f"memory {methods.title(method)}: {g['mb_T_min']:.4g} MB at T={g['T_min']} -> {g['mb_T_max']:.4g} MB "
               f"at T={g['T_max']} (x{g['ratio']:.2f}; {g['mb_per_step']:.3g} MB per time step, predicted state "
               f"{g['predicted_mb_per_step']:.3g})")
     for key, t in targets.items():

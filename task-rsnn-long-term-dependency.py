@@ -11,6 +11,7 @@ the neurons' slow adaptation currents (tau_I2 up to 1.5 x --tau_I2).
 from __future__ import annotations
 
 import utils
+from rsnn import methods
 
 # The paper's task and network (the README commands' values, spelled out so that config.json shows them).
 PAPER_TASK = dict(dataset='dms', dt=1., t_fixation=10., t_sample=500., t_delay=1000., t_test=500., n_rec=200,
@@ -103,8 +104,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     import brainstate
     import datasets
     import models
-    import train_loop
-    import training
+    from rsnn import train_loop
+    from rsnn import trainer as training
 
     devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
@@ -125,17 +126,17 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                             vjp_time=args.vjp_time, devices=devices,
                             trace_chunk=1 if args.protocol == 'stream' else args.trace_chunk)
     if args.protocol == 'stream':
-        import stream_training
+        from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
-              f'{stream_training.chunk_ms(args):g} ms per update, {args.n_rec} GIF neurons, '
-              f'{utils.METHOD_NAMES[args.method]}; run folder {run_dir}', flush=True)
-        summary = stream_training.fit_stream(args, trainer, run_dir, cfg, extra_config=dict(
+              f'{stream_protocol.chunk_ms(args):g} ms per update, {args.n_rec} GIF neurons, '
+              f'{methods.title(args.method)}; run folder {run_dir}', flush=True)
+        summary = stream_protocol.fit_stream(args, trainer, run_dir, cfg, extra_config=dict(
             n_steps=cfg.n_steps, test_start=cfg.test_start, n_params=models.count_params(model),
             device=utils.devices_name(devices), n_devices=len(devices)))
         print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
         return summary
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
-          f'{models.count_params(model)} weights, {utils.METHOD_NAMES[args.method]} on {utils.devices_name(devices)}; run folder {run_dir}')
+          f'{models.count_params(model)} weights, {methods.title(args.method)} on {utils.devices_name(devices)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
                                               args.n_data_worker)
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)

@@ -2,7 +2,7 @@
 name lists (methods, surrogates, models), the flag validators and the shared parser, the run folder, device
 choice, and CSV/JSON writing.
 
-It imports nothing of the project and no jax at module level (jax only inside the device functions), so
+It imports nothing of the project but the table of methods (rsnn/methods.py) and no jax at module level (jax only inside the device functions), so
 that `--help` and argument errors answer at once, before several seconds of imports. The training code is
 in training.py (the Trainer), train_loop.py (the epoch loop) and checkpoints.py (what a run writes).
 """
@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Callable, Optional
 
-METHODS = ('bptt', 'diag', 'expsm_diag')
-METHOD_NAMES = {'bptt': 'BPTT', 'diag': 'D-RTRL', 'expsm_diag': 'ES-D-RTRL'}
+from rsnn import methods
+
 VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
 # The surrogate gradients of models.SURROGATES, named here so that building a parser imports no jax.
 SURROGATE_NAMES = ('arctan', 'gaussian', 'multi_gaussian', 'piecewise_quadratic', 'relu', 'sigmoid', 'slayer')
@@ -101,9 +101,9 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.set_defaults(experiment=experiment)
     g = p.add_argument_group('learning algorithm')
-    g.add_argument('--method', choices=METHODS, default='expsm_diag',
-                   help='bptt = BPTT (exact, memory grows with T); diag = D-RTRL (brainscale '
-                        'ParamDimVjpAlgorithm); expsm_diag = ES-D-RTRL (brainscale IODimVjpAlgorithm)')
+    g.add_argument('--method', choices=methods.names(), default='expsm_diag',
+                   help='the learning rule (rsnn/methods.py): ' + '; '.join(
+                       f'{m.name} = {m.title} ({m.memory_order})' for m in methods.TABLE.values()))
     g.add_argument('--etrace_decay', type=decay_or_rank, default=0.99,
                    help='ES-D-RTRL smoothing: a decay in (0,1), or an integer rank r (decay (r-1)/(r+1))')
     g.add_argument('--vjp_time', choices=sorted(VJP_METHODS), default='t',

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-METHOD_NAMES = {'bptt': 'BPTT', 'diag': 'D-RTRL', 'expsm_diag': 'ES-D-RTRL'}
-COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rsnn import methods  # noqa: E402  (the table of methods: names and colours)
 
 
 def read_csv(path: str) -> list:
@@ -53,8 +53,8 @@ def plot_runs(run_dirs: list, out: str, title: str = '', labels: list = None, sm
     for k, run_dir in enumerate(run_dirs):
         config = read_json(os.path.join(run_dir, 'config.json'))
         method = config.get('method', '')
-        label = labels[k] if labels else METHOD_NAMES.get(method, method)
-        color = COLORS.get(method) if not labels else None
+        label = labels[k] if labels else (methods.title(method) if method in methods.TABLE else method)
+        color = (methods.color(method) if method in methods.TABLE else None) if not labels else None
         batches = read_csv(os.path.join(run_dir, 'batches.csv'))
         metrics = read_csv(os.path.join(run_dir, 'metrics.csv'))
         line = None

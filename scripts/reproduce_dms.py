@@ -29,8 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402  (utils imports no jax at import time)
-from child_runs import run_folder_state, run_task  # noqa: E402
-from utils import METHOD_NAMES  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+from rsnn import methods  # noqa: E402
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
 # The README commands, verbatim (README.md, "Delayed match-to-sample").
@@ -46,7 +46,6 @@ README_FLAGS = {
             '--tau_syn 100 --n_rec 200 --lr 0.001 --A2 1   --optimizer adam --devices 3 --t_fixation 10. '
             '--spk_fun relu --acc_th 0.95  --n_data_worker 4  --dt 1. --ff_scale 6 --rec_scale 2',
 }
-COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 
 # What `make demo` adds to the README command (the preset `cpu-demo` of the task script), spelled out.
 CPU_FLAGS = ['--batch_size', '32', '--batches_per_epoch', '25', '--devices', 'cpu', '--n_data_worker', '1',
@@ -97,7 +96,7 @@ def row_of(group: str, method: str, seed: int, run_dir: str, summary: dict, flag
     n_batches = batches_run(run_dir, bpe)[-1] if metrics else 0
     reached = summary.get('stopped_because') == 'acc_th'
     return dict(
-        group=group, method=METHOD_NAMES[method], seed=seed,
+        group=group, method=methods.title(method), seed=seed,
         stopped_because=summary.get('stopped_because'), batches=n_batches,
         batches_to_acc_th=n_batches if reached else None,
         seconds=round(summary.get('seconds') or 0., 1),
@@ -150,10 +149,10 @@ def plot_main(groups: dict, bpe: int, path: str, acc_th: float):
     for method, run_dirs in groups.items():
         grid, values = curves(run_dirs, bpe)
         mean = np.nanmean(values, 0)
-        label = f'{METHOD_NAMES[method]} ({len(run_dirs)} seed{"s" if len(run_dirs) > 1 else ""})'
-        ax.plot(grid, mean, color=COLORS[method], marker='.', label=label)
+        label = f'{methods.title(method)} ({len(run_dirs)} seed{"s" if len(run_dirs) > 1 else ""})'
+        ax.plot(grid, mean, color=methods.color(method), marker='.', label=label)
         if len(run_dirs) > 1:
-            ax.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), color=COLORS[method], alpha=0.2)
+            ax.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), color=methods.color(method), alpha=0.2)
     ax.axhline(0.5, color='gray', ls=':', label='chance')
     ax.axhline(acc_th, color='k', ls='--', lw=0.8, label=f'acc_th {acc_th}')
     ax.set_xlabel('training batches (32 trials each)')
@@ -174,13 +173,13 @@ def plot_sweep(rows: list, path: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in FULL['sweep_methods']:
         pts = sorted((r['t_delay'], r['best_test_acc'], r['final_test_acc']) for r in rows
-                     if r['method'] == METHOD_NAMES[method])
+                     if r['method'] == methods.title(method))
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker='o', color=COLORS[method],
-                label=f'{METHOD_NAMES[method]} final')
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='x', ls=':', color=COLORS[method],
-                label=f'{METHOD_NAMES[method]} best')
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker='o', color=methods.color(method),
+                label=f'{methods.title(method)} final')
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='x', ls=':', color=methods.color(method),
+                label=f'{methods.title(method)} best')
     ax.axhline(0.5, color='gray', ls=':', label='chance')
     ax.set_xlabel('delay (ms)')
     ax.set_ylabel('test accuracy')

@@ -34,10 +34,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402  (utils imports no jax at import time)
-from child_runs import run_folder_state, run_task  # noqa: E402
-from utils import METHOD_NAMES  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+from rsnn import methods  # noqa: E402
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
-COLORS = {'bptt': 'tab:blue', 'expsm_diag': 'tab:orange', 'diag': 'tab:green'}
 
 FULL = dict(
     base=['--preset', 'cpu-demo', '--protocol', 'stream', '--t_iti', '100-500', '--n_test_trials', '256',
@@ -126,8 +125,8 @@ def measure_update(spec: dict) -> dict:
     import brainstate
     import datasets
     import models
-    import stream_training
-    import training
+    from rsnn import stream_protocol
+    from rsnn import trainer as training
     brainstate.environ.set(dt=args.dt)
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample, t_delay=args.t_delay,
                              t_test=args.t_test)
@@ -136,14 +135,14 @@ def measure_update(spec: dict) -> dict:
                           rec_scale=args.rec_scale, spk_fun=args.spk_fun, syn_gain=args.syn_gain, tau_o=args.tau_o,
                           readout_scale=args.readout_scale, seed=args.seed)
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay)
-    st = stream_training.StreamTrainer(trainer)
+    st = stream_protocol.StreamTrainer(trainer)
     m = st.compiled_memory(spec['steps'], cfg.n_input)
     need = (m['temp_bytes'] + m['argument_bytes'] + m['output_bytes'] - m['alias_bytes']) / 2 ** 20
     row = dict(update_memory_mb=need, update_temp_mb=m['temp_bytes'] / 2 ** 20, status='ok')
     if need > spec['machine_mb']:
         row['status'] = f'OOM: needs {need / 1024:.1f} GB > the machine\'s {spec["machine_mb"] / 1024:.0f} GB'
     elif need <= spec['run_limit_mb']:
-        import dms_stream
+        from rsnn import dms_stream
         stream = dms_stream.DMSStream(cfg, args.batch_size, spec['steps'], args.seed, dms_stream.parse_iti(args.t_iti))
         st.train_chunk(stream.chunk(0))  # compiles
         times = []
@@ -240,7 +239,7 @@ def acc_at(row, trials):
 
 
 def row_of(group, method, interval, seed, trials, run_dir, summary, more=()) -> dict:
-    return dict(group=group, method=METHOD_NAMES[method], update_ms=interval, flags=' '.join(more), seed=seed,
+    return dict(group=group, method=methods.title(method), update_ms=interval, flags=' '.join(more), seed=seed,
                 stream_trials=trials,
                 update_memory_mb=summary.get('update_memory_mb'), peak_rss_mb=summary.get('peak_rss_mb'),
                 s_per_1000_steps=summary.get('s_per_1000_steps'), final_test_acc=summary.get('test_acc'),
@@ -267,7 +266,7 @@ def plot_stream(rows: list, path: str):
         label = (f"TBPTT {r['update_ms']:g} ms" if key == 'bptt' else f"{r['method']} (update {r['update_ms']:g} ms)") \
             + f", seed {r['seed']}"
         ax.plot([float(m['stream_s']) for m in metrics], [float(m['test_acc']) for m in metrics],
-                color=COLORS[key], ls=styles[(len(by_method[key]) - 1) % len(styles)], marker='.', label=label)
+                color=methods.color(key), ls=styles[(len(by_method[key]) - 1) % len(styles)], marker='.', label=label)
     ax.axhline(0.9, color='gray', lw=0.8)
     ax.set_xlabel('stream time (s) per stream')
     ax.set_ylabel('held-out accuracy (stream, no resets)')
@@ -287,7 +286,7 @@ def plot_memory(rows: list, path: str):
         key = 'bptt' if r['method'] == 'BPTT' else ('diag' if r['method'] == 'D-RTRL' else 'expsm_diag')
         if r['update_memory_mb'] is None or r['final_test_acc'] is None:
             continue
-        ax.scatter(r['update_memory_mb'], r['final_test_acc'], color=COLORS[key], s=40)
+        ax.scatter(r['update_memory_mb'], r['final_test_acc'], color=methods.color(key), s=40)
         name = f"TBPTT {r['update_ms']:g}" if key == 'bptt' else r['method']
         ax.annotate(name, (r['update_memory_mb'], r['final_test_acc']), fontsize=7, xytext=(4, 3),
                     textcoords='offset points')
@@ -312,7 +311,7 @@ def memory_rows(P, out, runs_rows) -> list:
 
     def measure(what, method, steps, trials=None):
         spec = dict(flags=base + ['--method', method], steps=int(steps), machine_mb=mb, run_limit_mb=P['run_limit_mb'])
-        row = dict(what=what, method=METHOD_NAMES[method], window_steps=int(steps), stream_trials=trials,
+        row = dict(what=what, method=methods.title(method), window_steps=int(steps), stream_trials=trials,
                    **memory_row(spec, out))
         print(row, flush=True)
         rows.append(row)
@@ -330,7 +329,7 @@ def memory_rows(P, out, runs_rows) -> list:
     return rows
 
 
-KEYS = {name: key for key, name in METHOD_NAMES.items()}
+KEYS = {m.title: m.name for m in methods.TABLE.values()}
 
 
 def main(argv=None) -> int:

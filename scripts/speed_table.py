@@ -125,7 +125,7 @@ def timed(fn, repeats: int) -> float:
 def measure_jax(cfg, B, T, method, K, repeats) -> float:
     import jax
     import jax.numpy as jnp
-    import training
+    from rsnn import trainer as training
     trainer = training.Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
     xs, labels, ws = batch(cfg, B, T)
     trainer.gradients(xs[:2], labels, ws[:2])  # creates the compiled gradient function

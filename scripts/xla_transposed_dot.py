@@ -42,7 +42,7 @@ def main(argv) -> int:
     args = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
-    import recurrence
+    from rsnn import recurrence
 
     T, B, n = args.T, args.batch, args.n
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)

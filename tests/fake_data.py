@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import event_data  # noqa: E402
+from rsnn import event_data  # noqa: E402
 
 
 def load_generator():

@@ -18,8 +18,9 @@ import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-import training  # noqa: E402
+from rsnn import trainer as training  # noqa: E402
 import utils  # noqa: E402
+from rsnn import methods  # noqa: E402
 
 B, N_REC = 8, 16
 CFG = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
@@ -82,5 +83,5 @@ def check(method):
 
 
 if __name__ == '__main__':
-    for m in sys.argv[1:] or utils.METHODS:
+    for m in sys.argv[1:] or methods.names():
         check(m)

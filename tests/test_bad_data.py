@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import event_data
+from rsnn import event_data
 import fake_data as fakes
 import utils
 from conftest import load_script

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 
-import train_loop
-import training
+from rsnn import train_loop
+from rsnn import trainer as training
 import utils
 from test_dms import TINY_FLAGS, assert_png
 from test_gradients import FeedForwardLIF, T, batch

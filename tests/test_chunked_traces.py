@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-import chunked_traces
+from rsnn.rules import chunks as chunked_traces
 import models
-import training
+from rsnn import trainer as training
 import utils
 
 T, B, N_IN, N_REC = 23, 4, 6, 8
@@ -110,7 +110,7 @@ def test_speed_table_runs_at_toy_sizes(tmp_path):
     import subprocess
     import sys
     from conftest import ROOT, load_script
-    import memory_report
+    from rsnn import memory_report
     table = load_script('scripts/speed_table.py')
     image = dict(table.SIZES['image'], batch_size=32)
     assert table.flop_per_step(image, 32, 'bptt') == memory_report.flop_per_time_step(dict(image, n_out=10))

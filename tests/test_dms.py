@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-import checkpoints
+from rsnn import run_folder
 import datasets
 import models
-import train_loop
-import training
+from rsnn import train_loop
+from rsnn import trainer as training
 import utils
 from conftest import ROOT
 
@@ -103,7 +103,7 @@ TINY_FLAGS = ['--t_fixation', '5', '--t_sample', '20', '--t_delay', '20', '--t_t
 
 
 def read_metrics(run_dir):
-    return checkpoints.RunLog(run_dir).read_metrics()
+    return run_folder.RunLog(run_dir).read_metrics()
 
 
 @pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])

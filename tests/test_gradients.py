@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import models
-import training
+from rsnn import trainer as training
 
 T, BATCH, N_IN, N_HID, N_OUT = 30, 8, 12, 16, 3
 
@@ -143,7 +143,7 @@ def test_esdrtrl_scale_on_a_leaky_readout(every_step):
 
 def test_unpatched_brainscale_gets_the_leaky_readout_wrong(every_step):
     """The bug the patch fixes: brainscale 0.1.0 rescales traces by their max, shrinking gradients."""
-    import brainscale_adapter
+    from rsnn import brainscale_adapter
     xs, labels = batch()
     g_bptt = gradients(lambda: FeedForwardLIF(True), 'bptt', xs, labels, every_step)
     brainscale_adapter.adapt_brainscale(drtrl_fix=False)

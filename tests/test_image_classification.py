@@ -16,10 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import event_data  # noqa: E402
+from rsnn import event_data  # noqa: E402
 import fake_data as fakes  # noqa: E402  (the fixture below is called fake_data)
-import train_loop  # noqa: E402
-import training  # noqa: E402
+from rsnn import train_loop  # noqa: E402
+from rsnn import trainer as training  # noqa: E402
 import utils  # noqa: E402
 from conftest import load_script  # noqa: E402
 

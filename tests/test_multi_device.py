@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import utils
+from rsnn import methods
 from conftest import ROOT
 from test_dms import TINY_FLAGS, lines_besides_usage, read_metrics
 
@@ -30,7 +31,7 @@ def one_vs_two():
     return {r['method']: r for r in rows}
 
 
-@pytest.mark.parametrize('method', utils.METHODS)
+@pytest.mark.parametrize('method', methods.names())
 def test_two_devices_give_the_loss_and_gradients_of_one(one_vs_two, method):
     r = one_vs_two[method]
     assert r['n_devices'] == 2
@@ -42,7 +43,7 @@ def test_two_devices_give_the_loss_and_gradients_of_one(one_vs_two, method):
     assert r['grad_devices'] == [2] and r['params_replicated'], r
 
 
-@pytest.mark.parametrize('method', utils.METHODS)
+@pytest.mark.parametrize('method', methods.names())
 def test_per_sample_states_are_split_across_the_devices(one_vs_two, method):
     shards = one_vs_two[method]['state_shards']
     # neuron states (8, 16) and the readout (8, 2); the online methods' eligibility traces too

@@ -18,6 +18,7 @@ import pytest
 
 import fake_data as fakes
 import utils
+from rsnn import methods
 from conftest import ROOT, load_script
 
 DMS, IMAGE, MEMORY = ('task-rsnn-long-term-dependency.py', 'task-image-classification.py',
@@ -59,7 +60,7 @@ def command_id(argv) -> str:
 def test_the_ten_readme_commands_are_there():
     found = sorted(command_id(c) for c in COMMANDS)
     assert found == sorted(['rsnn-dms-bptt', 'rsnn-dms-expsm_diag', 'rsnn-dms-diag', 'memory']
-                           + [f'image-{d}-{m}' for d in ('nmnist', 'shd') for m in utils.METHODS]), found
+                           + [f'image-{d}-{m}' for d in ('nmnist', 'shd') for m in methods.names()]), found
 
 
 @pytest.fixture(scope='module')
@@ -142,7 +143,7 @@ def test_memory_command(readme_argv, tmp_path):
     with open(os.path.join(out, 'results.csv')) as f:
         rows = list(csv.DictReader(f))
     assert sorted((r['method'], int(r['T'])) for r in rows) == sorted(
-        (m, T) for m in utils.METHODS for T in MEMORY_LENGTHS)
+        (m, T) for m in methods.names() for T in MEMORY_LENGTHS)
     for r in rows:
         assert r['status'] == 'ok' and float(r['step_s']) > 0 and float(r['step_mb']) > 0, r
     data = json.load(open(os.path.join(out, 'results.json')))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import recurrence
+from rsnn import recurrence
 from conftest import ROOT
 
 T, B, N = 13, 3, 5

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import train_loop
+from rsnn import train_loop
 import utils
 from conftest import ROOT, load_script
 from test_dms import TINY_FLAGS, interrupt_at_call, read_metrics, run_cli, lines_besides_usage
@@ -88,7 +88,7 @@ def start_blocked_run(run_dir, ready, go, argv):
     child = textwrap.dedent(f'''
         import os, sys, time
         sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-        import training
+        from rsnn import trainer as training
         from conftest import load_script
         real = training.Trainer.train_step
         def step(self, *a):

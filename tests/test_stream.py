@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import datasets
-import dms_stream
+from rsnn import dms_stream
 import models
-import stream_training
-import training
+from rsnn import stream_protocol
+from rsnn import trainer as training
 import utils
 from conftest import ROOT
 
@@ -28,7 +28,7 @@ def build(method, reset_per_trial=False, seed=0):
     model = models.DMSNet(CFG.n_input, 12, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                           rec_scale=2., syn_gain=1., seed=seed)
     trainer = training.Trainer(model, method, CFG.n_input, B, etrace_decay=0.9)
-    return trainer, stream_training.StreamTrainer(trainer, reset_per_trial=reset_per_trial)
+    return trainer, stream_protocol.StreamTrainer(trainer, reset_per_trial=reset_per_trial)
 
 
 def leaves_close(a, b, **kw):

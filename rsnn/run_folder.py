@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from utils import METHOD_NAMES, UserError, append_csv_row, read_csv, write_json
+from rsnn import methods
+from utils import UserError, append_csv_row, read_csv, write_json
 
 def rng_key_data(key):
     """The raw uint32 data of a PRNG key: brainstate >= 0.5 holds a typed key (dtype key<fry>), which
@@ -235,7 +236,7 @@ def plot_learning_curves(metrics: list, path: str, title: str = ''):
             rs = [r for r in fidelity if r['weight'] == weight]
             ax.plot([r['epoch'] for r in rs], [r['cosine'] for r in rs], marker='.', label=weight)
         ax.set_xlabel('epoch')
-        ax.set_ylabel(f"cosine({METHOD_NAMES.get(fidelity[0]['method'], '')} gradient, BPTT gradient)")
+        ax.set_ylabel(f"cosine({methods.get(fidelity[0]['method']).title} gradient, BPTT gradient)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for key, ax in (('loss', axes[0]), ('acc', axes[1])):

@@ -38,9 +38,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import brainscale_adapter  # its D-RTRL trace update and batch-sum read (the same formulas, fast on a CPU)
+from rsnn import brainscale_adapter  # its D-RTRL trace update and batch-sum read (the same formulas, fast on a CPU)
 import models
-import recurrence
+from rsnn import recurrence
 
 
 def decay_of(decay_or_rank) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 
 from datasets import worker_loader
 # the datasets as tonic reads them (re-exported: event_data is where the scripts and tests find them)
-from tonic_data import (EVENT_DATASETS, SYNTHETIC_MARKER, EventDataset, event_dataset, is_synthetic,  # noqa: F401
+from rsnn.tonic_data import (EVENT_DATASETS, SYNTHETIC_MARKER, EventDataset, event_dataset, is_synthetic,  # noqa: F401
                         missing_data_message, open_tonic_dataset, tonic_files_present)
 from utils import UserError
 

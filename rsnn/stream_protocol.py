@@ -27,10 +27,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-import checkpoints
-import dms_stream
+from rsnn import run_folder
+from rsnn import dms_stream, methods
 import utils
-from training import path_key
+from rsnn.trainer import path_key
 
 
 # brainscale 0.1.0's eligibility-trace dicts: IODimVjpAlgorithm (ES-D-RTRL) and ParamDimVjpAlgorithm (D-RTRL)
@@ -249,20 +249,20 @@ TRIALS_TO = 0.9  # summary: the training trials after which the held-out accurac
 class StreamCheckpoints:
     """orbax checkpoints of the weights, the optimizer state and the stream's state (neuron states,
     eligibility traces, the partial test-period sums, the chunk index): a killed run resumes where the
-    stream was. The layout of checkpoints.Checkpoints (last keeps two steps, best one)."""
+    stream was. The layout of run_folder.Checkpoints (last keeps two steps, best one)."""
 
     def __init__(self, run_dir: str):
-        self.inner = checkpoints.Checkpoints(run_dir)
+        self.inner = run_folder.Checkpoints(run_dir)
         self.ocp = ocp
 
     def _state(self, st: StreamTrainer, chunks_done: int, scorer) -> dict:
         return {'params': st.trainer.param_values(), 'opt_state': st.opt_state,
                 'stream_state': st.get_stream_state(), 'chunks_done': np.asarray(chunks_done, np.int64),
                 'partial': np.asarray(scorer.partial), 'loss_partial': np.asarray(scorer.loss_partial),
-                'rng_key': np.asarray(checkpoints.rng_key_data(brainstate.random.DEFAULT.value))}
+                'rng_key': np.asarray(run_folder.rng_key_data(brainstate.random.DEFAULT.value))}
 
     def save(self, st: StreamTrainer, step: int, chunks_done: int, scorer, meta: dict, best: bool):
-        if not checkpoints.values_finite(st.trainer.param_values()):
+        if not run_folder.values_finite(st.trainer.param_values()):
             raise RuntimeError(f'refusing to save non-finite weights at evaluation {step}')
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(self._state(st, chunks_done, scorer)),
                                        meta=self.ocp.args.JsonSave(meta))
@@ -288,7 +288,7 @@ class StreamCheckpoints:
         st.set_stream_state(dict(state['stream_state']))
         scorer.partial[:] = np.asarray(state['partial'])
         scorer.loss_partial[:] = np.asarray(state['loss_partial'])
-        brainstate.random.DEFAULT.value = checkpoints.rng_key_like(state['rng_key'], brainstate.random.DEFAULT.value)
+        brainstate.random.DEFAULT.value = run_folder.rng_key_like(state['rng_key'], brainstate.random.DEFAULT.value)
         return int(step), int(state['chunks_done']), dict(restored['meta'])
 
     def close(self):
@@ -332,7 +332,7 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     n_test = int(np.ceil(args.n_test_trials / args.batch_size))
     period = train.mean_period_steps()
     eval_steps = args.eval_every_trials * period
-    log = checkpoints.RunLog(run_dir)
+    log = run_folder.RunLog(run_dir)
     config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
                   mean_period_steps=period, n_test_trials_used=n_test * args.batch_size, **(extra_config or {}))
     scorer = dms_stream.TrialScorer(args.batch_size)
@@ -413,8 +413,8 @@ def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_ste
             print(f'{row["trials_per_stream"]:.0f} trials per stream ({row["stream_s"]:.0f} s of stream): train '
                   f'acc {row["train_acc"]:.3f} | held-out loss {test_loss:.4f} acc {test_acc:.3f} | '
                   f'{row["s_per_1000_steps"]:.3f} s per 1000 steps', flush=True)
-    checkpoints.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
-                               f'DMS stream, {utils.METHOD_NAMES[args.method]}, {chunk_ms(args):g} ms per update')
+    run_folder.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
+                               f'DMS stream, {methods.title(args.method)}, {chunk_ms(args):g} ms per update')
     return stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, log.run_dir)
 
 

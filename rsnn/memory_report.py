@@ -9,8 +9,8 @@ import json
 import os
 
 import utils
+from rsnn import methods
 
-METHOD_ORDER = ('bptt', 'expsm_diag', 'diag')
 
 CSV_COLUMNS = [
     'method', 'method_name', 'T', 'trace_chunk', 'status', 'reason',
@@ -59,25 +59,19 @@ def flop_per_time_step(cfg) -> float:
 STATES_PER_NEURON = {'lif-delta': 1, 'alif-delta': 2, 'lif-exp-cu': 2}  # V; V, b; V, I
 
 
-def predicted_state_bytes(cfg, method: str, T: int) -> float:
-    """The memory that the method's formula says grows (float32).
-
-    bptt:       T x B x (2 n_layer n_rec + n_out): spikes and membrane potential of every layer and the
-                readout, kept for every step of the backward pass (grows with T);
-    diag:       B x (S x recurrent-layer weights + readout weights): one eligibility trace per weight,
-                sample and hidden state of the neuron the weight drives (D-RTRL);
-    expsm_diag: B x sum over weight matrices of (inputs + S x outputs) (ES-D-RTRL);
-    S = hidden states per neuron (lif-delta 1; alif-delta, lif-exp-cu 2; the readout 1).
-    """
-    B, n_rec, n_out, L = cfg['batch_size'], cfg['n_rec'], cfg['n_out'], cfg['n_layer']
+def network_sizes(cfg, T: int) -> 'methods.Sizes':
+    """The sweep's network as the table of methods' memory formulas see it."""
     S = STATES_PER_NEURON[cfg.get('model', 'lif-delta')]
-    if method == 'bptt':
-        return 4. * T * B * (2 * L * n_rec + n_out)
-    if method == 'diag':
-        readout = n_rec * n_out + n_out
-        return 4. * B * (S * (n_params(cfg) - readout) + readout)
-    io = sum((n_x + n_rec) + S * n_rec for n_x in layer_inputs(cfg)) + n_rec + n_out
-    return 4. * B * io
+    n_rec = cfg['n_rec']
+    return methods.Sizes(layers=tuple((n_x + n_rec, n_rec, S) for n_x in layer_inputs(cfg)),
+                         readout=(n_rec, cfg['n_out']), batch=cfg['batch_size'], T=T)
+
+
+def predicted_state_bytes(cfg, method: str, T: int) -> float:
+    """The memory that the method's formula in the table of methods says it keeps (float32; rsnn/methods.py):
+    bptt its tape over T steps, the online rules their traces; S = hidden states per neuron (lif-delta 1;
+    alif-delta, lif-exp-cu 2; the readout 1). An unknown method is an error, never another's formula."""
+    return 4. * methods.memory_floats(method, network_sizes(cfg, T))
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +82,7 @@ def predicted_state_bytes(cfg, method: str, T: int) -> float:
 def complete_row(row: dict, cfg: dict, probe_info: dict) -> dict:
     """Add the configuration, the theory and the derived speed figures to a measured row."""
     method, T = row['method'], int(row['T'])
-    row.update(method_name=utils.METHOD_NAMES[method], batch_size=cfg['batch_size'], n_in=cfg['n_in'],
+    row.update(method_name=methods.title(method), batch_size=cfg['batch_size'], n_in=cfg['n_in'],
                n_rec=cfg['n_rec'], n_layer=cfg['n_layer'], n_out=cfg['n_out'], n_params=n_params(cfg))
     n_dev = int(row.get('n_devices') or 1)  # per device: each holds batch / n_devices samples
     row['predicted_state_mb'] = predicted_state_bytes(dict(cfg, batch_size=cfg['batch_size'] // n_dev), method, T) / MB
@@ -164,7 +158,7 @@ def memory_growth(rows: list) -> dict:
     """Per method: step memory at the shortest and longest T measured, their ratio, and the growth per
     time step next to the predicted state's."""
     out = {}
-    for method in METHOD_ORDER:
+    for method in methods.ordered(m for m in methods.names() if any(r['method'] == m for r in rows)):
         rs = sorted([r for r in rows if r['method'] == method and r.get('step_mb') is not None], key=lambda r: r['T'])
         if len(rs) < 2:
             continue
@@ -184,11 +178,10 @@ def plot(rows: list, cfg: dict, probe_info: dict, path: str):
     mem_key = 'device_peak_minus_input_mb' if on_device else 'step_mb'
     mem_label = ('device peak memory - input (MB)' if on_device
                  else 'compiled step memory - input (MB)')
-    colors = {'bptt': 'tab:red', 'expsm_diag': 'tab:blue', 'diag': 'tab:green'}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for method in [m for m in METHOD_ORDER if m in cfg['methods']]:
+    for method in methods.ordered(cfg['methods']):
         rs = sorted([r for r in rows if r['method'] == method], key=lambda r: r['T'])
-        c, name = colors[method], utils.METHOD_NAMES[method]
+        c, name = methods.color(method), methods.title(method)
         ok = [r for r in rs if r['status'] == 'ok' or (r.get(mem_key) is not None and r['status'] == 'OOM')]
         pts = [(r['T'], r[mem_key]) for r in ok if r.get(mem_key) is not None]
         if pts:

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import brainscale_adapter
-import chunked_traces
-import recurrence
+from rsnn import brainscale_adapter
+from rsnn.rules import chunks as chunked_traces
+from rsnn import recurrence
 import utils
-from utils import METHODS, VJP_METHODS, UserError, batch_error, devices_name
+from rsnn import methods
+from utils import VJP_METHODS, UserError, batch_error, devices_name
 
 brainscale_adapter.adapt_brainscale()
 
@@ -95,8 +96,9 @@ class Trainer:
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
                  grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0., devices=None,
                  trace_chunk: int = 1):
-        if method not in METHODS:
-            raise UserError(f'unknown --method {method!r}; choose one of {", ".join(METHODS)}')
+        if method not in methods.TABLE:
+            raise UserError(str(methods.UnknownMethod(f'unknown --method {method!r}; choose one of '
+                                                      f'{", ".join(methods.names())}')))
         if loss not in ('cel', 'mse'):
             raise UserError(f"unknown --loss {loss!r}; choose cel or mse")
         self.model, self.method, self.batch_size, self.loss = model, method, batch_size, loss

@@ -18,10 +18,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
+from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
                          values_finite, write_grad_fidelity)
-from training import Trainer
-from utils import METHOD_NAMES, peak_rss_mb, read_summary
+from rsnn.trainer import Trainer
+from rsnn import methods
+from utils import peak_rss_mb, read_summary
 
 
 @dataclasses.dataclass
@@ -163,7 +164,7 @@ def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunStat
     them missing)."""
     metrics = log.read_metrics()
     plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
-                         f'{settings.experiment} {METHOD_NAMES[settings.method]}')
+                         f'{settings.experiment} {methods.title(settings.method)}')
     summary = run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
     if metrics and not math.isfinite(metrics[-1]['test_acc']):
         print('warning: test_acc is not a number (no test sample was evaluated); summary.json holds null',

@@ -1,0 +1,131 @@
+"""The table of learning rules: one row per `--method`, read by every part of the repository that needs to
+know a rule (the task scripts' choices, the trainer, the memory report, the figures, the reproduction
+scripts, the results table).
+
+Importable without jax: a row names its gradient path as 'module:Class' and `rule_class` imports it only when
+a run needs it. Adding a rule is one file in rsnn/rules/ and one `register(Method(...))` (see README and
+docs/code-organisation.md, "Adding a learning rule").
+
+The memory formula of a row is the method's own state, in float32 numbers, as a function of the network's
+`Sizes`: what the rule keeps (BPTT: its tape over T steps; the online rules: their traces), not the weights,
+the optimizer or the input, which every rule holds alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+
+class UnknownMethod(ValueError):
+    """A --method name that the table does not hold (the task scripts report it as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The shape of a network as the memory formulas see it.
+
+    layers: (n_x, n, S) per recurrent layer: inputs to the layer (feed-forward + recurrent), neurons,
+    hidden states per neuron; readout: (n_x, n_out); batch B; sequence length T (steps of one update)."""
+    layers: tuple
+    readout: tuple
+    batch: int
+    T: int
+
+    @property
+    def weights(self) -> int:
+        return sum(n_x * n + n for n_x, n, _ in self.layers) + self.readout[0] * self.readout[1] + self.readout[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str                  # the --method flag
+    title: str                 # the display name (figures, tables, logs)
+    color: str                 # its colour in every figure
+    rule: str                  # 'module:Class' of its gradient path (imported lazily by rule_class)
+    carries: str               # what it carries from one update to the next besides the neuron states
+    memory_order: str          # its memory in big-O, for tables
+    memory: Callable[[Sizes], float]  # the floats of its own state (module docstring)
+    chunked: bool = False      # has a chunked path (--trace_chunk K > 1)
+    stream: bool = True        # runs on --protocol stream
+    online: bool = True        # a forward-in-time rule (False: BPTT, which differentiates through the sequence)
+    note: str = ''             # one line for the comparison tables
+
+
+def _bptt_memory(s: Sizes) -> float:
+    # the tape: every layer's states and spikes and the readout, for each of T steps
+    return float(s.T * s.batch * (sum((S + 1) * n for _, n, S in s.layers) + s.readout[1]))
+
+
+def _drtrl_memory(s: Sizes) -> float:
+    # one eligibility trace per weight, sample and hidden state of the neuron it drives
+    return float(s.batch * (sum(S * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
+                            + s.readout[1]))
+
+
+def _es_drtrl_memory(s: Sizes) -> float:
+    # an input-side trace per weight matrix input and an output-side trace per neuron and state
+    return float(s.batch * (sum(n_x + S * n for n_x, n, S in s.layers) + s.readout[0] + s.readout[1]))
+
+
+TABLE: dict = {}
+
+
+def register(method: Method, replace: bool = False) -> Method:
+    """Add a row (a new rule: its file and this call). A name already taken needs replace=True."""
+    if method.name in TABLE and not replace:
+        raise ValueError(f'a method named {method.name!r} is already registered')
+    TABLE[method.name] = method
+    return method
+
+
+register(Method('bptt', 'BPTT', 'tab:red', 'rsnn.rules.bptt:BPTT',
+                carries='nothing (truncated on a stream: the states, as constants)',
+                memory_order='O(T B n S)', memory=_bptt_memory, online=False,
+                note='the exact gradient; on a stream truncated BPTT over --tbptt_window'))
+register(Method('diag', 'D-RTRL', 'tab:green', 'rsnn.rules.d_rtrl:DRTRL',
+                carries='the eligibility trace of each weight, per sample and state',
+                memory_order='O(B P S)', memory=_drtrl_memory, chunked=True,
+                note="brainscale's ParamDimVjpAlgorithm; exact for a diagonal hidden Jacobian"))
+register(Method('expsm_diag', 'ES-D-RTRL', 'tab:blue', 'rsnn.rules.es_d_rtrl:ESDRTRL',
+                carries='an input trace per weight matrix input and an output trace per neuron and state',
+                memory_order='O(B (I + n S))', memory=_es_drtrl_memory, chunked=True,
+                note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay)"))
+
+
+def names() -> tuple:
+    return tuple(TABLE)
+
+
+def get(name: str) -> Method:
+    """The row of `name`; an unknown name raises UnknownMethod with the choices (never another row)."""
+    try:
+        return TABLE[name]
+    except KeyError:
+        raise UnknownMethod(f'unknown --method {name!r}; choose one of {", ".join(TABLE)}') from None
+
+
+def title(name: str) -> str:
+    return get(name).title
+
+
+def color(name: str) -> str:
+    return get(name).color
+
+
+def rule_class(name: str):
+    """The gradient path of `name` (imports its module: jax from here on)."""
+    import importlib
+    module, cls = get(name).rule.split(':')
+    return getattr(importlib.import_module(module), cls)
+
+
+def memory_floats(name: str, sizes: Sizes) -> float:
+    return get(name).memory(sizes)
+
+
+def ordered(names_given) -> list:
+    """`names_given` in the table's order (figures and tables list the rules the same way everywhere)."""
+    given = list(names_given)
+    for n in given:
+        get(n)
+    return [n for n in TABLE if n in given]
