@@ -123,8 +123,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
         training.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
-                            vjp_time=args.vjp_time, devices=devices,
-                            trace_chunk=1 if args.protocol == 'stream' else args.trace_chunk)
+                            vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
+                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset))
     if args.protocol == 'stream':
         from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
@@ -165,9 +165,6 @@ def check_sizes(args):
 def main(argv) -> int:
     args = utils.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
-    if args.protocol == 'stream' and (args.trace_chunk or 1) > 1:
-        raise utils.UserError(f'--protocol stream runs the online methods step by step through brainscale (the '
-                              f'traces carried across updates); leave out --trace_chunk {args.trace_chunk}')
     check_sizes(args)
     run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
     try:

@@ -279,7 +279,7 @@ def _param_dim_shapes_ok(x, old, df, diag) -> bool:
     return 'bias' not in old or old['bias'].shape == (B, J, S)
 
 
-def _new_trace(old, diag, phg):
+def new_trace(old, diag, phg):
     """sum_s diag[b, j, k, s] old[b, ..., j, s] + phg[b, ..., j, k]; old/phg (B, ..., J, S), diag (B, J, S, S)."""
     import jax.numpy as jnp
     n_state = old.shape[-1]
@@ -312,9 +312,9 @@ def _param_dim_update(hist_etrace_vals, jacobians, weight_path_to_vals, hidden_p
             slow.append(relation)
             continue
         for key, old, df, diag in groups:          # old: (B, I, J, S); df: (B, J, S); diag: (B, J, S, S)
-            out = {'weight': _new_trace(old['weight'], diag, x[:, :, None, None] * df[:, None, :, :])}
+            out = {'weight': new_trace(old['weight'], diag, x[:, :, None, None] * df[:, None, :, :])}
             if 'bias' in old:
-                out['bias'] = _new_trace(old['bias'], diag, df)
+                out['bias'] = new_trace(old['bias'], diag, df)
             new[key] = out
     _count(len(hidden_param_op_relations) - len(slow), len(slow))
     if slow:
@@ -328,7 +328,7 @@ _BATCH_SHARDS = [None]
 
 class batch_shards:
     """`with batch_shards(mesh):` while a step is traced whose batch axis is split over the mesh axis
-    'batch' (training.Trainer on several devices): _batch_sum then runs on each device's own samples
+    'batch' (rsnn.trainer.Trainer on several devices): batch_sum then runs on each device's own samples
     (shard_map) and adds the devices' sums (psum). Slicing single samples out of the split axis, as on
     one device, made XLA gather the whole trace onto every device (3.5 copies of a device's traces in
     temporaries; one einsum still left 1.4 copies; this: none, as on one device; D-RTRL on 2 CPU devices)."""
@@ -343,7 +343,7 @@ class batch_shards:
         _BATCH_SHARDS.pop()
 
 
-def _batch_sum(trace, dl):
+def batch_sum(trace, dl):
     """sum_b sum_s trace[b, :, :, s] * dl[b, None, :, s], as one element-wise sum of B x S slices.
 
     Written out term by term on purpose: as `jnp.sum(..., axis=0)` XLA's CPU backend fuses the surrogate
@@ -386,7 +386,7 @@ def _param_dim_solve(hist_etrace_data, dG_weights, dG_hidden_groups, weight_hidd
             continue
         total = None
         for trace, dl in traces:
-            g = {'weight': _batch_sum(trace['weight'], dl)}
+            g = {'weight': batch_sum(trace['weight'], dl)}
             if 'bias' in trace:
                 g['bias'] = jnp.sum(trace['bias'] * dl, axis=(0, 2))
             total = g if total is None else jax.tree.map(jnp.add, total, g)
@@ -468,3 +468,28 @@ def _set_speedups(on: bool):
 
 def speedups_active() -> bool:
     return bool(_STATE.get('installed'))
+
+
+# ------------------------------------------------------------------------------------------------
+# The eligibility traces of a brainscale algorithm, by names that survive a restart
+# ------------------------------------------------------------------------------------------------
+# brainscale 0.1.0's trace dicts: IODimVjpAlgorithm (ES-D-RTRL) and ParamDimVjpAlgorithm (D-RTRL)
+TRACE_DICTS = ('etrace_xs', 'etrace_dfs', 'etrace_bwg')
+
+
+def trace_states(algo, model) -> dict:
+    """name -> state of every eligibility trace of a brainscale algorithm (and its step counter), by the
+    dict it is in and its position there: brainscale's own keys hold Python ids, which differ from one
+    process to the next, and the order of algo.states() changes after the first step, so neither can name
+    a checkpointed trace. Raises if brainscale holds a state (besides `model`'s own) that this does not name."""
+    import brainstate
+    states = {}
+    for name in TRACE_DICTS:
+        for i, st in enumerate(getattr(algo, name, {}).values()):
+            states[f'{name}/{i}'] = st
+    states['running_index'] = algo.running_index
+    known = {id(s) for s in states.values()} | {id(s) for s in model.states().values()}
+    missed = [k for k, s in algo.states().items() if not isinstance(s, brainstate.ParamState) and id(s) not in known]
+    if missed:
+        raise RuntimeError(f'brainscale holds states that trace_states does not name: {missed}')
+    return states

@@ -50,12 +50,16 @@ class Checkpoints:
         self.best = ocp.CheckpointManager(os.path.join(root, 'best'),
                                           options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
-    def save(self, trainer, epoch: int, meta: dict, best: bool):
+    def save(self, trainer, epoch: int, meta: dict, best: bool, extra: dict = None):
+        """`extra`: arrays the protocol needs to go on (a stream: its states and traces, the chunk index,
+        the partial test-period sums), saved and checksummed with the rest."""
         state = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                  'epoch': np.asarray(epoch, np.int32),
                  # brainstate's global key (weight init, any stochastic layer); the data streams are
                  # seeded by (seed, epoch, batch) and need nothing else to continue identically
                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        if extra is not None:
+            state['extra'] = extra
         if not values_finite(trainer.param_values()):
             raise RuntimeError(f'refusing to save non-finite weights as epoch {epoch}')
         # a checksum of the arrays as saved: a resume verifies what it reads against it
@@ -68,18 +72,19 @@ class Checkpoints:
         for m in managers:
             m.wait_until_finished()
 
-    def restore(self, trainer, which: str = 'last'):
+    def restore(self, trainer, which: str = 'last', extra: dict = None):
         """Load params and optimizer state into `trainer` from the newest step that restores and matches
         its checksum, newest first; returns (epoch, meta). A damaged newer step is set aside (moved to
         checkpoints/damaged/) with one warning line, and steps newer than the one restored are dropped,
-        since their epochs will be trained again."""
+        since their epochs will be trained again. `extra` (what save was given, as targets of the right
+        shapes) is updated in place with the restored values."""
         manager = self.last if which == 'last' else self.best
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
             raise UserError(f'no checkpoint in {manager.directory}')
         damaged = []
         for step in steps:
-            restored, problem = self.read_step(manager, trainer, step)
+            restored, problem = self.read_step(manager, trainer, step, extra)
             if problem is None:
                 break
             damaged.append(step)
@@ -96,17 +101,23 @@ class Checkpoints:
         trainer.opt_state = restored['state']['opt_state']
         trainer.place()  # on the devices of this run, whichever devices saved it
         brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
+        if extra is not None:
+            extra.update(restored['state']['extra'])
         return int(restored['state']['epoch']), dict(restored['meta'])
 
     @staticmethod
-    def read_step(manager, trainer, step: int):
+    def read_step(manager, trainer, step: int, extra: dict = None):
         """(restored, None), or (None, what is wrong) for a step whose files are damaged."""
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': np.asarray(0, np.int32),
                   'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        if extra is not None:
+            target['extra'] = extra
         # restored onto this run's devices (replicated there), whichever devices saved the checkpoint
         where = trainer.weights_sharding()
-        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=where), target)
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype if hasattr(v, 'dtype') else np.asarray(v).dtype,
+                                                       sharding=where),
+                                target)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

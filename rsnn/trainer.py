@@ -1,27 +1,36 @@
-"""One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL: the optimizer, the learning-rate
-schedules and the Trainer with the gradient path of each method.
+"""One training step of a brainstate network by any rule of the table of methods (rsnn/methods.py), for both
+protocols: the optimizer, the learning-rate schedules and the Trainer.
 
-brainscale 0.1.0 is adapted here, where it is first used for training (every change: brainscale_adapter.py).
+- trials (`protocol='trials'`): a batch is xs (T, B, n_in), labels (B,), sample_mask (B,) and step weights
+  (T,). Every update starts from zero states and traces. The loss is sum_t w_t * mean_b CE(readout_t,
+  label) (samples with mask 0 are padding); accuracy is the argmax of the w-weighted average readout.
+- stream (`protocol='stream'`): B endless streams cut into chunks (rsnn/dms_stream.py); one update per
+  chunk, the neuron states and the rule's traces carried from one chunk to the next (never reset, unless
+  the reset-per-trial control zeroes a stream's states at its trial starts). The loss of a step is
+  sum_b w_tb CE(readout_tb, label_tb) / B; the readouts of every step go back to the host, which scores
+  each trial (dms_stream.TrialScorer).
+
+The same update for both: the rule's summed gradient (rsnn/rules/), + weight_L2, the global norm, optax
+(clip, adam / sgd / momentum); an update that is not finite is refused. `devices` (several jax devices)
+trains data parallel (rsnn/devices.py).
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-import brainscale
 import brainstate
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsnn import brainscale_adapter
-from rsnn.rules import chunks as chunked_traces
-from rsnn import recurrence
-import utils
-from rsnn import methods
-from utils import VJP_METHODS, UserError, batch_error, devices_name
+from rsnn import methods, recurrence
+from rsnn.devices import Placement
+from rsnn.rules import chunks
+from rsnn.rules.base import Objective, RuleOptions
+from utils import UserError
 
-brainscale_adapter.adapt_brainscale()
+PROTOCOLS = ('trials', 'stream')
 
 
 def make_optimizer(name: str, lr, grad_clip: float):
@@ -53,138 +62,125 @@ def path_key(path) -> str:
     return '/'.join(str(p) for p in path)
 
 
-def check_trace_chunk(trace_chunk, model, method: str, vjp_time: str, several_devices: bool = False) -> int:
-    """The K of --trace_chunk for this run: K > 1 needs an online method on one of the repository's networks
-    with --vjp_time t and the D-RTRL trace fix (brainscale_adapter), on one device; else only 1 (brainscale
-    step by step). `None` means the measured default (utils.DEFAULT_TRACE_CHUNK) where K > 1 works, else 1."""
-    why_not = None
-    if method == 'bptt':
-        why_not = 'BPTT has no traces'
-    elif vjp_time != 't':
-        why_not = '--vjp_time t_minus_1 is brainscale-only'
-    elif not chunked_traces.supports(model):
-        why_not = f'{type(model).__name__} is not one of the networks chunked_traces.py knows'
-    elif method == 'diag' and not brainscale_adapter.drtrl_fix_active():
-        why_not = "brainscale's own D-RTRL trace rescaling is on"
-    elif several_devices:  # not yet measured nor tested split over devices (docs/chunked-traces.md)
-        why_not = 'the chunked traces run on one device only'
-    if trace_chunk is None:
-        return 1 if why_not else utils.DEFAULT_TRACE_CHUNK
-    if int(trace_chunk) < 1:
-        raise UserError(f'--trace_chunk must be >= 1, got {trace_chunk}')
-    if int(trace_chunk) > 1 and why_not and method != 'bptt':
-        raise UserError(f'--trace_chunk {trace_chunk} needs the chunked traces, but {why_not}; use --trace_chunk 1')
-    return 1 if method == 'bptt' else int(trace_chunk)
+def trial_objective(labels, mask, loss: str) -> Objective:
+    """The trial protocol's step loss: target_t = w_t (the step's weight)."""
+    def step_loss(out, w):
+        return w * jnp.sum(mask * per_sample_loss(out, labels, loss)) / jnp.maximum(jnp.sum(mask), 1.)
+    return Objective(step_loss, lambda out, w: w * out)
+
+
+def stream_objective(loss: str) -> Objective:
+    """The stream's step loss: target_t = (label_t (B,), w_t (B,)); every stream's test period weighs as
+    one trial."""
+    def step_loss(out, target):
+        label, w = target
+        return jnp.sum(w * per_sample_loss(out, label, loss)) / out.shape[0]
+    return Objective(step_loss, lambda out, target: target[1][:, None] * out)
+
+
+def per_sample_loss(out, labels, loss: str):
+    if loss == 'cel':
+        return -jnp.take_along_axis(jax.nn.log_softmax(out, -1), labels[:, None], -1)[:, 0]
+    return jnp.mean((out - jax.nn.one_hot(labels, out.shape[-1])) ** 2, -1)
 
 
 class Trainer:
-    """One training step of a brainstate network for BPTT, D-RTRL or ES-D-RTRL.
-
-    A batch is xs (T, B, n_in), labels (B,), sample_mask (B,) and step_weights (T,). The loss is
-    sum_t w_t * mean_b CE(readout_t, label) (samples with mask 0 are padding); accuracy is the argmax of
-    the w-weighted average readout. BPTT differentiates that loss through a scan over time; the online
-    methods run one step at a time through brainscale and sum the per-step gradients, inside one
-    compiled function per batch, or, with `trace_chunk` K > 1, K steps at a time through
-    chunked_traces.py (the same gradient; the repository's networks only).
-
-    `devices` (a list of several jax devices) trains data parallel: a mesh with one axis 'batch'; the
-    inputs, labels and mask, and every per-sample state (neuron states, eligibility traces: leading axis
-    = batch) are split along the batch axis (NamedSharding, with_sharding_constraint after each reset),
-    weights and optimizer state replicated; XLA (GSPMD) inserts the reductions of the loss and gradients.
-    """
+    """One training step of a brainstate network by the rule `method` (module docstring)."""
 
     def __init__(self, model, method: str, n_in: int, batch_size: int, *, optimizer='adam', lr=1e-3,
                  grad_clip=1.0, etrace_decay=0.99, vjp_time='t', loss='cel', weight_L2=0., devices=None,
-                 trace_chunk: int = 1):
+                 trace_chunk=1, protocol: str = 'trials', reset_per_trial: bool = False,
+                 rule_options: dict = None):
         if method not in methods.TABLE:
             raise UserError(str(methods.UnknownMethod(f'unknown --method {method!r}; choose one of '
                                                       f'{", ".join(methods.names())}')))
         if loss not in ('cel', 'mse'):
             raise UserError(f"unknown --loss {loss!r}; choose cel or mse")
+        if protocol not in PROTOCOLS:
+            raise UserError(f'unknown --protocol {protocol!r}; choose trials or stream')
         self.model, self.method, self.batch_size, self.loss = model, method, batch_size, loss
-        self.weight_L2 = weight_L2
-        self.mesh = None
-        if devices is not None and len(devices) > 1:
-            if batch_size % len(devices):
-                raise UserError(batch_error(batch_size, len(devices), devices_name(devices)))
-            self.mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+        self.weight_L2, self.protocol, self.reset_per_trial = weight_L2, protocol, bool(reset_per_trial)
+        self.placement = Placement(devices, batch_size)
+        self.mesh = self.placement.mesh
+        if protocol == 'stream' and self.mesh is not None:
+            raise UserError('--protocol stream runs on one device; give --devices 0 or cpu')
+        if protocol == 'stream' and not methods.get(method).stream:
+            raise UserError(f'--method {method} has no stream path (rsnn/methods.py); use --protocol trials')
         brainstate.nn.init_all_states(model, batch_size)
         self.params = model.states(brainstate.ParamState)
-        self.algo = None
-        self.trace_chunk = check_trace_chunk(trace_chunk, model, method, vjp_time, self.mesh is not None)
-        self.etrace_decay = chunked_traces.decay_of(etrace_decay)
-        self.chunked = self.trace_chunk > 1  # online gradients through chunked_traces.py, not brainscale's algorithm
-        if method != 'bptt' and not self.chunked:
-            mode = brainstate.mixin.Batching()
-            if method == 'diag':
-                self.algo = brainscale.ParamDimVjpAlgorithm(model, mode=mode, vjp_method=VJP_METHODS[vjp_time])
-            else:
-                self.algo = brainscale.IODimVjpAlgorithm(model, decay_or_rank=etrace_decay, mode=mode,
-                                                         vjp_method=VJP_METHODS[vjp_time])
-            self.algo.compile_graph(jnp.zeros((batch_size, n_in), jnp.float32))
+        self.rule_options = RuleOptions(batch_size=batch_size, n_in=n_in, etrace_decay=etrace_decay,
+                                        vjp_time=vjp_time, trace_chunk=trace_chunk,
+                                        several_devices=self.mesh is not None, stream=protocol == 'stream',
+                                        step_hook=self.reset_per_trial, extra=dict(rule_options or {}))
+        self.rule = methods.rule_class(method)(model, self.params, self.rule_options)
+        self.trace_chunk = self.rule.trace_chunk
+        self._rules = {method: self.rule}  # method -> rule (others: --check_grad's BPTT reference)
         self.tx = make_optimizer(optimizer, lr, grad_clip)
         self.opt_state = self.tx.init(self.param_values())
         self.update_fn = brainstate.transform.jit(self._train_step)  # the compiled update (the memory script lowers it)
         self._grads_jit = {}  # method -> compiled gradient of one batch
         self._eval = brainstate.transform.jit(self._eval_step)
+        if protocol == 'stream':
+            self._canonicalize()
+            self.update_fn = brainstate.transform.jit(self._stream_step)
+            self._eval = brainstate.transform.jit(self._stream_eval)
+        self.last_update_finite = True
         self.place()
 
+    # -- states -------------------------------------------------------------------------------
+    def sample_states(self, with_rule: bool = True) -> list:
+        """Every state that is not a weight: the neurons' states and (with_rule) what the rule carries."""
+        return list(self.named_states(with_rule).values())
+
+    def named_states(self, with_rule: bool = True) -> dict:
+        """name -> state of the neurons' states (by their path in the model) and, with_rule, of what the
+        rule carries (its eligibility traces, by the rule's names): what a stream carries and checkpoints."""
+        states = {'model/' + path_key(k): s for k, s in self.model.states().items()
+                  if not isinstance(s, brainstate.ParamState)}
+        if with_rule:
+            states.update(self.rule.carried_states())
+        return states
+
+    def get_states(self, with_rule: bool = True) -> dict:
+        return {k: s.value for k, s in self.named_states(with_rule).items()}
+
+    def set_states(self, values: dict, with_rule: bool = True):
+        for k, s in self.named_states(with_rule).items():
+            s.value = values[k]
+
+    def reset(self, batch: int = None, with_rule: bool = True):
+        """Zero the neurons' states (and what the rule carries): before a batch of trials, a stream's start."""
+        brainstate.nn.reset_all_states(self.model, batch or self.batch_size)
+        if with_rule:
+            self.rule.reset()
+        self.placement.constrain(self.sample_states(with_rule))
+
+    def mask_reset(self, reset, with_rule: bool = True):
+        """Zero the states (and traces) of the streams where `reset` (B,) is true: a trial starts there."""
+        B = self.batch_size
+        for s in self.sample_states(with_rule):
+            def zero(v):
+                if getattr(v, 'ndim', 0) >= 1 and v.shape[0] == B:
+                    return jnp.where(reset.reshape((B,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
+                return v
+            s.value = jax.tree.map(zero, s.value)
+
+    def _canonicalize(self):
+        """Every state, weight and optimizer leaf as a committed, strongly typed jax array: the form a
+        compiled update returns them in, so that a stream's second update does not compile again."""
+        strong = lambda v: jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v
+        for s in list(self.params.values()) + self.sample_states():
+            s.value = jax.tree.map(strong, s.value)
+        self.opt_state = jax.tree.map(strong, self.opt_state)
+
     # -- several devices ----------------------------------------------------------------------------
-    def _sharding(self, *spec):
-        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
-
     def weights_sharding(self):
-        """Where the weights live: replicated over the mesh, or the one device of the run."""
-        if self.mesh is not None:
-            return self._sharding()
-        return jax.sharding.SingleDeviceSharding(jax.config.jax_default_device or jax.devices()[0])
-
-    def _state_sharding(self, value):
-        """A per-sample state (leading axis = batch) is split across the devices; anything else replicated."""
-        batched = getattr(value, 'ndim', 0) >= 1 and value.shape[0] == self.batch_size
-        return self._sharding('batch') if batched else self._sharding()
-
-    def sample_states(self, with_algo: bool = True) -> list:
-        """Every state that is not a weight: the neurons' states and (online methods) the eligibility traces."""
-        node = self.algo if (with_algo and self.algo is not None) else self.model
-        return [s for s in node.states().values() if not isinstance(s, brainstate.ParamState)]
-
-    def _put(self, value, sharding):
-        """A host value as a global array (each process gives the slices of its own devices)."""
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        return self.placement.weights_sharding()
 
     def place(self):
         """Several devices: weights and optimizer state on every device, per-sample states split along the
         batch axis (at the start and after a checkpoint restore). One device: nothing to do."""
-        if self.mesh is None:
-            return
-        for s in self.params.values():
-            s.value = jax.tree.map(lambda v: self._put(v, self._sharding()), s.value)
-        self.opt_state = jax.tree.map(lambda v: self._put(v, self._sharding()), self.opt_state)
-        for s in self.sample_states():
-            s.value = jax.tree.map(lambda v: self._put(v, self._state_sharding(v)) if hasattr(v, 'shape') else v,
-                                   s.value)
-
-    def _constrain_states(self, with_algo: bool = True):
-        """Inside a step, after a reset: keep the per-sample states split along the batch axis."""
-        if self.mesh is None:
-            return
-        for s in self.sample_states(with_algo):
-            s.value = jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, self._state_sharding(v))
-                                   if hasattr(v, 'shape') else v, s.value)
-
-    def _replicated(self, tree):
-        if self.mesh is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, self._sharding())
-
-    def device_batch(self, xs, labels, mask, ws):
-        """The batch as the step's arguments: on several devices xs (T, B, ...) split along B."""
-        if self.mesh is None:
-            return xs, labels, mask, ws
-        return (self._put(xs, self._sharding(None, 'batch')), self._put(labels, self._sharding('batch')),
-                self._put(mask, self._sharding('batch')), self._put(ws, self._sharding()))
+        self.opt_state = self.placement.place(self.params, self.opt_state, self.sample_states())
 
     # -- parameters ---------------------------------------------------------------------------
     def param_values(self) -> dict:
@@ -194,139 +190,108 @@ class Trainer:
         for k, s in self.params.items():
             s.value = values[path_key(k)]
 
-    # -- loss -----------------------------------------------------------------------------------
-    def _step_loss(self, out, labels, mask, w):
-        if self.loss == 'cel':
-            per_sample = -jnp.take_along_axis(jax.nn.log_softmax(out, -1), labels[:, None], -1)[:, 0]
-        else:
-            per_sample = jnp.mean((out - jax.nn.one_hot(labels, out.shape[-1])) ** 2, -1)
-        return w * jnp.sum(mask * per_sample) / jnp.maximum(jnp.sum(mask), 1.)
+    # -- the update (both protocols) ----------------------------------------------------------------
+    def rule_for(self, method: str):
+        """The rule of `method` on this trainer's model (another than the trainer's: --check_grad's BPTT)."""
+        if method not in self._rules:
+            opts = RuleOptions(**dict(vars(self.rule_options), trace_chunk=None, step_hook=False))
+            self._rules[method] = methods.rule_class(method)(self.model, self.params, opts)
+        return self._rules[method]
 
-    def _summaries(self, step_losses, weighted_outs, labels, mask, ws):
-        avg_out = weighted_outs.sum(0) / jnp.maximum(ws.sum(), 1e-12)
-        correct = jnp.sum(mask * (jnp.argmax(avg_out, -1) == labels))
-        return step_losses.sum(), correct / jnp.maximum(jnp.sum(mask), 1.)
-
-    def _reset(self, batch, with_algo: bool = True):
-        brainstate.nn.reset_all_states(self.model, batch)
-        if with_algo and self.algo is not None:
-            self.algo.reset_state()
-        self._constrain_states(with_algo)
-
-    def _loss_and_grads(self, xs, labels, mask, ws, method=None):
-        """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
-        BPTT's gradient from the same weights and initial states, for --check_grad)."""
-        method = method or self.method
+    def _gradients(self, xs, targets, objective, method=None, **kw):
+        """The rule's Result with the gradients keyed by weight name."""
         if self.mesh is None:
-            return self._loss_and_grads_traced(xs, labels, mask, ws, method)
-        # the batch split over the devices: brainscale_adapter's D-RTRL gradient read must slice each
-        # device's part of it, and recurrence.py's products must keep it split
-        with brainscale_adapter.batch_shards(self.mesh), recurrence.batch_split_over_devices():
-            return self._loss_and_grads_traced(xs, labels, mask, ws, method)
-
-    def _loss_and_grads_traced(self, xs, labels, mask, ws, method):
-        xs = xs.astype('float32')
-        self._reset(xs.shape[1], with_algo=method != 'bptt')
-        if method == 'bptt':
-            path = self._bptt_gradients
+            result = self.rule_for(method or self.method).gradients(xs, targets, objective, **kw)
         else:
-            path = self._chunked_gradients if self.chunked else self._online_gradients
-        grads, losses, wouts = path(xs, labels, mask, ws)
-        loss, acc = self._summaries(losses, wouts, labels, mask, ws)
-        return {path_key(k): g for k, g in grads.items()}, loss, acc
+            # the batch split over the devices: brainscale_adapter's D-RTRL gradient read must slice each
+            # device's part of it, and recurrence.py's products must keep it split
+            from rsnn import brainscale_adapter
+            with brainscale_adapter.batch_shards(self.mesh), recurrence.batch_split_over_devices():
+                result = self.rule_for(method or self.method).gradients(xs, targets, objective, **kw)
+        result.grads = {path_key(k): g for k, g in result.grads.items()}
+        return result
 
-    def _bptt_gradients(self, xs, labels, mask, ws):
-        """BPTT: brainstate's grad of sum_t w_t loss_t through the whole sequence (layer after layer when the
-        model has run_sequence: the input products of all steps out of the time loop). Returns the weight
-        gradients, the per-step losses (T,) and the weighted readouts (T, B, n_out)."""
-        def sequence_loss():
-            if hasattr(self.model, 'run_sequence'):
-                outs = self.model.run_sequence(xs)
-                losses = jax.vmap(lambda o, w: self._step_loss(o, labels, mask, w))(outs, ws)
-                wouts = ws[:, None, None] * outs
-            else:
-                losses, wouts = brainstate.transform.for_loop(self._forward_step(labels, mask), xs, ws)
-            return losses.sum(), (losses, wouts)
-
-        grads, _, (losses, wouts) = brainstate.transform.grad(
-            sequence_loss, self.params, return_value=True, has_aux=True)()
-        return grads, losses, wouts
-
-    def _online_gradients(self, xs, labels, mask, ws):
-        """D-RTRL / ES-D-RTRL: one step at a time through the brainscale algorithm (which updates the
-        eligibility traces and turns them into this step's weight gradient); the per-step gradients, losses
-        and weighted readouts are summed as they come (running sums: memory constant in T). Returns the
-        weight gradients, the summed loss (1,) and the summed weighted readout (1, B, n_out)."""
-        def step(acc, inp):
-            x, w = inp
-
-            def step_loss():
-                out = self.algo(x)
-                return self._step_loss(out, labels, mask, w), out
-
-            g, loss, out = brainstate.transform.grad(step_loss, self.params, return_value=True, has_aux=True)()
-            return jax.tree.map(jnp.add, acc, (g, loss, w * out)), None
-
-        out = brainstate.transform.StatefulFunction(self.model).get_out_shapes(xs[0])[0]
-        zeros = jax.tree.map(jnp.zeros_like, ({k: s.value for k, s in self.params.items()},
-                                              jnp.zeros(()), jnp.zeros(out.shape, out.dtype)))
-        (grads, loss_sum, wout_sum), _ = brainstate.transform.scan(step, zeros, (xs, ws))
-        return grads, loss_sum[None], wout_sum[None]
-
-    def _chunked_gradients(self, xs, labels, mask, ws):
-        """D-RTRL / ES-D-RTRL, trace_chunk steps at a time (chunked_traces.py): brainscale's gradient without
-        brainscale's per-step loop. Returns what _online_gradients returns."""
-        grads, loss_sum, wout_sum = chunked_traces.chunked_online_gradients(
-            self.model, self.method, self.etrace_decay, self.trace_chunk, xs, ws,
-            lambda out, w: self._step_loss(out, labels, mask, w))
-        return {k: grads[s] for k, s in self.params.items()}, loss_sum[None], wout_sum[None]
-
-    def _forward_step(self, labels, mask):
-        """One step of the plain forward pass: x_t, w_t -> (loss_t, w_t * readout_t)."""
-        def step(x, w):
-            out = self.model(x)
-            return self._step_loss(out, labels, mask, w), w * out
-        return step
-
-    def _train_step(self, opt_state, xs, labels, mask, ws):
-        grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
+    def _apply_update(self, opt_state, grads, loss, apply=True):
         values = self.param_values()
         if self.weight_L2:
             grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = self.tx.update(grads, opt_state, values)
-        new_values = self._replicated(optax.apply_updates(values, updates))
-        new_opt_state = self._replicated(new_opt_state)
+        new_values = self.placement.replicated(optax.apply_updates(values, updates))
+        new_opt_state = self.placement.replicated(new_opt_state)
         # A finite loss can still come with an infinite gradient norm, and then the clipped update is
         # NaN: refuse such an update inside the step (parameters and optimizer state stay as they were)
         # and report it, so that non-finite weights are never evaluated or saved.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         for leaf in jax.tree.leaves(new_values):
             finite = finite & jnp.all(jnp.isfinite(leaf))
-        keep = lambda new, old: jnp.where(finite, new, old)
+        applied = finite & apply
+        keep = lambda new, old: jnp.where(applied, new, old)
         self.set_param_values(jax.tree.map(keep, new_values, values))
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return jax.tree.map(keep, new_opt_state, opt_state), grad_norm, finite, applied
+
+    # -- trials -------------------------------------------------------------------------------------
+    def _loss_and_grads(self, xs, labels, mask, ws, method=None):
+        """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
+        BPTT's gradient from the same weights and initial states, for --check_grad)."""
+        self.reset(xs.shape[1])
+        result = self._gradients(xs.astype('float32'), ws, trial_objective(labels, mask, self.loss), method)
+        return result.grads, result.loss, accuracy(result.wout, labels, mask)
+
+    def _train_step(self, opt_state, xs, labels, mask, ws):
+        grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
+        opt_state, grad_norm, finite, _ = self._apply_update(opt_state, grads, loss)
         return opt_state, loss, acc, grad_norm, finite
 
-    def _eval_step(self, xs, labels, mask, ws):
-        xs = xs.astype(jnp.float32)
-        brainstate.nn.reset_all_states(self.model, xs.shape[1])
-        self._constrain_states(with_algo=False)
+    def _forward(self, xs, targets, objective, hook_inputs=None, mask=None):
+        """Forward only: per step the loss, the weighted readout, the readout and each layer's firing rate
+        (mean spikes per neuron over the real samples)."""
+        B = xs.shape[1]
+        mask = jnp.ones(B) if mask is None else mask
 
-        forward = self._forward_step(labels, mask)
-
-        def step(x, w):
-            loss, wout = forward(x, w)
-            # mean spikes per neuron of each layer over the real (unmasked) samples: the firing rates
+        def step(x, target, hook_in):
+            if hook_in is not None:
+                self.mask_reset(hook_in, with_rule=False)
+            out = self.model(x.astype(jnp.float32))
             spikes = self.model.layer_spikes() if hasattr(self.model, 'layer_spikes') else []
             rates = [jnp.sum(mask * s.reshape(s.shape[0], -1).mean(-1)) / jnp.maximum(mask.sum(), 1.)
                      for s in spikes]
-            return loss, wout, jnp.asarray(rates, jnp.float32).reshape(-1)
+            return (objective.loss(out, target), objective.weighted(out, target), out,
+                    jnp.asarray(rates, jnp.float32).reshape(-1))
 
-        losses, wouts, rates = brainstate.transform.for_loop(step, xs, ws)
-        return (*self._summaries(losses, wouts, labels, mask, ws), rates.mean(0))
+        return brainstate.transform.for_loop(step, xs, targets, hook_inputs)
 
-    # -- public -------------------------------------------------------------------------------
+    def _eval_step(self, xs, labels, mask, ws):
+        self.reset(xs.shape[1], with_rule=False)
+        losses, wouts, _, rates = self._forward(xs.astype(jnp.float32), ws,
+                                                trial_objective(labels, mask, self.loss), mask=mask)
+        return losses.sum(), accuracy(wouts.sum(0), labels, mask), rates.mean(0)
+
+    # -- stream -------------------------------------------------------------------------------------
+    def _stream_step(self, opt_state, xs, labels, ws, resets):
+        objective = stream_objective(self.loss)
+        hook = (lambda reset: self.mask_reset(reset)) if self.reset_per_trial else None
+        result = self._gradients(xs, (labels, ws), objective, step_hook=hook, keep_outputs=True,
+                                 hook_inputs=resets if self.reset_per_trial else None)
+        # A chunk without any test step has no loss: no update (Adam's momentum would still move the
+        # weights on a zero gradient).
+        opt_state, grad_norm, finite, applied = self._apply_update(opt_state, result.grads, result.loss,
+                                                                    apply=jnp.sum(ws) > 0)
+        per_stream = jax.vmap(lambda o, l, w: w * per_sample_loss(o, l, self.loss))(result.outs, labels, ws)
+        return opt_state, result.loss, grad_norm, finite, applied, result.outs, per_stream
+
+    def _stream_eval(self, xs, labels, ws, resets):
+        _, _, outs, rates = self._forward(xs, (labels, ws), stream_objective(self.loss),
+                                          resets if self.reset_per_trial else None)
+        per_stream = jax.vmap(lambda o, l, w: w * per_sample_loss(o, l, self.loss))(outs, labels, ws)
+        return outs, per_stream, rates.mean(0)
+
+    def _stream_grads(self, xs, labels, ws, resets):
+        hook = (lambda reset: self.mask_reset(reset)) if self.reset_per_trial else None
+        return self._gradients(xs, (labels, ws), stream_objective(self.loss), step_hook=hook,
+                               hook_inputs=resets if self.reset_per_trial else None).grads
+
+    # -- public: trials -------------------------------------------------------------------------------
     def pad(self, xs, labels):
         """Pad a short batch to batch_size with masked samples (one compiled shape for all batches)."""
         n = xs.shape[1]
@@ -345,7 +310,8 @@ class Trainer:
         An update whose loss, gradient norm or new parameters are not all finite is not applied (the
         parameters and optimizer state stay as they were) and `self.last_update_finite` becomes False."""
         xs, labels, mask = self.pad(xs, labels)
-        self.opt_state, loss, acc, gnorm, finite = self.update_fn(self.opt_state, *self.device_batch(xs, labels, mask, ws))
+        self.opt_state, loss, acc, gnorm, finite = self.update_fn(self.opt_state,
+                                                                  *self.placement.batch(xs, labels, mask, ws))
         self.last_update_finite = bool(finite)
         return float(loss), float(acc), float(gnorm)
 
@@ -359,20 +325,24 @@ class Trainer:
         """(loss, accuracy, summed gradient) of one batch, without an update."""
         method = method or self.method
         if method not in self._grads_jit:
+            self.rule_for(method)  # built outside the compiled function (brainscale compiles its graph)
             self._grads_jit[method] = brainstate.transform.jit(
                 lambda xs, labels, mask, ws: self._loss_and_grads(xs, labels, mask, ws, method=method))
         xs, labels, mask = self.pad(xs, labels)
-        grads, loss, acc = self._grads_jit[method](*self.device_batch(xs, labels, mask, ws))
+        grads, loss, acc = self._grads_jit[method](*self.placement.batch(xs, labels, mask, ws))
         return float(loss), float(acc), grads
 
     def evaluate(self, xs, labels, ws):
         """(loss, accuracy, number of samples) of one batch, forward only."""
         n = xs.shape[1]
         xs, labels, mask = self.pad(xs, labels)
-        loss, acc, rates = self._eval(*self.device_batch(xs, labels, mask, ws))
+        loss, acc, rates = self._eval(*self.placement.batch(xs, labels, mask, ws))
+        self._add_rates(rates, n)
+        return float(loss), float(acc), n
+
+    def _add_rates(self, rates, n: int):
         total, count = getattr(self, '_rate_sum', (0., 0))
         self._rate_sum = (total + np.asarray(rates, np.float64) * n, count + n)
-        return float(loss), float(acc), n
 
     def pop_eval_rates(self) -> list:
         """Each layer's mean firing rate (spikes per neuron per step) over the batches evaluated since the
@@ -380,3 +350,47 @@ class Trainer:
         total, count = getattr(self, '_rate_sum', (0., 0))
         self._rate_sum = (0., 0)
         return [float(r) for r in (total / count if count else [])]
+
+    # -- public: stream ------------------------------------------------------------------------------
+    def train_chunk(self, chunk):
+        """One update from one chunk of stream; returns (loss, grad norm, updated, outs (U, B, n_out),
+        per-step per-stream losses (U, B)) as numpy. The states go on into the next chunk."""
+        self.opt_state, loss, gnorm, finite, applied, outs, per_stream = self.update_fn(
+            self.opt_state, chunk.xs, chunk.labels, chunk.weights, chunk.resets)
+        self.last_update_finite = bool(finite)
+        return float(loss), float(gnorm), bool(applied), np.asarray(outs), np.asarray(per_stream)
+
+    def chunk_gradients(self, chunk) -> dict:
+        """The summed gradient of one chunk without an update (the states and traces move on, as in training)."""
+        if not hasattr(self, '_stream_grads_jit'):
+            self._stream_grads_jit = brainstate.transform.jit(self._stream_grads)
+        return self._stream_grads_jit(chunk.xs, chunk.labels, chunk.weights, chunk.resets)
+
+    def eval_chunk(self, chunk):
+        """Forward only over one chunk from the current states: (outs, per-stream losses); firing rates
+        are summed for pop_eval_rates."""
+        outs, per_stream, rates = self._eval(chunk.xs, chunk.labels, chunk.weights, chunk.resets)
+        self._add_rates(rates, 1)
+        return np.asarray(outs), np.asarray(per_stream)
+
+    def compiled_memory(self, *args) -> dict:
+        """XLA's memory analysis of the compiled update for these arguments (arrays or ShapeDtypeStructs),
+        in bytes: temporaries, arguments, outputs, aliased."""
+        stateful, jitted = self.update_fn.stateful_fun, self.update_fn.jitted_fun
+        state_trace = stateful.get_state_trace(self.opt_state, *args, compile_if_miss=True)
+        ma = jitted.lower(state_trace.get_state_values(), self.opt_state, *args).compile().memory_analysis()
+        return dict(temp_bytes=int(ma.temp_size_in_bytes), argument_bytes=int(ma.argument_size_in_bytes),
+                    output_bytes=int(ma.output_size_in_bytes), alias_bytes=int(ma.alias_size_in_bytes))
+
+    def stream_update_memory(self, chunk_steps: int, n_in: int) -> dict:
+        """compiled_memory of a stream update of `chunk_steps` steps (abstract shapes: nothing allocated)."""
+        B = self.batch_size
+        return self.compiled_memory(jax.ShapeDtypeStruct((chunk_steps, B, n_in), jnp.uint8),
+                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.int32),
+                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.float32),
+                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.bool_))
+
+
+def accuracy(wout, labels, mask):
+    """The fraction of real samples whose w-weighted readout's argmax is their label."""
+    return jnp.sum(mask * (jnp.argmax(wout, -1) == labels)) / jnp.maximum(jnp.sum(mask), 1.)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from rsnn.rules import chunks as chunked_traces
+from rsnn.rules import chunks as chunked_traces, es_d_rtrl
 import models
 from rsnn import trainer as training
 import utils
@@ -49,13 +49,13 @@ def test_chunked_gradient_equals_brainscale_step_by_step(method, kind):
     n_out = 2 if kind == 'dms' else 3
     xs, labels, ws = data(n_out)
     reference = trainer(kind, method, 1)
-    assert reference.algo is not None  # K = 1: brainscale's own algorithm
+    assert reference.rule.algo is not None  # K = 1: brainscale's own algorithm
     g_ref = flat(reference.gradients(xs, labels, ws))
-    assert len(g_ref) == 4 if kind == 'dms' else 6
+    assert len(g_ref) == (4 if kind == 'dms' else 6)
     for K in (1, 7, T):
         chunked = trainer(kind, method, max(K, 2))
-        chunked.trace_chunk = K  # K = 1: the chunked code with one-step chunks (--trace_chunk 1 is brainscale)
-        assert chunked.chunked and chunked.algo is None
+        chunked.rule.trace_chunk = K  # K = 1: the chunked code with one-step chunks (--trace_chunk 1 is brainscale)
+        assert chunked.rule.algo is None
         g = flat(chunked.gradients(xs, labels, ws))
         for name, ref in g_ref.items():
             a, b = ref.ravel(), g[name].ravel()
@@ -89,7 +89,13 @@ def test_step_memory_flat_in_T(mem_script, method):
 def test_trace_chunk_default_and_refusals():
     """None: the measured default where the chunked traces apply, else 1; an explicit K > 1 where they do not
     apply is one line naming the fix."""
-    check, net = training.check_trace_chunk, KINDS['alif-delta']()
+    from rsnn import methods
+    from rsnn.rules.base import RuleOptions
+
+    def check(K, model, method, vjp_time, several=False):
+        options = RuleOptions(batch_size=2, n_in=3, trace_chunk=K, vjp_time=vjp_time, several_devices=several)
+        return methods.rule_class(method).choose_chunk(model, options)
+    net = KINDS['alif-delta']()
     assert check(None, net, 'expsm_diag', 't') == check(None, net, 'diag', 't') == utils.DEFAULT_TRACE_CHUNK > 1
     assert check(5, net, 'diag', 't') == 5 and check(1, net, 'diag', 't') == 1 and check(9, net, 'bptt', 't') == 1
     assert check(None, net, 'diag', 't_minus_1') == check(None, net, 'diag', 't', True) == 1
@@ -98,7 +104,7 @@ def test_trace_chunk_default_and_refusals():
     for args in [(8, net, 'diag', 't_minus_1'), (8, net, 'diag', 't', True), (8, foreign, 'expsm_diag', 't')]:
         with pytest.raises(utils.UserError, match='use --trace_chunk 1'):
             check(*args)
-    assert chunked_traces.decay_of(0.9) == 0.9 and chunked_traces.decay_of(19) == 0.9
+    assert es_d_rtrl.decay_of(0.9) == 0.9 and es_d_rtrl.decay_of(19) == 0.9
     dms = KINDS['dms']()
     assert check(None, dms, 'expsm_diag', 't') == check(None, dms, 'diag', 't') == utils.DEFAULT_TRACE_CHUNK
 

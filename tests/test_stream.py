@@ -23,12 +23,15 @@ CFG = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)  
 B = 4
 
 
-def build(method, reset_per_trial=False, seed=0):
+def build(method, reset_per_trial=False, seed=0, trace_chunk=1, protocol='stream'):
+    """A trainer of the tiny DMS network on the stream (or on trials), twice in the tuple (the trainer and
+    the stream trainer were two objects once)."""
     brainstate.environ.set(dt=1.)
     model = models.DMSNet(CFG.n_input, 12, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                           rec_scale=2., syn_gain=1., seed=seed)
-    trainer = training.Trainer(model, method, CFG.n_input, B, etrace_decay=0.9)
-    return trainer, stream_protocol.StreamTrainer(trainer, reset_per_trial=reset_per_trial)
+    trainer = training.Trainer(model, method, CFG.n_input, B, etrace_decay=0.9, trace_chunk=trace_chunk,
+                               protocol=protocol, reset_per_trial=reset_per_trial)
+    return trainer, trainer
 
 
 def leaves_close(a, b, **kw):
@@ -76,21 +79,21 @@ def test_states_and_traces_persist_across_updates_and_trials(method):
     stream = dms_stream.DMSStream(CFG, B, 90, seed=0, iti_ms=(5., 15.))
     trainer, st = build(method)
     st.train_chunk(stream.chunk(0))
-    carried, weights, opt_state = st.get_stream_state(), trainer.param_values(), st.opt_state
+    carried, weights, opt_state = st.get_states(), trainer.param_values(), st.opt_state
     assert all(np.abs(np.asarray(v)).max() > 0 for k, v in carried.items() if np.ndim(v) >= 2), \
         'the neuron states (and traces) after an update must not be zero'
     _, _, _, outs_carried, _ = st.train_chunk(stream.chunk(1))
     # the same weights and chunk from zero states give other outputs: the states were carried, not reset
     trainer2, st2 = build(method)
     st2.train_chunk(stream.chunk(0))
-    st2.reset_streams()
+    st2.reset()
     _, _, _, outs_reset, _ = st2.train_chunk(stream.chunk(1))
     assert np.abs(outs_carried - outs_reset).max() > 1e-3
     # across trials inside one chunk: without the reset control the outputs after a trial start differ
     trainer3, st3 = build(method, reset_per_trial=True)
     trainer3.set_param_values(weights)
     st3.opt_state = opt_state
-    st3.set_stream_state(carried)
+    st3.set_states(carried)
     _, _, _, outs_trial_reset, _ = st3.train_chunk(stream.chunk(1))
     starts = np.argwhere(stream.chunk(1).resets)
     assert len(starts)
@@ -111,11 +114,11 @@ def test_tbptt_gradient_is_zero_for_inputs_before_the_window():
     def window_loss(x0, cut):
         brainstate.nn.reset_all_states(model, B)
         brainstate.transform.for_loop(lambda x: model(x), x0)   # the previous window: states depend on x0
+        objective = training.stream_objective('cel')
         if cut:
-            _, losses, _, _ = st._tbptt_grads(jnp.asarray(c1.xs, jnp.float32), c1.labels, c1.weights, c1.resets)
-            return losses.sum()
-        losses, _ = brainstate.transform.for_loop(
-            lambda x, l, w: st._step_loss(model(x), l, w), jnp.asarray(c1.xs, jnp.float32), c1.labels, c1.weights)
+            return st.rule.gradients(jnp.asarray(c1.xs, jnp.float32), (c1.labels, c1.weights), objective).loss
+        losses = brainstate.transform.for_loop(
+            lambda x, l, w: objective.loss(model(x), (l, w)), jnp.asarray(c1.xs, jnp.float32), c1.labels, c1.weights)
         return losses.sum()
 
     x0 = jnp.asarray(c0.xs, jnp.float32)
@@ -131,7 +134,7 @@ def test_tbptt_gradient_is_zero_for_inputs_before_the_window():
 def test_one_trial_per_update_no_interval_reset_per_trial_gives_the_trial_protocols_gradient(method):
     stream = dms_stream.DMSStream(CFG, B, CFG.n_steps, seed=0, iti_ms=(0., 0.))
     trainer, st = build(method, reset_per_trial=True)
-    reference, _ = build(method)
+    reference, _ = build(method, protocol='trials')
     for k in range(2):  # the second chunk starts from the states the first one left (reset at the trial start)
         chunk = stream.chunk(k)
         assert chunk.resets[0].all() and chunk.weights[:CFG.test_start].sum() == 0

@@ -38,17 +38,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rsnn import brainscale_adapter  # its D-RTRL trace update and batch-sum read (the same formulas, fast on a CPU)
 import models
 from rsnn import recurrence
 
-
-def decay_of(decay_or_rank) -> float:
-    """ES-D-RTRL's decay as brainscale's IODimVjpAlgorithm reads --etrace_decay: a float in (0, 1) is the
-    decay, an integer rank r gives (r - 1) / (r + 1)."""
-    if isinstance(decay_or_rank, int):
-        return (decay_or_rank - 1) / (decay_or_rank + 1)
-    return float(decay_or_rank)
 
 # --------------------------------------------------------------------------------------------
 # The networks' neuron updates as pure functions
@@ -127,10 +119,11 @@ def state_jacobians(cell, prevs, ys):
     return jnp.stack(columns, axis=-1), stacked(t, names)
 
 
-def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, ws, step_loss):
+def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, targets, objective):
     """Forward over the chunk and the learning signals. `values`: {'layers': [{'weight', 'bias'}...],
-    'out': {...}}; `weights`: prepared_weights(values); `hidden`: ([state dicts], readout r). Returns (new hidden, relations, loss sum,
-    weighted readout sum); relations: {layer index or 'out': dict(x (K, B, I), D, df, L)}, one per
+    'out': {...}}; `weights`: prepared_weights(values); `hidden`: ([state dicts], readout r); targets: the
+    chunk's slice of the update's targets (leading axis K). Returns (new hidden, relations, loss sum, weighted
+    readout sum, the readout of each step (K, B, n_out)); relations: {layer index or 'out': dict(x (K, B, I), D, df, L)}, one per
     trace-carrying weight."""
     relations, states, layer_data = {}, [], []
     x = xs
@@ -143,7 +136,7 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
     po, decay = values['out'], model.out.decay
     y_out = recurrence.input_products(x_out, po['weight']) + po['bias']
     r_end, rs = jax.lax.scan(lambda r, y: (decay * r + y, decay * r + y), hidden[1], y_out)
-    losses, dl_dr = jax.vmap(jax.value_and_grad(step_loss))(rs, ws)
+    losses, dl_dr = jax.vmap(jax.value_and_grad(objective.loss))(rs, targets)
     ones = jnp.ones(rs.shape + (1,), rs.dtype)
     relations['out'] = dict(x=x_out, D=decay * ones[..., None], df=ones, L=dl_dr[..., None])
     # Learning signals, top down: the chunk's steps with the recurrent inputs held fixed.
@@ -157,8 +150,8 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
         relations[i] = dict(x=jnp.concatenate([x_in, s_prev], axis=-1), D=D, df=df, L=stacked(signal, cell.names))
         if i > 0:
             ct = recurrence.input_products(ct_y, weights[i]['in_T'])
-    wout = jnp.sum(ws[:, None, None] * rs, axis=0)
-    return (states, r_end), relations, jnp.sum(losses), wout
+    wout = jnp.sum(jax.vmap(objective.weighted)(rs, targets), axis=0)
+    return (states, r_end), relations, jnp.sum(losses), wout, rs
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,17 +159,17 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
 # --------------------------------------------------------------------------------------------
 
 
-def _apply(D, v):
+def apply_matrix(D, v):
     """sum_s D[..., k, s] v[..., s]: a per-neuron S x S matrix on a state vector."""
     return jnp.sum(D * v[..., None, :], axis=-1)
 
 
-def _apply_t(D, v):
+def apply_transposed(D, v):
     """sum_s D[..., s, k] v[..., s]: the transposed matrix."""
     return jnp.sum(D * v[..., :, None], axis=-2)
 
 
-def _matmul(A, B):
+def matmul(A, B):
     """Per-neuron S x S matrix product A B (element-wise code: S is 1 to 3)."""
     return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
 
@@ -189,56 +182,9 @@ def affine_scan(A, b, matrix: bool = True):
     def combine(earlier, later):
         (A1, b1), (A2, b2) = earlier, later
         if matrix:
-            return _matmul(A2, A1), _apply(A2, b1) + b2
+            return matmul(A2, A1), apply_matrix(A2, b1) + b2
         return A2 * A1, A2 * b1 + b2
     return jax.lax.associative_scan(combine, (A, b))
-
-
-def es_drtrl_chunk(rel, trace, decay: float, t0):
-    """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; module docstring).
-    trace = (x^ (B, I), f^ (B, J, S)); t0 = the chunk's first step (brainscale's running index)."""
-    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
-    xhat, fhat = trace
-    K = x.shape[0]
-    def f_step(f, inp):  # f^_t = a D_t f^_{t-1} + (1 - a) df_t: a few flops per neuron, step by step
-        D_t, df_t = inp
-        f = decay * _apply(D_t, f) + (1. - decay) * df_t
-        return f, f
-
-    _, fhats = jax.lax.scan(f_step, fhat, (D, df))
-    n = t0 + jnp.arange(K)
-    correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)
-    G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
-    steps = jnp.arange(K)
-    lag = steps[None, :] - steps[:, None]                                            # t - s
-    later = jnp.where(lag >= 0, decay ** jnp.maximum(lag, 0).astype(G.dtype), 0.)    # a^(t-s) for t >= s
-    G_tilde = (later @ G.reshape(K, -1)).reshape(G.shape)                            # sum_{t>=s} a^(t-s) G_t
-    dW = recurrence.rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
-    powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
-    xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
-    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
-
-
-def drtrl_chunk(rel, trace):
-    """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
-    VJP; module docstring). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
-    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
-    e_w, e_b = trace
-    eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
-    D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
-    # Backwards in time: Lambda_t = L_t + D_{t+1}^T Lambda_{t+1}; the products of the D_{t+1}^T that it
-    # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
-    Phi_T, lams = affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
-    Phi_T, lams = Phi_T[::-1], lams[::-1]
-    qs = _apply_t(Phi_T, df)                                                         # Phi(K, t) df_t
-    M = _apply_t(D[0], lams[0])                                                      # D_1^T Lambda_1
-    phi_all = _matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
-    h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
-    grad = {'weight': brainscale_adapter._batch_sum(e_w, M) + recurrence.rows_product(x, h),
-            'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
-    e_w = brainscale_adapter._new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
-    e_b = brainscale_adapter._new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
-    return grad, (e_w, e_b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,21 +192,19 @@ def drtrl_chunk(rel, trace):
 # --------------------------------------------------------------------------------------------
 
 
-def _param_states(model, cells):
+def param_states(model, cells):
+    """The trace-carrying weights in the order of the relations: the layers', then the readout's."""
     return [c.layer.linear.weight_op for c in cells] + [model.out.linear.weight_op]
 
 
-def _zero_traces(method, cells, values, batch):
-    """The traces after a reset (zeros), per relation in the order layers..., readout."""
-    traces = []
-    for i, p in enumerate(values['layers'] + [values['out']]):
-        n_in, n_out = p['weight'].shape
-        S = len(cells[i].names) if i < len(cells) else 1
-        if method == 'diag':
-            traces.append((jnp.zeros((batch, n_in, n_out, S)), jnp.zeros((batch, n_out, S))))
-        else:
-            traces.append((jnp.zeros((batch, n_in)), jnp.zeros((batch, n_out, S))))
-    return traces
+def relation_shapes(model):
+    """Per relation (layers..., readout): (n_in, n_out, S), the weight's shape and the states per neuron."""
+    cells, _ = network_cells(model)
+    shapes = []
+    for i, st in enumerate(param_states(model, cells)):
+        n_in, n_out = st.value['weight'].shape
+        shapes.append((n_in, n_out, len(cells[i].names) if i < len(cells) else 1))
+    return shapes
 
 
 def prepared_weights(values, n_in: int) -> list:
@@ -276,15 +220,18 @@ def prepared_weights(values, n_in: int) -> list:
     return out + [{'in_T': jnp.transpose(values['out']['weight'])}]
 
 
-def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, step_loss):
-    """D-RTRL (`method='diag'`) or ES-D-RTRL (`'expsm_diag'`, decay = brainscale's decay) over xs
-    (T, B, n_in) with step weights ws (T,), K steps per chunk, from the model's current states (zero
-    traces, as after a reset). step_loss(out_t (B, n_out), w_t) -> the step's loss.
+def chunked_online_gradients(model, update, K: int, xs, targets, objective, traces, t0, keep_outputs=False):
+    """An online rule over xs (T, B, n_in), K steps per chunk, from the model's current states and the
+    traces `traces` (one per relation: layers..., readout; zeros after a reset). `update(key, relation,
+    trace, t0) -> (gradient dict, new trace)` is the rule's trace recursion and gradient read of one chunk
+    (key: the layer index or 'out'; t0: the chunk's first step counted from the last reset, brainscale's
+    running index). targets: a pytree with leading axis T; objective: rules.base.Objective.
 
-    Returns ({param state: gradient}, summed loss, summed w_t * readout_t (B, n_out)); the model's hidden
-    states are left at their values after the last step (as brainscale's step does)."""
+    Returns ({param state: gradient}, summed loss, summed weighted readout (B, n_out), per-step readouts
+    (T, B, n_out) or None, the traces after the last step, t0 + T); the model's hidden states are left at
+    their values after the last step (as brainscale's step does)."""
     cells, readout_input = network_cells(model)
-    states = _param_states(model, cells)
+    states = param_states(model, cells)
     values = {'layers': [s.value for s in states[:-1]], 'out': states[-1].value}
     T, B = xs.shape[:2]
     K = max(1, min(int(K), T))
@@ -293,30 +240,36 @@ def chunked_online_gradients(model, method: str, decay: float, K: int, xs, ws, s
     zero_grads = [jax.tree.map(jnp.zeros_like, dict(v)) for v in values['layers'] + [values['out']]]
 
     def chunk(carry, inp):
-        hidden, traces, grads, loss, wout, t0 = carry
-        xs_c, ws_c = inp
-        hidden, relations, loss_c, wout_c = chunk_forward_and_signals(
-            cells, readout_input, model, values, weights, hidden, xs_c, ws_c, step_loss)
+        hidden, traces, grads, loss, wout, t = carry
+        xs_c, tg_c = inp
+        hidden, relations, loss_c, wout_c, outs_c = chunk_forward_and_signals(
+            cells, readout_input, model, values, weights, hidden, xs_c.astype(jnp.float32), tg_c, objective)
         new_traces, new_grads = [], []
         for key, trace, g in zip(keys, traces, grads):
-            if method == 'diag':
-                dg, trace = drtrl_chunk(relations[key], trace)
-            else:
-                dg, trace = es_drtrl_chunk(relations[key], trace, decay, t0)
+            dg, trace = update(key, relations[key], trace, t)
             new_traces.append(trace)
             new_grads.append(jax.tree.map(jnp.add, g, {k: dg[k] for k in g}))
-        return (hidden, new_traces, new_grads, loss + loss_c, wout + wout_c, t0 + xs_c.shape[0]), None
+        carry = (hidden, new_traces, new_grads, loss + loss_c, wout + wout_c, t + xs_c.shape[0])
+        return carry, (outs_c if keep_outputs else None)
 
-    carry = (([c.state() for c in cells], model.out.r.value), _zero_traces(method, cells, values, B), zero_grads,
-             jnp.zeros(()), jnp.zeros((B, values['out']['weight'].shape[1])), jnp.zeros((), jnp.int32))
+    carry = (([c.state() for c in cells], model.out.r.value), list(traces), zero_grads,
+             jnp.zeros(()), jnp.zeros((B, values['out']['weight'].shape[1])), jnp.asarray(t0, jnp.int32))
     n_full = T // K
+    outs = []
     if n_full:  # the chunks sliced out of xs inside the loop: no copy of the input
         take = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i * K, K)
-        carry, _ = jax.lax.scan(lambda c, i: chunk(c, (take(xs, i), take(ws, i))), carry, jnp.arange(n_full))
+        carry, outs_full = jax.lax.scan(
+            lambda c, i: chunk(c, (take(xs, i), jax.tree.map(lambda a: take(a, i), targets))), carry,
+            jnp.arange(n_full))
+        if keep_outputs:
+            outs.append(outs_full.reshape((n_full * K,) + outs_full.shape[2:]))
     if T % K:
-        carry, _ = chunk(carry, (xs[n_full * K:], ws[n_full * K:]))
-    (hidden_states, r), _, grads, loss, wout, _ = carry
+        carry, outs_rest = chunk(carry, (xs[n_full * K:], jax.tree.map(lambda a: a[n_full * K:], targets)))
+        if keep_outputs:
+            outs.append(outs_rest)
+    (hidden_states, r), traces, grads, loss, wout, t_end = carry
     for c, h in zip(cells, hidden_states):
         c.set_state(h)
     model.out.r.value = r
-    return dict(zip(states, grads)), loss, wout
+    outs = (jnp.concatenate(outs, 0) if len(outs) > 1 else outs[0]) if keep_outputs else None
+    return dict(zip(states, grads)), loss, wout, outs, traces, t_end

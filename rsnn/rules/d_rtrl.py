@@ -1,0 +1,111 @@
+"""D-RTRL (diagonal RTRL, the paper's parameter-dimension algorithm): one eligibility trace per weight, per sample and hidden state, e_t = D_t e_{t-1} + x_t df_t;
+the gradient sum_t L_t e_t. Memory O(B P S), constant in T.
+
+Its step-by-step path is brainscale 0.1.0's `ParamDimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
+its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
+below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
+does not reset them there) and are zeroed by `reset()` before each batch of trials.
+"""
+from __future__ import annotations
+
+import brainscale
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from rsnn import brainscale_adapter, recurrence
+from rsnn.rules import chunks
+from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
+from utils import VJP_METHODS
+
+brainscale_adapter.adapt_brainscale()
+
+
+class DRTRL(Rule):
+    """D-RTRL: brainscale's ParamDimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
+    repository's networks (rsnn/rules/chunks.py; the same gradient)."""
+
+    def __init__(self, model, params: dict, options: RuleOptions):
+        super().__init__(model, params, options)
+        self.trace_chunk = self.choose_chunk(model, options)
+        self.supports_step_hook = self.trace_chunk == 1
+        if self.trace_chunk == 1:
+            self.algo = self.brainscale_algorithm(model, options)
+            self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
+        else:
+            self.algo = None
+            self.traces = [brainstate.ShortTermState(t) for t in self.zero_traces()]
+            self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def choose_chunk(model, options: RuleOptions) -> int:
+        """The K this rule runs with on `model` (rules.base.chunk_for)."""
+        why_not = None if chunks.supports(model) else \
+            f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
+        if why_not is None and not brainscale_adapter.drtrl_fix_active():
+            why_not = "brainscale's own D-RTRL trace rescaling is on"
+        return chunk_for(options, True, why_not)
+
+    def carried_states(self) -> dict:
+        if self.algo is not None:
+            return brainscale_adapter.trace_states(self.algo, self.model)
+        out = {'trace_steps': self.t0}
+        out.update({f'trace/{i}': st for i, st in enumerate(self.traces)})
+        return out
+
+    def reset(self):
+        if self.algo is not None:
+            self.algo.reset_state()
+            return
+        for st, zero in zip(self.traces, self.zero_traces()):
+            st.value = zero
+        self.t0.value = jnp.zeros((), jnp.int32)
+
+    def gradients(self, xs, targets, objective, step_hook=None, keep_outputs=False, hook_inputs=None) -> Result:
+        if self.algo is not None:
+            return step_by_step(self.algo, self.model, self.params, xs, targets, objective, step_hook, keep_outputs,
+                                hook_inputs)
+        grads, loss, wout, outs, traces, t_end = chunks.chunked_online_gradients(
+            self.model, self.chunk_update, self.trace_chunk, xs, targets, objective,
+            [st.value for st in self.traces], self.t0.value, keep_outputs)
+        for st, tr in zip(self.traces, traces):
+            st.value = tr
+        self.t0.value = t_end
+        return Result({k: grads[s] for k, s in self.params.items() if s in grads}, loss, wout, outs)
+
+    @staticmethod
+    def brainscale_algorithm(model, options: RuleOptions):
+        return brainscale.ParamDimVjpAlgorithm(model, mode=brainstate.mixin.Batching(),
+                                               vjp_method=VJP_METHODS[options.vjp_time])
+
+    def zero_traces(self) -> list:
+        """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout)."""
+        B = self.options.batch_size
+        return [(jnp.zeros((B, n_in, n_out, S)), jnp.zeros((B, n_out, S)))
+                for n_in, n_out, S in chunks.relation_shapes(self.model)]
+
+    @staticmethod
+    def chunk_update(key, rel, trace, t0):
+        return drtrl_chunk(rel, trace)
+
+
+def drtrl_chunk(rel, trace):
+    """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
+    VJP; rsnn/rules/chunks.py). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
+    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
+    e_w, e_b = trace
+    eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
+    D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
+    # Backwards in time: Lambda_t = L_t + D_{t+1}^T Lambda_{t+1}; the products of the D_{t+1}^T that it
+    # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
+    Phi_T, lams = chunks.affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
+    Phi_T, lams = Phi_T[::-1], lams[::-1]
+    qs = chunks.apply_transposed(Phi_T, df)                                                         # Phi(K, t) df_t
+    M = chunks.apply_transposed(D[0], lams[0])                                                      # D_1^T Lambda_1
+    phi_all = chunks.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
+    h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
+    grad = {'weight': brainscale_adapter.batch_sum(e_w, M) + recurrence.rows_product(x, h),
+            'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
+    e_w = brainscale_adapter.new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
+    e_b = brainscale_adapter.new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
+    return grad, (e_w, e_b)

@@ -1,0 +1,124 @@
+"""ES-D-RTRL (exponentially smoothed D-RTRL, the paper's input/output-dimension algorithm): an input trace x^ per weight matrix input and an output trace f^ per neuron and state,
+x^ <- a x^ + x, f^ <- a D f^ + (1 - a) df; the gradient ~ x^ (x) (f^ L). Memory O(B (I + n S)).
+
+Its step-by-step path is brainscale 0.1.0's `IODimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
+its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
+below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
+does not reset them there) and are zeroed by `reset()` before each batch of trials.
+"""
+from __future__ import annotations
+
+import brainscale
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from rsnn import brainscale_adapter, recurrence
+from rsnn.rules import chunks
+from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
+from utils import VJP_METHODS
+
+brainscale_adapter.adapt_brainscale()
+
+
+def decay_of(decay_or_rank) -> float:
+    """ES-D-RTRL's decay as brainscale's IODimVjpAlgorithm reads --etrace_decay: a float in (0, 1) is the
+    decay, an integer rank r gives (r - 1) / (r + 1)."""
+    if isinstance(decay_or_rank, int):
+        return (decay_or_rank - 1) / (decay_or_rank + 1)
+    return float(decay_or_rank)
+
+
+
+class ESDRTRL(Rule):
+    """ES-D-RTRL: brainscale's IODimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
+    repository's networks (rsnn/rules/chunks.py; the same gradient)."""
+
+    def __init__(self, model, params: dict, options: RuleOptions):
+        super().__init__(model, params, options)
+        self.trace_chunk = self.choose_chunk(model, options)
+        self.supports_step_hook = self.trace_chunk == 1
+        if self.trace_chunk == 1:
+            self.algo = self.brainscale_algorithm(model, options)
+            self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
+        else:
+            self.algo = None
+            self.traces = [brainstate.ShortTermState(t) for t in self.zero_traces()]
+            self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def choose_chunk(model, options: RuleOptions) -> int:
+        """The K this rule runs with on `model` (rules.base.chunk_for)."""
+        why_not = None if chunks.supports(model) else \
+            f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
+        return chunk_for(options, True, why_not)
+
+    def carried_states(self) -> dict:
+        if self.algo is not None:
+            return brainscale_adapter.trace_states(self.algo, self.model)
+        out = {'trace_steps': self.t0}
+        out.update({f'trace/{i}': st for i, st in enumerate(self.traces)})
+        return out
+
+    def reset(self):
+        if self.algo is not None:
+            self.algo.reset_state()
+            return
+        for st, zero in zip(self.traces, self.zero_traces()):
+            st.value = zero
+        self.t0.value = jnp.zeros((), jnp.int32)
+
+    def gradients(self, xs, targets, objective, step_hook=None, keep_outputs=False, hook_inputs=None) -> Result:
+        if self.algo is not None:
+            return step_by_step(self.algo, self.model, self.params, xs, targets, objective, step_hook, keep_outputs,
+                                hook_inputs)
+        grads, loss, wout, outs, traces, t_end = chunks.chunked_online_gradients(
+            self.model, self.chunk_update, self.trace_chunk, xs, targets, objective,
+            [st.value for st in self.traces], self.t0.value, keep_outputs)
+        for st, tr in zip(self.traces, traces):
+            st.value = tr
+        self.t0.value = t_end
+        return Result({k: grads[s] for k, s in self.params.items() if s in grads}, loss, wout, outs)
+
+    @staticmethod
+    def brainscale_algorithm(model, options: RuleOptions):
+        return brainscale.IODimVjpAlgorithm(model, decay_or_rank=options.etrace_decay,
+                                            mode=brainstate.mixin.Batching(),
+                                            vjp_method=VJP_METHODS[options.vjp_time])
+
+    @property
+    def decay(self) -> float:
+        return decay_of(self.options.etrace_decay)
+
+    def zero_traces(self) -> list:
+        """(x^ (B, I), f^ (B, J, S)) per relation (layers..., readout)."""
+        B = self.options.batch_size
+        return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S))) for n_in, n_out, S in chunks.relation_shapes(self.model)]
+
+    def chunk_update(self, key, rel, trace, t0):
+        return es_drtrl_chunk(rel, trace, self.decay, t0)
+
+
+def es_drtrl_chunk(rel, trace, decay: float, t0):
+    """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; rsnn/rules/chunks.py).
+    trace = (x^ (B, I), f^ (B, J, S)); t0 = the chunk's first step (brainscale's running index)."""
+    x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
+    xhat, fhat = trace
+    K = x.shape[0]
+    def f_step(f, inp):  # f^_t = a D_t f^_{t-1} + (1 - a) df_t: a few flops per neuron, step by step
+        D_t, df_t = inp
+        f = decay * chunks.apply_matrix(D_t, f) + (1. - decay) * df_t
+        return f, f
+
+    _, fhats = jax.lax.scan(f_step, fhat, (D, df))
+    n = t0 + jnp.arange(K)
+    correction = jnp.where(n < 1000, 1. - (1. - decay) ** (n + 1).astype(x.dtype), 1.)
+    G = jnp.sum(fhats / correction[:, None, None, None] * L, axis=-1)             # (K, B, J)
+    steps = jnp.arange(K)
+    lag = steps[None, :] - steps[:, None]                                            # t - s
+    later = jnp.where(lag >= 0, decay ** jnp.maximum(lag, 0).astype(G.dtype), 0.)    # a^(t-s) for t >= s
+    G_tilde = (later @ G.reshape(K, -1)).reshape(G.shape)                            # sum_{t>=s} a^(t-s) G_t
+    dW = recurrence.rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
+    powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
+    xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
+    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
