@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import sys
 from typing import Optional
@@ -36,6 +37,19 @@ def rng_key_like(data, like):
     return data
 
 
+class quiet_orbax:
+    """`with quiet_orbax():` orbax's own ERROR log lines for a damaged file are kept out of the output: the
+    one warning line about the damaged checkpoint is ours."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger('absl')
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
 class Checkpoints:
     """Orbax checkpoints of {params, opt_state, epoch, rng_key} + JSON meta in RUN_DIR/checkpoints/{last,best}.
 
@@ -45,6 +59,10 @@ class Checkpoints:
 
     def __init__(self, run_dir: str):
         root = os.path.abspath(os.path.join(run_dir, 'checkpoints'))
+        with quiet_orbax():
+            self._open(root)
+
+    def _open(self, root: str):
         self.last = ocp.CheckpointManager(os.path.join(root, 'last'),
                                           options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
         self.best = ocp.CheckpointManager(os.path.join(root, 'best'),
@@ -78,6 +96,10 @@ class Checkpoints:
         checkpoints/damaged/) with one warning line, and steps newer than the one restored are dropped,
         since their epochs will be trained again. `extra` (what save was given, as targets of the right
         shapes) is updated in place with the restored values."""
+        with quiet_orbax():
+            return self._restore(trainer, which, extra)
+
+    def _restore(self, trainer, which: str, extra: dict):
         manager = self.last if which == 'last' else self.best
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -123,6 +145,7 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:  # truncated or emptied files fail in orbax, tensorstore or json, each its own way
             return None, f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+
         expected = (restored['meta'] or {}).get('state_sha256')
         if not isinstance(restored['meta'], dict) or 'epoch' not in restored['state']:
             return None, 'its metadata is missing'

@@ -177,6 +177,10 @@ class Trainer:
     def weights_sharding(self):
         return self.placement.weights_sharding()
 
+    def device_batch(self, xs, labels, mask, ws):
+        """The batch as the compiled step's arguments (on several devices split along the batch axis)."""
+        return self.placement.batch(xs, labels, mask, ws)
+
     def place(self):
         """Several devices: weights and optimizer state on every device, per-sample states split along the
         batch axis (at the start and after a checkpoint restore). One device: nothing to do."""

@@ -50,13 +50,17 @@ def test_chunked_gradient_equals_brainscale_step_by_step(method, kind):
     xs, labels, ws = data(n_out)
     reference = trainer(kind, method, 1)
     assert reference.rule.algo is not None  # K = 1: brainscale's own algorithm
-    g_ref = flat(reference.gradients(xs, labels, ws))
+    loss_ref, acc_ref, g_ref = reference.loss_and_gradients(xs, labels, ws)
+    g_ref = flat(g_ref)
     assert len(g_ref) == (4 if kind == 'dms' else 6)
     for K in (1, 7, T):
         chunked = trainer(kind, method, max(K, 2))
         chunked.rule.trace_chunk = K  # K = 1: the chunked code with one-step chunks (--trace_chunk 1 is brainscale)
         assert chunked.rule.algo is None
-        g = flat(chunked.gradients(xs, labels, ws))
+        loss, acc, g = chunked.loss_and_gradients(xs, labels, ws)
+        g = flat(g)
+        # the loss and accuracy summed over the chunks as brainscale's over the steps (they feed --acc_th)
+        assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref) and acc == acc_ref, (K, loss, loss_ref, acc, acc_ref)
         for name, ref in g_ref.items():
             a, b = ref.ravel(), g[name].ravel()
             cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))

@@ -49,7 +49,7 @@ class Objective:
 
 @dataclasses.dataclass
 class Result:
-    grads: dict                  # ParamState -> summed gradient of the update
+    grads: dict                  # the params dict's keys (weight paths) -> summed gradient of the update
     loss: jax.Array              # the summed loss
     wout: jax.Array              # sum_t objective.weighted(out_t, target_t), (B, n_out)
     outs: Optional[jax.Array]    # the readout of every step (T, B, n_out) when keep_outputs, else None
