@@ -5,11 +5,9 @@ chunk to the next; online rules step by step or chunked, BPTT truncated to the c
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -51,17 +49,6 @@ def stream_extra(trainer, chunks_done: int, scorer) -> dict:
             'partial': np.asarray(scorer.partial, np.float32), 'loss_partial': np.asarray(scorer.loss_partial, np.float32)}
 
 
-def restore_stream(ckpt, trainer, scorer):
-    """-> (evaluation step, chunks done, meta): the newest checkpoint that restores and verifies (a damaged
-    one is set aside with one warning line, as for trials), loaded into trainer and scorer."""
-    extra = stream_extra(trainer, 0, scorer)
-    step, meta = ckpt.restore(trainer, extra=extra)
-    trainer.set_states(dict(extra['stream_state']))
-    scorer.partial[:] = np.asarray(extra['partial'])
-    scorer.loss_partial[:] = np.asarray(extra['loss_partial'])
-    return int(step), int(extra['chunks_done']), meta
-
-
 def chunk_ms(args) -> float:
     """The stretch of stream per update: the TBPTT window for bptt, --update_every for the online methods."""
     return args.tbptt_window if args.method == 'bptt' else args.update_every
@@ -89,121 +76,163 @@ EVAL_CHUNK_MS = 2000.  # the held-out stream is cut into chunks of this length (
 
 def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> dict:
     """Train on the stream for --stream_trials trials per stream; evaluate on the held-out stream every
-    --eval_every_trials trials per stream. Writes config.json, batches.csv (one row per update),
-    metrics.csv (one row per evaluation), learning_curves.png, checkpoints and summary.json."""
-    st = trainer
+    --eval_every_trials trials per stream (train_loop.run: the loop of the trial protocol too). Writes
+    config.json, batches.csv (one row per update), metrics.csv (one row per evaluation), learning_curves.png,
+    checkpoints and summary.json."""
+    from rsnn import train_loop
     train, held_out, n_chunks = stream_plan(args, cfg)
-    if getattr(args, 'check_grad', False) or getattr(args, 'check_grad_every', None):
-        print('note: --check_grad compares gradients on independent trials; the stream protocol has none '
-              '(no grad_fidelity.csv)', file=sys.stderr, flush=True)
     n_test = int(np.ceil(args.n_test_trials / args.batch_size))
     period = train.mean_period_steps()
-    eval_steps = args.eval_every_trials * period
-    log = run_folder.RunLog(run_dir)
     config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
                   mean_period_steps=period, n_test_trials_used=n_test * args.batch_size,
                   trace_chunk_used=trainer.trace_chunk, **(extra_config or {}))
-    scorer = dms_stream.TrialScorer(args.batch_size)
-    ckpt = run_folder.Checkpoints(run_dir)
-    try:
-        step, chunks_done, meta = 0, 0, {}
-        if args.resume:
-            with open(os.path.join(run_dir, 'config.json')) as f:
-                saved = json.load(f)
-            if saved.get('batch_size', args.batch_size) != args.batch_size:
-                raise utils.UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
-                                      f'in a resumed stream run (the run has {saved["batch_size"]})')
-            step, chunks_done, meta = restore_stream(ckpt, st, scorer)
-            log.truncate_after(step)
-            print(f'resumed {run_dir} after evaluation {step} (chunk {chunks_done} of {n_chunks})', flush=True)
-        log.write_config(config)
-        summary = stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_steps,
-                              scorer, step, chunks_done, meta)
-        log.write_summary(summary)
-        return summary
-    finally:
-        ckpt.close()
-
-
-def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_steps, scorer, step, chunks_done,
-                meta) -> dict:
-    U = train.chunk_steps
-    best = meta.get('best_test_acc', -1.)
-    trials_done = meta.get('trials_done', 0)
-    recent = collections.deque(meta.get('recent', []), maxlen=ROLLING_TRIALS)
-    seconds_before, first_step_s = meta.get('seconds', 0.), None
-    since = dict(correct=0, n=0, loss=0., step_s=0., timed=0, gnorm=[])
-    t0, stopped = time.time(), 'stream_trials'
-    metrics = log.read_metrics()
-    for k in range(chunks_done, n_chunks):
-        chunk = train.chunk(k)
-        ts = time.time()
-        loss, gnorm, applied, outs, per_stream = st.train_chunk(chunk)
-        if first_step_s is None:
-            first_step_s = time.time() - ts
-        else:
-            since['step_s'] += time.time() - ts
-            since['timed'] += 1
-        if not st.last_update_finite:
-            stopped = 'nan'
-            print(f'chunk {k}: the loss, the gradient norm or the weights became NaN or infinite; stopping '
-                  f'(the last good checkpoint is kept)', flush=True)
-            break
-        for _, ok, trial_loss in scorer.add(chunk, outs, per_stream):
-            recent.append(ok)
-            since['correct'] += ok
-            since['n'] += 1
-            since['loss'] += trial_loss
-            trials_done += 1
-        if applied:
-            since['gnorm'].append(gnorm)
-        log.append_batch(dict(epoch=step + 1, batch=k + 1, stream_s=(k + 1) * U * train.cfg.dt / 1000.,
-                              trials=trials_done, loss=loss, acc=float(np.mean(recent)) if recent else float('nan'),
-                              grad_norm=gnorm, updated=int(applied), seconds=round(time.time() - ts, 4)))
-        if int((k + 1) * U // eval_steps) > int(k * U // eval_steps) or k == n_chunks - 1:
-            step += 1
-            test_loss, test_acc, _ = evaluate_stream(st, held_out, n_test)
-            best = max(best, test_acc)
-            row = dict(epoch=step, batches=k + 1, stream_s=(k + 1) * U * train.cfg.dt / 1000.,
-                       trials_per_stream=(k + 1) * U / train.mean_period_steps(), trials=trials_done,
-                       train_loss=since['loss'] / max(since['n'], 1), train_acc=since['correct'] / max(since['n'], 1),
-                       test_loss=test_loss, test_acc=test_acc,
-                       grad_norm=float(np.mean(since['gnorm'])) if since['gnorm'] else float('nan'),
-                       seconds=seconds_before + time.time() - t0,
-                       step_s_per_batch=since['step_s'] / since['timed'] if since['timed'] else float('nan'))
-            row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
-            log.append(row)
-            metrics.append(row)
-            since = dict(correct=0, n=0, loss=0., step_s=0., timed=0, gnorm=[])
-            meta = dict(best_test_acc=best, trials_done=trials_done, recent=list(recent),
-                        seconds=seconds_before + time.time() - t0)
-            ckpt.save(st, step, meta, best=test_acc >= best, extra=stream_extra(st, k + 1, scorer))
-            print(f'{row["trials_per_stream"]:.0f} trials per stream ({row["stream_s"]:.0f} s of stream): train '
-                  f'acc {row["train_acc"]:.3f} | held-out loss {test_loss:.4f} acc {test_acc:.3f} | '
-                  f'{row["s_per_1000_steps"]:.3f} s per 1000 steps', flush=True)
-    run_folder.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
-                               f'DMS stream, {methods.title(args.method)}, {chunk_ms(args):g} ms per update')
-    return stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, log.run_dir)
+    if args.resume:
+        with open(os.path.join(run_dir, 'config.json')) as f:
+            saved = json.load(f)
+        if saved.get('batch_size', args.batch_size) != args.batch_size:
+            raise utils.UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
+                                  f'in a resumed stream run (the run has {saved["batch_size"]})')
+    settings = train_loop.LoopSettings(epochs=n_chunks, method=args.method, experiment='dms stream',
+                                       resume=bool(args.resume), progress_bars=not args.no_progress,
+                                       check_grad_every=int(bool(getattr(args, 'check_grad', False)
+                                                                 or getattr(args, 'check_grad_every', None))))
+    source = StreamSource(args, trainer, train, held_out, n_chunks, n_test, args.eval_every_trials * period)
+    return train_loop.run(settings, trainer, run_dir, source, config)
 
 
 ROLLING_TRIALS = 256  # the rolling training accuracy: the last trials that ended, over all streams
 
 
-def stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, run_dir) -> dict:
-    last = metrics[-1] if metrics else {}
-    reached = [r for r in metrics if r['test_acc'] >= TRIALS_TO]
-    timed = [r['s_per_1000_steps'] for r in metrics if np.isfinite(r.get('s_per_1000_steps', float('nan')))]
-    memory = st.stream_update_memory(train.chunk_steps, train.cfg.n_input)
-    return dict(method=args.method, protocol='stream', chunk_ms=chunk_ms(args), chunk_steps=train.chunk_steps,
-                stream_reset=int(args.stream_reset), stream_trials=args.stream_trials,
-                updates=int(last.get('batches', 0)), stream_s=last.get('stream_s'),
-                trials=int(last.get('trials', 0)), test_acc=last.get('test_acc'),
-                best_test_acc=best if best >= 0 else None,
-                rolling_train_acc=float(np.mean(recent)) if recent else None,
-                trials_per_stream_to_0_9=reached[0]['trials_per_stream'] if reached else None,
-                stopped_because=stopped, seconds=last.get('seconds'), compile_and_first_step_s=first_step_s,
-                s_per_1000_steps=float(np.median(timed)) if timed else None,
-                update_temp_mb=memory['temp_bytes'] / 2 ** 20,
-                update_memory_mb=(memory['temp_bytes'] + memory['argument_bytes'] + memory['output_bytes']
-                                  - memory['alias_bytes']) / 2 ** 20,
-                peak_rss_mb=utils.peak_rss_mb(), run_dir=run_dir)
+class StreamSource:
+    """The stream protocol for train_loop.run: a period is the stretch of stream between two held-out
+    evaluations (every --eval_every_trials trials per stream, and at the end), one update per chunk, the
+    states and traces carried on (the trainer does not reset them)."""
+    period_name = 'evaluation'
+    default_stop = 'stream_trials'
+    stops_at_acc_th = False
+
+    def __init__(self, args, trainer, train, held_out, n_chunks: int, n_test: int, eval_steps: float):
+        self.args, self.trainer, self.train_stream, self.held_out = args, trainer, train, held_out
+        self.n_chunks, self.n_test, self.eval_steps = n_chunks, n_test, eval_steps
+        self.scorer = dms_stream.TrialScorer(args.batch_size)
+        self.next_chunk, self.trials_done, self.periods_done = 0, 0, 0
+
+    # -- the periods
+    def _ends_here(self, k: int) -> bool:
+        U = self.train_stream.chunk_steps
+        return int((k + 1) * U // self.eval_steps) > int(k * U // self.eval_steps) or k == self.n_chunks - 1
+
+    def last_period(self, settings) -> int:
+        return self.periods_done + sum(self._ends_here(k) for k in range(self.next_chunk, self.n_chunks))
+
+    def updates(self, period: int):
+        if self.next_chunk >= self.n_chunks:
+            return None
+        stop = next(k for k in range(self.next_chunk, self.n_chunks) if self._ends_here(k)) + 1
+        return range(self.next_chunk, stop)
+
+    def train(self, k: int) -> dict:
+        chunk = self.train_stream.chunk(k)
+        loss, gnorm, applied, outs, per_stream = self.trainer.train_chunk(chunk)
+        return dict(loss=loss, grad_norm=gnorm, applied=applied, chunk=chunk, outs=outs, per_stream=per_stream)
+
+    def account(self, ep, progress, k: int, result: dict, smooth: int) -> dict:
+        for _, ok, trial_loss in self.scorer.add(result['chunk'], result['outs'], result['per_stream']):
+            progress.recent = (progress.recent + [ok])[-ROLLING_TRIALS:]
+            ep.accs.append(ok)
+            ep.losses.append(trial_loss)
+            self.trials_done += 1
+        if result['applied']:
+            ep.gnorms.append(result['grad_norm'])
+        self.next_chunk = k + 1
+        recent = progress.recent
+        return dict(batch=k + 1, stream_s=(k + 1) * self.train_stream.chunk_steps * self.train_stream.cfg.dt / 1000.,
+                    trials=self.trials_done, loss=result['loss'],
+                    acc=float(np.mean(recent)) if recent else float('nan'), grad_norm=result['grad_norm'],
+                    updated=int(result['applied']))
+
+    # -- evaluation and checkpoints
+    def evaluation_row(self, epoch: int, ep, progress, seconds: float, total: float) -> dict:
+        train, k = self.train_stream, self.next_chunk
+        U = train.chunk_steps
+        self.trainer.pop_eval_rates()
+        test_loss, test_acc, _ = evaluate_stream(self.trainer, self.held_out, self.n_test)
+        rates = self.trainer.pop_eval_rates()
+        self.periods_done = epoch
+        row = dict(epoch=epoch, batches=k, stream_s=k * U * train.cfg.dt / 1000.,
+                   trials_per_stream=k * U / train.mean_period_steps(), trials=self.trials_done,
+                   train_loss=sum(ep.losses) / max(len(ep.losses), 1), train_acc=sum(ep.accs) / max(len(ep.accs), 1),
+                   test_loss=test_loss, test_acc=test_acc,
+                   grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'), seconds=total,
+                   step_s_per_batch=ep.step_s / ep.timed_steps if ep.timed_steps else float('nan'))
+        row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
+        row.update({f'rate_layer{i}': r for i, r in enumerate(rates)})
+        return row
+
+    @staticmethod
+    def is_best(test_acc: float, best: float) -> bool:
+        return test_acc >= best
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        return (f'{row["trials_per_stream"]:.0f} trials per stream ({row["stream_s"]:.0f} s of stream): train '
+                f'acc {row["train_acc"]:.3f} | held-out loss {row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | '
+                f'{row["s_per_1000_steps"]:.3f} s per 1000 steps')
+
+    def checkpoint_extra(self) -> dict:
+        return stream_extra(self.trainer, self.next_chunk, self.scorer)
+
+    def restored(self, extra: dict, meta: dict):
+        self.trainer.set_states(dict(extra['stream_state']))
+        self.scorer.partial[:] = np.asarray(extra['partial'])
+        self.scorer.loss_partial[:] = np.asarray(extra['loss_partial'])
+        self.next_chunk = int(extra['chunks_done'])
+        self.trials_done = int(meta.get('trials_done', 0))
+
+    def meta(self) -> dict:
+        return dict(trials_done=self.trials_done)
+
+    # -- resume
+    def finished_because(self, meta: dict, done: int, settings):
+        self.periods_done = done
+        if self.next_chunk >= self.n_chunks:
+            return f'it ran its {self.n_chunks} chunks of stream'
+        return None
+
+    def train_further_hint(self, done: int) -> str:
+        return f'give --stream_trials N > {self.args.stream_trials} to train it further'
+
+    def resumed_message(self, run_dir: str, done: int) -> str:
+        return f'resumed {run_dir} after evaluation {done} (chunk {self.next_chunk} of {self.n_chunks})'
+
+    # -- the end
+    def gradient_check(self, settings, run_dir: str):
+        if settings.check_grad_every:
+            print('note: --check_grad compares gradients on independent trials; the stream protocol has none '
+                  '(no grad_fidelity.csv)', file=sys.stderr, flush=True)
+        return None
+
+    def figure_title(self, settings) -> str:
+        return f'DMS stream, {methods.title(self.args.method)}, {chunk_ms(self.args):g} ms per update'
+
+    def summary(self, settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
+        args, train = self.args, self.train_stream
+        last = metrics[-1] if metrics else {}
+        reached = [r for r in metrics if r['test_acc'] >= TRIALS_TO]
+        timed = [r['s_per_1000_steps'] for r in metrics if np.isfinite(r.get('s_per_1000_steps', float('nan')))]
+        memory = self.trainer.stream_update_memory(train.chunk_steps, train.cfg.n_input)
+        best = state.best_test_acc
+        return dict(method=args.method, protocol='stream', chunk_ms=chunk_ms(args), chunk_steps=train.chunk_steps,
+                    trace_chunk=self.trainer.trace_chunk, stream_reset=int(args.stream_reset),
+                    stream_trials=args.stream_trials, updates=int(last.get('batches', 0)),
+                    stream_s=last.get('stream_s'), trials=int(last.get('trials', 0)), test_acc=last.get('test_acc'),
+                    best_test_acc=best if best >= 0 else None,
+                    rolling_train_acc=float(np.mean(progress.recent)) if progress.recent else None,
+                    trials_per_stream_to_0_9=reached[0]['trials_per_stream'] if reached else None,
+                    stopped_because=stopped, seconds=last.get('seconds'),
+                    compile_and_first_step_s=progress.first_step_s,
+                    s_per_1000_steps=float(np.median(timed)) if timed else None,
+                    update_temp_mb=memory['temp_bytes'] / 2 ** 20,
+                    update_memory_mb=(memory['temp_bytes'] + memory['argument_bytes'] + memory['output_bytes']
+                                      - memory['alias_bytes']) / 2 ** 20,
+                    peak_rss_mb=utils.peak_rss_mb(), run_dir=run_dir)

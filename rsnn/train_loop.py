@@ -1,9 +1,13 @@
-"""The epoch loop of the task scripts: train for a number of epochs (or until the smoothed training accuracy
-reaches acc_th), evaluate after each, log, checkpoint, resume; and --check_grad's gradient comparison.
+"""The one training loop of both protocols: updates grouped into evaluation periods (an epoch of trial batches,
+or a stretch of stream between two held-out evaluations), a batches.csv row per update, a metrics.csv row
+and a checkpoint per period, resume, the learning curves and summary.json at the end.
 
-`fit(settings, trainer, run_dir, ...)` takes its settings as a LoopSettings (`LoopSettings.from_args(args)`
-in the task scripts); it writes config.json, metrics.csv, batches.csv, learning_curves.png, checkpoints and
-summary.json into run_dir.
+What differs between the protocols is a `source` (TrialSource below; stream_protocol.StreamSource): the
+updates of a period, how one update is trained and accounted, the evaluation row, what the checkpoint holds
+besides the weights and the optimizer (a stream: its states and traces), and the summary's own fields.
+
+`fit(settings, trainer, run_dir, train_batches, test_batches, step_weights, config)` trains on trials;
+`stream_protocol.fit_stream` on a stream; both end in `run(settings, trainer, run_dir, source, config)`.
 """
 from __future__ import annotations
 
@@ -14,22 +18,21 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
-from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
-                         values_finite, write_grad_fidelity)
-from rsnn.trainer import Trainer
 from rsnn import methods
+from rsnn.grad_check import GradientCheck
+from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
+                             values_finite, write_grad_fidelity)
 from utils import peak_rss_mb, read_summary
 
 
 @dataclasses.dataclass
 class LoopSettings:
-    """What the epoch loop needs to know of a run (the task scripts fill it from their flags)."""
-    epochs: int                            # the last epoch to train
-    method: str                            # bptt | diag | expsm_diag (names the figure, the progress bar)
+    """What the loop needs to know of a run (the task scripts fill it from their flags)."""
+    epochs: int                            # the last epoch (evaluation period) to train
+    method: str                            # a --method of the table (names the figure, the progress bar)
     experiment: str = ''                   # names the figure
     resume: bool = False                   # continue from the run folder's last checkpoint
     acc_th: Optional[float] = None         # stop when the mean accuracy of the last `smooth` batches reaches it
@@ -49,123 +52,187 @@ class LoopSettings:
 
 @dataclasses.dataclass
 class RunState:
-    """Where a run stands between epochs (restored from the checkpoint's meta on a resume)."""
+    """Where a run stands between periods (restored from the checkpoint's meta on a resume)."""
     start_epoch: int = 1
     best_test_acc: float = -1.0
     recent: list = dataclasses.field(default_factory=list)
     seconds_before: float = 0.
     batches_done: Optional[int] = None     # optimizer updates so far, from the checkpoint (None: count them)
+    meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's meta (a source's own entries)
 
 
-def fit(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches: Callable[[int], Iterable],
-        test_batches: Callable[[], Iterable], step_weights, config: dict) -> dict:
-    """Train, evaluating after every epoch; train_batches(epoch) yields (xs, labels) numpy batches,
-    test_batches() the held-out ones. `config` is written to config.json (a later --resume reads it).
-    Returns the summary (also written to summary.json)."""
+@dataclasses.dataclass
+class Progress:
+    """What the periods of a run carry from one to the next."""
+    batches_done: int = 0                  # optimizer updates so far (kept across a resume)
+    recent: list = dataclasses.field(default_factory=list)  # the last batch accuracies (acc_th)
+    first_step_s: Optional[float] = None   # the first step of this process: compilation included
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """The updates of one period."""
+    stopped: Optional[str] = None          # None, 'acc_th' or 'nan'
+    losses: list = dataclasses.field(default_factory=list)
+    accs: list = dataclasses.field(default_factory=list)
+    gnorms: list = dataclasses.field(default_factory=list)
+    sizes: list = dataclasses.field(default_factory=list)  # real samples per batch
+    wait_s: float = 0.
+    step_s: float = 0.
+    timed_steps: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def run(settings: LoopSettings, trainer, run_dir: str, source, config: dict) -> dict:
+    """Train `source`'s updates period after period, evaluating after each; writes config.json, metrics.csv,
+    batches.csv, learning_curves.png, checkpoints and summary.json into run_dir. Returns the summary."""
     log = RunLog(run_dir)
-    check = GradientCheck.for_run(settings, trainer, run_dir, test_batches, step_weights)
+    check = source.gradient_check(settings, run_dir)
     ckpt = None
     try:
         ckpt = Checkpoints(run_dir)
         state = RunState()
         if settings.resume:
-            state, finished = resume(ckpt, trainer, log, settings, run_dir)
+            state, finished = resume(ckpt, trainer, log, settings, run_dir, source)
             if finished is not None:
                 return finished
         log.write_config(config)  # the configuration the run goes on with (a resume's overrides included)
         if check and state.start_epoch == 1:
             check(0)  # the initial weights
-        return run_epochs(settings, trainer, run_dir, train_batches, test_batches, step_weights, log, ckpt,
-                          state, config, check)
+        return run_periods(settings, trainer, run_dir, source, log, ckpt, state, config, check)
     finally:
         if ckpt is not None:
             ckpt.close()
 
 
-def resume(ckpt: Checkpoints, trainer: Trainer, log: RunLog, settings: LoopSettings, run_dir: str):
+def resume(ckpt: Checkpoints, trainer, log: RunLog, settings: LoopSettings, run_dir: str, source):
     """Load the newest checkpoint that verifies; returns (RunState, None), or (RunState, summary) when the
     run is finished."""
-    done, meta = ckpt.restore(trainer)
-    log.truncate_after(done)  # the rows of epochs after the checkpoint are trained again
+    extra = source.checkpoint_extra()
+    done, meta = ckpt.restore(trainer, extra=extra)
+    source.restored(extra, meta)
+    log.truncate_after(done)  # the rows of periods after the checkpoint are trained again
     fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
     kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
     if kept or os.path.exists(fidelity_path):
         write_grad_fidelity(fidelity_path, kept, append=False)
     state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
                      recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.),
-                     batches_done=meta.get('batches_done'))
-    finished = finished_because(meta, done, settings.epochs)
+                     batches_done=meta.get('batches_done'), meta=meta)
+    finished = source.finished_because(meta, done, settings)
     if finished:
         print(f'{run_dir} is finished ({finished}); nothing to train. '
               f'Its results are in {run_dir}/summary.json'
-              + ('' if meta.get('stopped_because') == 'acc_th' else
-                 f'; give --epochs N > {done} to train it further'), flush=True)
+              + ('' if meta.get('stopped_because') == 'acc_th' else f'; {source.train_further_hint(done)}'),
+              flush=True)
         summary = read_summary(run_dir)
         if not summary:  # stopped after its last checkpoint, before summary.json was written: write it now
-            stopped = meta.get('stopped_because') or 'epochs'
+            stopped = meta.get('stopped_because') or source.default_stop
             summary = finish_run(settings, run_dir, log, state, Progress(state.batches_done or 0, state.recent),
-                                 stopped, state.seconds_before)
+                                 stopped, state.seconds_before, source)
             print(f'wrote the missing {run_dir}/summary.json', flush=True)
-        summary.setdefault('stopped_because', meta.get('stopped_because') or 'epochs')
+        summary.setdefault('stopped_because', meta.get('stopped_because') or source.default_stop)
         return RunState(), dict(summary, finished=True)
-    print(f'resumed {run_dir} after epoch {done}')
+    print(source.resumed_message(run_dir, done), flush=True)
     return state, None
 
 
-def run_epochs(settings: LoopSettings, trainer: Trainer, run_dir: str, train_batches, test_batches, step_weights,
-               log: RunLog, ckpt: Checkpoints, state: RunState, config: dict, check) -> dict:
-    """The epochs from state.start_epoch on: train, evaluate, log a metrics.csv row, checkpoint."""
-    stopped = 'epochs'
+def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunLog, ckpt: Checkpoints,
+                state: RunState, config: dict, check) -> dict:
+    """The periods from state.start_epoch on: train, evaluate, log a metrics.csv row, checkpoint."""
+    stopped = source.default_stop
     t0 = time.time()
     metrics = log.read_metrics()
     # optimizer updates so far, the last `smooth` batch accuracies (acc_th), the compiling step's time
     done = state.batches_done if state.batches_done is not None else int(metrics[-1].get('batches', 0)) if metrics else 0
     progress = Progress(batches_done=done, recent=state.recent)
-    for epoch in range(state.start_epoch, settings.epochs + 1):
+    for epoch in range(state.start_epoch, source.last_period(settings) + 1):
         ep_t0 = time.time()
-        batches = train_batches(epoch)
-        bar = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
-                   desc=f'epoch {epoch}/{settings.epochs} [{settings.method}]', disable=not settings.progress_bars,
-                   leave=False, dynamic_ncols=True)
-        ep = train_epoch(trainer, batches, step_weights, log, progress, epoch=epoch, acc_th=settings.acc_th,
-                         smooth=settings.smooth, bar=bar)
+        updates = source.updates(epoch)
+        if updates is None:
+            break
+        bar = tqdm(total=len(updates) if hasattr(updates, '__len__') else None,
+                   desc=f'{source.period_name} {epoch}/{source.last_period(settings)} [{settings.method}]',
+                   disable=not settings.progress_bars, leave=False, dynamic_ncols=True)
+        ep = train_period(trainer, source, updates, log, progress, epoch=epoch, acc_th=settings.acc_th,
+                          smooth=settings.smooth, bar=bar)
         bar.close()
-        stopped = ep.stopped or 'epochs'
+        stopped = ep.stopped or source.default_stop
         if stopped != 'nan' and not values_finite(trainer.param_values()):
             stopped = 'nan'
         if stopped == 'nan':
-            print(f'epoch {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
-                  f'stopping (the last good checkpoint is kept)')
+            print(f'{source.period_name} {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
+                  f'stopping (the last good checkpoint is kept)', flush=True)
             break
-        row = epoch_row(trainer, test_batches, step_weights, epoch, ep, progress, time.time() - ep_t0)
-        is_best = row['test_acc'] > state.best_test_acc
+        row = source.evaluation_row(epoch, ep, progress, time.time() - ep_t0, state.seconds_before + time.time() - t0)
+        is_best = source.is_best(row['test_acc'], state.best_test_acc)
         state.best_test_acc = max(state.best_test_acc, row['test_acc'])
         log.append(row)
         metrics.append(row)
         if check and epoch % settings.check_grad_every == 0:
             check(epoch)
-        meta = dict(best_test_acc=state.best_test_acc, recent_train_acc=progress.recent,
+        meta = dict(best_test_acc=state.best_test_acc, recent_train_acc=list(progress.recent),
                     seconds=state.seconds_before + time.time() - t0, config=config,
                     stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs,
-                    batches_done=progress.batches_done)
-        ckpt.save(trainer, epoch, meta, best=is_best)
-        print(f'epoch {epoch}: train loss {row["train_loss"]:.4f} acc {row["train_acc"]:.3f} | test loss '
-              f'{row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
-              f'{row["data_wait_s_per_batch"]:.3f} s/batch data', flush=True)
+                    batches_done=progress.batches_done, **source.meta())
+        ckpt.save(trainer, epoch, meta, best=is_best, extra=source.checkpoint_extra())
+        print(source.describe(row), flush=True)
         if stopped == 'acc_th':
             print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {settings.acc_th}: stopping')
             break
-    return finish_run(settings, run_dir, log, state, progress, stopped, state.seconds_before + time.time() - t0)
+    return finish_run(settings, run_dir, log, state, progress, stopped, state.seconds_before + time.time() - t0,
+                      source)
 
 
-def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunState, progress: 'Progress',
-               stopped: str, seconds: float) -> dict:
+def train_period(trainer, source, updates: Iterable, log: RunLog, progress: Progress, *, epoch: int,
+                 acc_th: Optional[float], smooth: int, bar=None) -> EpochStats:
+    """The updates of one period: a batches.csv row each; stops early at a non-finite update ('nan') or when
+    the mean accuracy of the last `smooth` updates reaches acc_th ('acc_th')."""
+    ep = EpochStats()
+    it = iter(updates)
+    while True:
+        tw = time.time()
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        ts = time.time()
+        ep.wait_s += ts - tw
+        result = source.train(item)
+        if progress.first_step_s is None:  # compilation happens here: keep it out of the per-update time
+            progress.first_step_s = time.time() - ts
+        else:
+            ep.step_s += time.time() - ts
+            ep.timed_steps += 1
+        if not math.isfinite(result['loss']) or not getattr(trainer, 'last_update_finite', True):
+            ep.stopped = 'nan'
+            break
+        progress.batches_done += 1
+        row = source.account(ep, progress, item, result, smooth)
+        log.append_batch(dict(epoch=epoch, **row, seconds=round(time.time() - ts, 4)))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}", acc_avg=f'{np.mean(progress.recent):.3f}'
+                            if progress.recent else 'nan')
+        if (acc_th is not None and source.stops_at_acc_th and len(progress.recent) == smooth
+                and np.mean(progress.recent) >= acc_th):
+            ep.stopped = 'acc_th'
+            break
+    return ep
+
+
+def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunState, progress: Progress,
+               stopped: str, seconds: float, source) -> dict:
     """The learning curves and summary.json of a run that has stopped (also written by a resume that finds
     them missing)."""
     metrics = log.read_metrics()
     plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
-                         f'{settings.experiment} {methods.title(settings.method)}')
-    summary = run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
+                         source.figure_title(settings))
+    summary = source.summary(settings, metrics, state, progress, stopped, seconds, run_dir)
     if metrics and not math.isfinite(metrics[-1]['test_acc']):
         print('warning: test_acc is not a number (no test sample was evaluated); summary.json holds null',
               file=sys.stderr, flush=True)
@@ -173,7 +240,100 @@ def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunStat
     return summary
 
 
-def epoch_row(trainer: Trainer, test_batches, step_weights, epoch: int, ep: 'EpochStats', progress: 'Progress',
+# --------------------------------------------------------------------------------------------
+# Trials
+# --------------------------------------------------------------------------------------------
+
+
+def fit(settings: LoopSettings, trainer, run_dir: str, train_batches: Callable[[int], Iterable],
+        test_batches: Callable[[], Iterable], step_weights, config: dict) -> dict:
+    """Train on trials, evaluating after every epoch; train_batches(epoch) yields (xs, labels) numpy batches,
+    test_batches() the held-out ones. `config` is written to config.json (a later --resume reads it).
+    Returns the summary (also written to summary.json)."""
+    return run(settings, trainer, run_dir, TrialSource(trainer, train_batches, test_batches, step_weights), config)
+
+
+class TrialSource:
+    """The trial protocol: a period is an epoch of batches, each an update from zero states."""
+    period_name = 'epoch'
+    default_stop = 'epochs'
+    stops_at_acc_th = True
+
+    def __init__(self, trainer, train_batches, test_batches, step_weights):
+        self.trainer, self.train_batches, self.test_batches = trainer, train_batches, test_batches
+        self.step_weights = step_weights
+
+    # -- the periods
+    def last_period(self, settings) -> int:
+        return settings.epochs
+
+    def updates(self, epoch: int):
+        return self.train_batches(epoch)
+
+    def train(self, batch) -> dict:
+        xs, labels = batch
+        loss, acc, gnorm = self.trainer.train_step(np.asarray(xs), np.asarray(labels), self.step_weights)
+        return dict(loss=loss, acc=acc, grad_norm=gnorm)
+
+    def account(self, ep: EpochStats, progress: Progress, batch, result: dict, smooth: int) -> dict:
+        ep.losses.append(result['loss'])
+        ep.accs.append(result['acc'])
+        ep.sizes.append(np.shape(batch[1])[0])  # real samples (a short batch is padded and masked)
+        ep.gnorms.append(result['grad_norm'])
+        progress.recent = (progress.recent + [result['acc']])[-smooth:]
+        return dict(batch=progress.batches_done, loss=result['loss'], acc=result['acc'],
+                    grad_norm=result['grad_norm'])
+
+    # -- evaluation and checkpoints
+    def evaluation_row(self, epoch: int, ep: EpochStats, progress: Progress, seconds: float, total: float) -> dict:
+        return epoch_row(self.trainer, self.test_batches, self.step_weights, epoch, ep, progress, seconds)
+
+    @staticmethod
+    def is_best(test_acc: float, best: float) -> bool:
+        return test_acc > best
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        return (f'epoch {row["epoch"]}: train loss {row["train_loss"]:.4f} acc {row["train_acc"]:.3f} | test loss '
+                f'{row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
+                f'{row["data_wait_s_per_batch"]:.3f} s/batch data')
+
+    def checkpoint_extra(self):
+        return None
+
+    def restored(self, extra, meta: dict):
+        pass
+
+    def meta(self) -> dict:
+        return {}
+
+    # -- resume
+    @staticmethod
+    def finished_because(meta: dict, done: int, settings) -> Optional[str]:
+        return finished_because(meta, done, settings.epochs)
+
+    @staticmethod
+    def train_further_hint(done: int) -> str:
+        return f'give --epochs N > {done} to train it further'
+
+    @staticmethod
+    def resumed_message(run_dir: str, done: int) -> str:
+        return f'resumed {run_dir} after epoch {done}'
+
+    # -- the end
+    def gradient_check(self, settings, run_dir: str):
+        return GradientCheck.for_run(settings, self.trainer, run_dir, self.test_batches, self.step_weights)
+
+    @staticmethod
+    def figure_title(settings) -> str:
+        return f'{settings.experiment} {methods.title(settings.method)}'
+
+    @staticmethod
+    def summary(settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
+        return run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
+
+
+def epoch_row(trainer, test_batches, step_weights, epoch: int, ep: EpochStats, progress: Progress,
               seconds: float) -> dict:
     """The metrics.csv row of an epoch: the training means (batches weighted by their real samples, like
     the test means), the held-out evaluation, timings and each layer's firing rate."""
@@ -197,7 +357,7 @@ def epoch_row(trainer: Trainer, test_batches, step_weights, epoch: int, ep: 'Epo
     return row
 
 
-def run_summary(method: str, metrics: list, state: RunState, progress: 'Progress', stopped: str, seconds: float,
+def run_summary(method: str, metrics: list, state: RunState, progress: Progress, stopped: str, seconds: float,
                 run_dir: str) -> dict:
     last = metrics[-1] if metrics else {}
     return dict(method=method, epochs_run=int(last.get('epoch', 0)),
@@ -208,120 +368,6 @@ def run_summary(method: str, metrics: list, state: RunState, progress: 'Progress
                 stopped_because=stopped, seconds=seconds,
                 compile_and_first_step_s=progress.first_step_s,
                 step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
-
-
-class GradientCheck:
-    """--check_grad: the online gradient of every weight against BPTT's on the first test batch (same
-    weights, same initial states), one grad_fidelity.csv row per weight and epoch."""
-
-    def __init__(self, trainer: Trainer, test_batches, step_weights, path: str):
-        self.trainer, self.test_batches, self.step_weights, self.path = trainer, test_batches, step_weights, path
-        self.batch = None
-
-    @classmethod
-    def for_run(cls, settings: LoopSettings, trainer: Trainer, run_dir: str, test_batches, step_weights):
-        """The check of this run, or None (no --check_grad, or nothing to compare with BPTT)."""
-        if not settings.check_grad_every:
-            return None
-        if settings.method == 'bptt':
-            print('note: --check_grad compares an online method with BPTT; with --method bptt there is nothing to '
-                  'compare (no grad_fidelity.csv)', file=sys.stderr, flush=True)
-            return None
-        return cls(trainer, test_batches, step_weights, os.path.join(run_dir, GRAD_FIDELITY_FILE))
-
-    def __call__(self, epoch: int):
-        if self.batch is None:
-            self.batch = next(iter(self.test_batches()))
-        xs, labels = self.batch
-        rows = [dict(r, epoch=epoch) for r in
-                grad_fidelity(self.trainer, np.asarray(xs), np.asarray(labels), self.step_weights)]
-        write_grad_fidelity(self.path, rows)
-        worst = min(rows, key=lambda r: r['cosine'] if math.isfinite(r['cosine']) else 2.)
-        print(f"gradient check, epoch {epoch}: cosine with BPTT {min(r['cosine'] for r in rows):.4f} "
-              f"({worst['weight']}) to {max(r['cosine'] for r in rows):.4f}, norm ratio "
-              f"{min(r['norm_ratio'] for r in rows):.3g} to {max(r['norm_ratio'] for r in rows):.3g} "
-              f"({self.path})", flush=True)
-
-
-def grad_fidelity(trainer: Trainer, xs, labels, ws) -> list:
-    """Each weight's gradient on one batch by the trainer's online method against BPTT's, from the same
-    weights and initial states: rows of weight name, shape, cosine, norm ratio (online / BPTT) and sign
-    agreement (the fraction of the elements where BPTT's gradient is not 0 that have its sign)."""
-    online = jax.tree_util.tree_flatten_with_path(trainer.gradients(xs, labels, ws))[0]
-    reference = jax.tree.leaves(trainer.gradients(xs, labels, ws, method='bptt'))
-    rows = []
-    for (path, g), r in zip(online, reference):
-        shape = np.shape(g)
-        g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
-        ng, nr = np.linalg.norm(g), np.linalg.norm(r)
-        nz = r != 0
-        rows.append(dict(method=trainer.method,
-                         weight='/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path),
-                         shape='x'.join(str(d) for d in shape),
-                         cosine=float(np.clip(g @ r / (ng * nr), -1, 1)) if ng > 0 and nr > 0 else float('nan'),
-                         norm_ratio=float(ng / nr) if nr > 0 else float('nan'),
-                         sign_agreement=float(np.mean(np.sign(g[nz]) == np.sign(r[nz]))) if nz.any() else float('nan')))
-    return rows
-
-
-@dataclasses.dataclass
-class Progress:
-    """What the epochs of a run carry from one to the next."""
-    batches_done: int = 0                  # optimizer updates so far (kept across a resume)
-    recent: list = dataclasses.field(default_factory=list)  # the last batch accuracies (acc_th)
-    first_step_s: Optional[float] = None   # the first step of this process: compilation included
-
-
-@dataclasses.dataclass
-class EpochStats:
-    stopped: Optional[str] = None          # None, 'acc_th' or 'nan'
-    losses: list = dataclasses.field(default_factory=list)
-    accs: list = dataclasses.field(default_factory=list)
-    gnorms: list = dataclasses.field(default_factory=list)
-    sizes: list = dataclasses.field(default_factory=list)  # real samples per batch
-    wait_s: float = 0.
-    step_s: float = 0.
-    timed_steps: int = 0
-
-
-def train_epoch(trainer: Trainer, batches: Iterable, step_weights, log: RunLog, progress: Progress, *,
-                epoch: int, acc_th: Optional[float], smooth: int, bar=None) -> EpochStats:
-    """One epoch of optimizer updates: a batches.csv row per batch; stops early at a non-finite update
-    ('nan') or when the mean accuracy of the last `smooth` batches reaches acc_th ('acc_th')."""
-    ep = EpochStats()
-    it = iter(batches)
-    while True:
-        tw = time.time()
-        try:
-            xs, labels = next(it)
-        except StopIteration:
-            break
-        ts = time.time()
-        ep.wait_s += ts - tw
-        loss, acc, gnorm = trainer.train_step(np.asarray(xs), np.asarray(labels), step_weights)
-        if progress.first_step_s is None:  # compilation happens here: keep it out of the per-batch time
-            progress.first_step_s = time.time() - ts
-        else:
-            ep.step_s += time.time() - ts
-            ep.timed_steps += 1
-        if not math.isfinite(loss) or not getattr(trainer, 'last_update_finite', True):
-            ep.stopped = 'nan'
-            break
-        ep.losses.append(loss)
-        ep.accs.append(acc)
-        ep.sizes.append(np.shape(labels)[0])  # real samples (a short batch is padded and masked)
-        ep.gnorms.append(gnorm)
-        progress.batches_done += 1
-        log.append_batch(dict(epoch=epoch, batch=progress.batches_done, loss=loss, acc=acc, grad_norm=gnorm,
-                              seconds=round(time.time() - ts, 4)))
-        progress.recent = (progress.recent + [acc])[-smooth:]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss:.4f}', acc=f'{acc:.3f}', acc_avg=f'{np.mean(progress.recent):.3f}')
-        if acc_th is not None and len(progress.recent) == smooth and np.mean(progress.recent) >= acc_th:
-            ep.stopped = 'acc_th'
-            break
-    return ep
 
 
 SILENT_RATE = 1e-3
@@ -356,7 +402,7 @@ def finished_because(meta: dict, done: int, epochs: int) -> Optional[str]:
     return None
 
 
-def evaluate(trainer: Trainer, batches: Iterable, step_weights):
+def evaluate(trainer, batches: Iterable, step_weights):
     total_loss = total_correct = total_n = 0.
     for xs, labels in batches:
         loss, acc, n = trainer.evaluate(xs, labels, step_weights)
