@@ -1,5 +1,7 @@
-"""Data: the delayed match-to-sample (DMS) trial generator, and the torch DataLoader helpers that every
-dataset uses (N-MNIST and SHD are read in event_data.py).
+"""The datasets of the experiments: the table below (sizes, where each is read, which script trains on it),
+the delayed match-to-sample (DMS) trial generator, and the torch DataLoader helpers that every dataset uses
+(N-MNIST and SHD are read through tonic in rsnn/event_data.py; their files and sensor sizes in
+rsnn/tonic_data.py).
 
 Every batch is returned time-major: inputs (T, batch, n_in), labels (batch,).
 """
@@ -8,6 +10,33 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str            # --dataset
+    title: str
+    n_in: int            # inputs per time step
+    n_out: int           # classes
+    train: str           # the training set's size
+    test: str            # the held-out set's size
+    steps: str           # time steps of one sample
+    loader: str          # where it is generated or read ('module:function')
+    script: str          # the task script that trains on it
+
+
+DATASETS = {
+    'dms': Dataset('dms', 'delayed match-to-sample', n_in=100, n_out=2,
+                   train='fresh trials every batch (seeded by seed, epoch, batch)',
+                   test='--n_test_trials fixed held-out trials', steps='t_fixation + t_sample + t_delay + t_test (2010)',
+                   loader='datasets:dms_train_loader', script='task-rsnn-long-term-dependency.py'),
+    'nmnist': Dataset('nmnist', 'N-MNIST', n_in=2 * 34 * 34, n_out=10, train='60000 recordings', test='10000',
+                      steps='--data_length frames (400)', loader='rsnn.event_data:load_framed_split',
+                      script='task-image-classification.py'),
+    'shd': Dataset('shd', 'SHD', n_in=700, n_out=20, train='8156 recordings', test='2264',
+                   steps='--data_length frames (400)', loader='rsnn.event_data:load_framed_split',
+                   script='task-image-classification.py'),
+}
 
 # --------------------------------------------------------------------------------------------
 # Delayed match-to-sample

@@ -76,6 +76,20 @@ def run_layer(layer, xs):
     return outs
 
 
+def stateful_update(layer, x):
+    """A recurrent layer's stateful `update` (what brainstate and brainscale run), derived from its pure
+    `step`: the dynamics are written once. Reads the states, forms y = [x_t, s_{t-1}] W + b through the
+    layer's trace-carrying Linear (brainscale finds the weight-to-state links through it), writes the new
+    states and returns the layer's output."""
+    names = layer.state_names()
+    h = {n: getattr(layer, n).value for n in names}
+    y = layer.linear(jnp.concatenate([x, layer.prev_spike(h)], axis=-1))
+    new, out = layer.step(h, y)
+    for n in names:
+        getattr(layer, n).value = new[n]
+    return out
+
+
 class LeakyReadout(brainstate.nn.Module):
     """r_t = exp(-dt/tau_o) r_{t-1} + x_t W + b, with W and b trace-carrying."""
 
@@ -155,16 +169,7 @@ class GIFExpLayer(brainstate.nn.Module):
         return self.spk_fun((V - self.V_th) / self.V_th)
 
     def update(self, x):
-        V_prev = self.V.value
-        s = self.spike(V_prev)
-        s_reset = s if self.diff_spike else jax.lax.stop_gradient(s)
-        c = self.linear(jnp.concatenate([x, s], axis=-1))
-        g = self.g.value * self.syn_decay + self.syn_gain * c
-        I2 = (self.I2.value - self.A2 * s) * self.I2_decay
-        V = (V_prev - self.V_th * s_reset) * self.neu_decay \
-            + (1. - self.neu_decay) * (self.V_rest + self.R * (g + I2))
-        self.g.value, self.I2.value, self.V.value = g, I2, V
-        return V
+        return stateful_update(self, x)
 
     def state_names(self):
         return ['V', 'g', 'I2']
@@ -173,13 +178,14 @@ class GIFExpLayer(brainstate.nn.Module):
         """`update` over a whole sequence, xs (T, B, n_in) -> V (T, B, n_rec), for BPTT (run_layer)."""
         return run_layer(self, xs)
 
-    # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
+    # The dynamics, once: a pure function of the states (a dict of arrays). `update` (stateful_update),
+    # BPTT's run_sequence (rsnn/recurrence.py) and the chunked traces (rsnn/rules/chunks.py) all run it.
     def prev_spike(self, h):
         return self.spike(h['V'])
 
     def step(self, h: dict, y, perturb: dict = None):
-        """(new states, V) from the previous states h and y = [x_t, s_{t-1}] W + b: `update`'s arithmetic in
-        the same order; `perturb` as in LIFDeltaLayer.step."""
+        """(new states, V) from the previous states h and y = [x_t, s_{t-1}] W + b; `perturb` as in
+        LIFDeltaLayer.step."""
         def add(name, value):
             return value + perturb[name] if perturb and name in perturb else value
 
@@ -270,24 +276,23 @@ class LIFDeltaLayer(brainstate.nn.Module):
         return self.spk_fun((self.V.value - th) / self.V_th)
 
     def update(self, x):
-        th = self.threshold()
-        s = self.spk_fun((self.V.value - th) / self.V_th)
-        return self._integrate(self.linear(jnp.concatenate([x, s], axis=-1)), s, th)
+        return stateful_update(self, x)
 
     def run_sequence(self, xs):
         """`update` over a whole sequence, xs (T, B, n_in) -> spikes (T, B, n_rec), for BPTT (run_layer)."""
         return run_layer(self, xs)
 
-    # The update as a pure function of the states (a dict of arrays), for recurrence.py and chunked_traces.py.
+    # The dynamics, once: a pure function of the states (a dict of arrays). `update` (stateful_update),
+    # BPTT's run_sequence (rsnn/recurrence.py) and the chunked traces (rsnn/rules/chunks.py) all run it.
     def prev_spike(self, h):
         """s_{t-1}, the spike that enters step t's recurrent input, from the states h_{t-1}."""
         th = self.V_th + self.beta * h['b'] if self.neuron == 'alif' else self.V_th
         return self.spk_fun((h['V'] - th) / self.V_th)
 
     def step(self, h: dict, y, perturb: dict = None):
-        """(new states, output spike) from the previous states h and the weight output y = [x_t, s_{t-1}] W:
-        `update`'s arithmetic in the same order. `perturb` (chunked_traces.py) is added to each new state
-        where the model writes it, which is where brainscale adds its hidden perturbation."""
+        """(new states, output spike) from the previous states h and the weight output y = [x_t, s_{t-1}] W.
+        `perturb` (rsnn/rules/chunks.py) is added to each new state where it is formed, which is where
+        brainscale adds its hidden perturbation when `update` writes it."""
         def add(name, value):
             return value + perturb[name] if perturb and name in perturb else value
 
@@ -305,20 +310,6 @@ class LIFDeltaLayer(brainstate.nn.Module):
             V = self.mem_decay * h['V'] * (1. - s_reset) + c
         new['V'] = add('V', V)
         return new, self.prev_spike(new)
-
-    def _integrate(self, c, s, th):
-        s_reset = jax.lax.stop_gradient(s) if self.detach_reset else s
-        if self.synapse == 'exp':
-            c = self.I.value * self.syn_decay + c
-            self.I.value = c
-        if self.neuron == 'alif':
-            self.b.value = self.b.value * self.adapt_decay + s_reset
-        if self.spk_reset == 'soft':
-            V = self.mem_decay * (self.V.value - th * s_reset) + c
-        else:
-            V = self.mem_decay * self.V.value * (1. - s_reset) + c
-        self.V.value = V
-        return self.spk_fun((V - self.threshold()) / self.V_th)
 
 
 class SpikingStack(brainstate.nn.Module):

@@ -325,15 +325,20 @@ class Trainer:
         the trainer's own compiled step and states are left as they are, every step resets the states)."""
         return self.loss_and_gradients(xs, labels, ws, method)[2]
 
-    def loss_and_gradients(self, xs, labels, ws, method: str = None):
-        """(loss, accuracy, summed gradient) of one batch, without an update."""
+    def compiled_gradients(self, method: str = None):
+        """The compiled (grads, loss, accuracy) of one padded batch (xs, labels, mask, ws) by `method` (the
+        trainer's by default), without an update: what loss_and_gradients calls (the speed table times it)."""
         method = method or self.method
         if method not in self._grads_jit:
             self.rule_for(method)  # built outside the compiled function (brainscale compiles its graph)
             self._grads_jit[method] = brainstate.transform.jit(
                 lambda xs, labels, mask, ws: self._loss_and_grads(xs, labels, mask, ws, method=method))
+        return self._grads_jit[method]
+
+    def loss_and_gradients(self, xs, labels, ws, method: str = None):
+        """(loss, accuracy, summed gradient) of one batch, without an update."""
         xs, labels, mask = self.pad(xs, labels)
-        grads, loss, acc = self._grads_jit[method](*self.placement.batch(xs, labels, mask, ws))
+        grads, loss, acc = self.compiled_gradients(method)(*self.placement.batch(xs, labels, mask, ws))
         return float(loss), float(acc), grads
 
     def evaluate(self, xs, labels, ws):

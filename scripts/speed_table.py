@@ -128,8 +128,7 @@ def measure_jax(cfg, B, T, method, K, repeats) -> float:
     from rsnn import trainer as training
     trainer = training.Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
     xs, labels, ws = batch(cfg, B, T)
-    trainer.gradients(xs[:2], labels, ws[:2])  # creates the compiled gradient function
-    grads_fn = trainer._grads_jit[method]
+    grads_fn = trainer.compiled_gradients()
     args = [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)]
     return timed(lambda: jax.block_until_ready(grads_fn(*args)), repeats)
 

@@ -118,3 +118,20 @@ def test_every_row_is_complete_and_importable_without_jax():
         assert methods.memory_floats(name, longer) == methods.memory_floats(name, sizes)
     assert methods.memory_floats('diag', sizes) == 4 * (2 * (30 * 20 + 20) + 20 * 3 + 3)
     assert methods.memory_floats('expsm_diag', sizes) == 4 * (30 + 2 * 20 + 20 + 3)
+
+
+def test_the_table_of_datasets_agrees_with_the_loaders():
+    import datasets
+    from rsnn import tonic_data
+    assert set(datasets.DATASETS) == {'dms', 'nmnist', 'shd'}
+    cfg = datasets.DMSConfig()
+    assert (datasets.DATASETS['dms'].n_in, datasets.DATASETS['dms'].n_out) == (cfg.n_input, cfg.n_output)
+    assert cfg.n_steps == 2010 and '2010' in datasets.DATASETS['dms'].steps
+    for name in ('nmnist', 'shd'):
+        info = tonic_data.event_dataset(name)
+        assert (datasets.DATASETS[name].n_in, datasets.DATASETS[name].n_out) == (info.n_in, info.n_classes)
+    for d in datasets.DATASETS.values():
+        module, fn = d.loader.split(':')
+        import importlib
+        assert callable(getattr(importlib.import_module(module), fn)), d.loader
+        assert os.path.isfile(os.path.join(ROOT, d.script))
