@@ -185,7 +185,7 @@ class GIFExpLayer(brainstate.nn.Module):
 
     def step(self, h: dict, y, perturb: dict = None):
         """(new states, V) from the previous states h and y = [x_t, s_{t-1}] W + b; `perturb` as in
-        LIFDeltaLayer.step."""
+        RecurrentLIFLayer.step."""
         def add(name, value):
             return value + perturb[name] if perturb and name in perturb else value
 
@@ -227,8 +227,9 @@ class DMSNet(brainstate.nn.Module):
         return [self.spikes()]
 
 
-class LIFDeltaLayer(brainstate.nn.Module):
-    """Recurrent LIF layer: one Linear over concat([x_t, s_{t-1}]), soft reset.
+class RecurrentLIFLayer(brainstate.nn.Module):
+    """A recurrent layer of the LIF family (the image networks: --model lif-delta, alif-delta, lif-exp-cu): one
+    Linear over concat([x_t, s_{t-1}]), soft (or hard) reset.
 
     neuron='lif'   : V_t = a V_{t-1} + c_t - V_th s_{t-1}                (delta synapse)
     neuron='alif'  : same, threshold V_th + beta b_t, b_t = rho b_{t-1} + s_{t-1}
@@ -327,7 +328,7 @@ class SpikingStack(brainstate.nn.Module):
         neuron, synapse = model.split('-')[:2]  # 'lif-exp-cu': a LIF neuron behind an exponential synapse
         rng = np.random.default_rng(seed)
         self.layers = [
-            LIFDeltaLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
+            RecurrentLIFLayer(n_in if i == 0 else n_rec, n_rec, dt=dt, tau_mem=tau_mem, tau_mem_sigma=tau_mem_sigma,
                           V_th=V_th, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
                           spk_reset=spk_reset, rng=rng, neuron=neuron, synapse=synapse, tau_syn=tau_syn,
                           tau_adapt=tau_adapt, beta=beta, detach_reset=detach_reset)

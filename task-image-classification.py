@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 
 import utils
+
+from rsnn import run_folder
 from rsnn import methods
 
 
@@ -149,7 +151,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
     from rsnn import event_data
     import models
     from rsnn import train_loop
-    from rsnn import trainer as training
+    from rsnn.trainer import Trainer, step_schedule
 
     ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
     warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
@@ -175,8 +177,8 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
         print('init: feed-forward weights of layer ' + ', '.join(f'{i} x{f:.3g}' for i, f in enumerate(ff_factors))
               + f' for {args.init_rate} spikes per neuron per step (--init_rate); rates '
               + ', '.join(f'{r:.4f}' for r in init_rates), flush=True)
-    lr = training.step_schedule(args.lr, args.lr_milestones, n_batches)
-    trainer = training.Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
+    lr = step_schedule(args.lr, args.lr_milestones, n_batches)
+    trainer = Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                                grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
                                loss=args.loss, weight_L2=args.weight_L2, devices=devices,
                                trace_chunk=args.trace_chunk)
@@ -197,7 +199,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
 
 
 def main(argv) -> int:
-    args = utils.parse_args(build_parser(), argv)
+    args = run_folder.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
     n_in = {'nmnist': 2 * 34 * 34, 'shd': 700}[args.dataset]
@@ -205,11 +207,11 @@ def main(argv) -> int:
                          'one batch of float32 event frames (and its copy on the device)')])
     utils.check_batch_for_devices(args.batch_size, args.devices)
     framed = frame_data(args)  # a missing or damaged dataset fails before the run folder exists
-    run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
+    run_dir = run_folder.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
     try:
         summary = train_and_evaluate(args, run_dir, ws=ws, framed=framed)
     finally:
-        utils.release_run_dir()
+        run_folder.release_run_dir()
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

@@ -6,7 +6,7 @@
 On a GPU or TPU the default is the paper's network (3 x 512 LIF-delta, 32768 binary inputs with
 p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (docs/memory-and-speed.md).
 Every (method, T) is measured in a fresh process (this script with a hidden worker flag),
-so that one measurement cannot leak into the next: the step that `training.Trainer` trains with is
+so that one measurement cannot leak into the next: the step that `Trainer` trains with is
 compiled, its compile time and its compiled memory analysis are recorded, then it runs --repeats times
 (median, block until ready). Running out of memory is a result (status OOM), not the end of the sweep.
 """
@@ -21,6 +21,8 @@ import sys
 import time
 
 import utils
+
+from rsnn import run_folder
 from rsnn import methods
 from rsnn.memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
                            write_outputs)
@@ -132,12 +134,12 @@ def auto_preset(platform: str) -> str:
 
 
 def parse_args(argv=None, platform: str = None):
-    """utils.parse_args: explicit flags > --preset > defaults. --preset auto needs the platform, which
+    """run_folder.parse_args: explicit flags > --preset > defaults. --preset auto needs the platform, which
     only the probe process knows: until then (platform None) auto reads as paper, and run_sweep parses
     `args.argv` again with the platform."""
     argv = sys.argv[1:] if argv is None else list(argv)
     presets = dict(PRESETS, auto=PRESETS[auto_preset(platform)] if platform else {})
-    args = utils.parse_args(build_parser(), argv, presets)
+    args = run_folder.parse_args(build_parser(), argv, presets)
     args.argv = argv
     return args
 
@@ -245,13 +247,13 @@ def device_peaks_mb(devices) -> list:
 
 
 def measure(cfg: dict) -> dict:
-    """Build, compile and time one training step of `training.Trainer`; returns a result row."""
+    """Build, compile and time one training step of `Trainer`; returns a result row."""
     row = dict(method=cfg['method'], T=cfg['T'])
     import brainstate
     import jax
     import numpy as np
     import models
-    from rsnn import trainer as training
+    from rsnn.trainer import Trainer
     row['rss_base_mb'] = utils.peak_rss_mb()
     devices = pick_devices(cfg['devices'])
     device = devices[0]
@@ -262,7 +264,7 @@ def measure(cfg: dict) -> dict:
     t0 = time.perf_counter()
     model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
                                 seed=cfg['seed'])
-    trainer = training.Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices,
+    trainer = Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices,
                                trace_chunk=cfg.get('trace_chunk'))
     row['trace_chunk'] = min(trainer.trace_chunk, T)
     row['setup_s'] = time.perf_counter() - t0

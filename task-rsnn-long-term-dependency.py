@@ -11,6 +11,8 @@ the neurons' slow adaptation currents (tau_I2 up to 1.5 x --tau_I2).
 from __future__ import annotations
 
 import utils
+
+from rsnn import run_folder
 from rsnn import methods
 
 # The paper's task and network (the README commands' values, spelled out so that config.json shows them).
@@ -105,7 +107,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     import datasets
     import models
     from rsnn import train_loop
-    from rsnn import trainer as training
+    from rsnn.trainer import Trainer, cosine_schedule
 
     devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
@@ -120,8 +122,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                           spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
                           tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
     lr = args.lr if args.lr_schedule == 'constant' else \
-        training.cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
-    trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
+        cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
+    trainer = Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
                             protocol=args.protocol, reset_per_trial=bool(args.stream_reset))
@@ -163,14 +165,14 @@ def check_sizes(args):
 
 
 def main(argv) -> int:
-    args = utils.parse_args(build_parser(), argv, PRESETS)
+    args = run_folder.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     check_sizes(args)
-    run_dir = utils.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
+    run_dir = run_folder.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
     try:
         summary = train_and_evaluate(args, run_dir)
     finally:
-        utils.release_run_dir()
+        run_folder.release_run_dir()
     return 1 if summary['stopped_because'] == 'nan' else 0
 
 

@@ -2,7 +2,7 @@
 state of a run folder, and one run (started or resumed) with its summary and the child's peak memory.
 
 A folder is never deleted here: a run stopped before its first checkpoint is started over by the task
-script itself, which removes only the files it writes (utils.prepare_run_dir) and refuses a folder that
+script itself, which removes only the files it writes (run_folder.prepare_run_dir) and refuses a folder that
 holds anything else.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import utils
+
+from rsnn import run_folder
 
 
 def run_folder_state(run_dir: str) -> str:
@@ -36,7 +38,7 @@ def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> 
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f'run failed (exit {code}); see {log_path}')
-    summary = utils.read_summary(run_dir)
+    summary = run_folder.read_summary(run_dir)
     if not summary:
         raise RuntimeError(f'{run_dir} holds no readable summary.json after the run; see {log_path}')
     summary['peak_rss_mb'] = usage.ru_maxrss / 1024.  # KiB on Linux

@@ -1,28 +1,277 @@
-"""What a run leaves in its folder: orbax checkpoints ({params, opt_state, epoch, rng_key} + JSON meta),
-the run log (config.json, metrics.csv, batches.csv, summary.json), the learning-curve figure and the
-gradient-fidelity file of --check_grad.
+"""Everything a run folder is, for both protocols: what identifies it (the marker) and who writes it (the
+lock), the flags a resume reads from it (config.json), the run log (config.json, metrics.csv, batches.csv,
+summary.json), orbax checkpoints ({params, opt_state, epoch, rng_key} + a protocol's extra state + JSON meta,
+checksummed, with the fallback past a damaged step), the learning-curve figure and the gradient-fidelity
+file of --check_grad.
 
-Works on any object with the Trainer's `param_values()`, `set_param_values()`, `opt_state`,
-`weights_sharding()` and `place()`; imports nothing of the training code.
+Imports no jax at module level (jax, brainstate and orbax where a checkpoint is written or read), so that the
+task scripts prepare and lock their folder and answer a bad --resume at once. Works on any object with the
+Trainer's `param_values()`, `set_param_values()`, `opt_state`, `weights_sharding()` and `place()`; imports
+nothing of the training code.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import hashlib
+import json
 import logging
 import os
 import sys
 from typing import Optional
 
-import brainstate
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from datasets import DATASETS
 from rsnn import methods
-from utils import UserError, append_csv_row, read_csv, write_json
+from utils import UserError, append_csv_row, json_value, read_csv, write_json
+
+
+# --------------------------------------------------------------------------------------------
+# The folder: what identifies it, its lock, and what may be deleted
+# --------------------------------------------------------------------------------------------
+
+RUN_MARKER = '.brainscale-run'          # written into every run folder this repository creates
+RUN_LOCK = '.brainscale-run.lock'       # flock()ed by the process that trains in the folder
+# the files a run writes (besides config.json and checkpoints/): the only ones a start over deletes
+RUN_FILES = ('metrics.csv', 'batches.csv', 'summary.json', 'learning_curves.png', 'grad_fidelity.csv')
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """A completed checkpoint step in RUN_DIR/checkpoints/last (orbax renames a step's temporary
+    folder to the bare step number when it is complete)."""
+    last = os.path.join(run_dir, 'checkpoints', 'last')
+    return os.path.isdir(last) and any(name.isdigit() for name in os.listdir(last))
+
+
+def is_run_folder(run_dir: str) -> bool:
+    """A folder this repository created for a run: it holds RUN_MARKER, or (runs made before the marker
+    existed) a checkpoint and a config.json with the fields this repository writes."""
+    if os.path.isfile(os.path.join(run_dir, RUN_MARKER)):
+        return True
+    if not has_checkpoint(run_dir):
+        return False
+    try:
+        with open(os.path.join(run_dir, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {'run_dir', 'experiment', 'method', 'n_params'} <= set(config)
+
+
+def prepare_run_dir(args) -> str:
+    """The run folder, locked by this process until it ends. A fresh start refuses a folder that holds a
+    run (resume it instead) or files this repository did not write; a run of ours stopped before its
+    first checkpoint is started over: only its RUN_FILES and checkpoints/ are deleted."""
+    run_dir = args.resume or args.out_dir or default_run_dir(args)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f'--out_dir {run_dir} is a file, not a folder; give a new or empty folder')
+    ours = os.path.isdir(run_dir) and is_run_folder(run_dir)
+    if not args.resume and not ours and set(listdir(run_dir)) - {RUN_LOCK}:
+        raise UserError(f'--out_dir {run_dir} holds files that this repository did not write for a run (no '
+                        f'{RUN_MARKER} there); nothing was changed: give a new or empty folder')
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock_run_dir(run_dir)
+    except OSError as e:
+        raise UserError(f'cannot write the run folder {run_dir}: {e.strerror or e}; give a writable --out_dir')
+    if not args.resume and has_checkpoint(run_dir):
+        raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
+                        f'or choose another --out_dir')
+    stale = [n for n in ('checkpoints',) + RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
+    if not args.resume and stale:  # ours (checked above), stopped before its first checkpoint
+        import shutil
+        for name in stale:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f'note: {run_dir} holds a run stopped before its first checkpoint; starting it over there with '
+              f'its configuration (removed {", ".join(stale)})', file=sys.stderr, flush=True)
+    if not os.path.exists(os.path.join(run_dir, RUN_MARKER)):
+        write_json(os.path.join(run_dir, RUN_MARKER), dict(
+            written_by='BrainScale experiments (this repository); marks a run folder that its scripts may '
+                       'resume and clean', experiment=getattr(args, 'experiment', None),
+            created=datetime.datetime.now().isoformat(timespec='seconds')))
+    return run_dir
+
+
+def listdir(path: str) -> list:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+_held_lock = None  # the open lock file of the run folder this process trains in
+
+
+def lock_run_dir(run_dir: str):
+    """An exclusive flock on RUN_DIR/RUN_LOCK, held until this process ends (the OS releases it when the
+    process dies, kill -9 included) or it prepares another run folder; another holder -> one error line."""
+    import fcntl
+    import socket
+    global _held_lock
+    release_run_dir()
+    f = open(os.path.join(run_dir, RUN_LOCK), 'a+')
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f'{run_dir} is in use by {holder}; two processes must not write one run folder: wait '
+                        f'for it to end (then --resume {run_dir}) or give another --out_dir')
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()} since '
+            f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
+    f.flush()
+    _held_lock = f
+
+
+def release_run_dir():
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()  # closing the file releases the flock
+        _held_lock = None
+
+
+
+
+def default_run_dir(args) -> str:
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return os.path.join('results', args.experiment, args.exp_name, f'{args.method}-{stamp}')
+
+
+def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = None) -> argparse.Namespace:
+    """Parse argv with this precedence: flags on the command line > the saved config of --resume RUN_DIR
+    > the values of --preset NAME (presets[NAME]) > the parser's defaults.
+
+    A first parse (which also answers --help and rejects bad flags) finds --preset and --resume; the
+    preset and the saved config then become the parser's defaults (`set_defaults`) and argv is parsed
+    once more, so the flags given on the command line win. A resume may change only RESUME_MAY_CHANGE.
+    """
+    argv = list(argv)
+    args = parser.parse_args(argv)
+    defaults = {}
+    if getattr(args, 'preset', None):
+        defaults.update(presets[args.preset])
+    run_dir = getattr(args, 'resume', None)
+    saved = {}
+    if run_dir:
+        saved = args_from_checkpoint(run_dir, parser)
+        defaults.update({k: v for k, v in saved.items() if k in vars(args) and k != 'resume'})
+    if defaults:
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    if run_dir:
+        check_resume_overrides(args, saved, run_dir)
+        if has_checkpoint(run_dir):
+            args.resume = args.out_dir = run_dir
+        else:  # interrupted before its first checkpoint: nothing to continue from; prepare_run_dir starts it
+            args.resume, args.out_dir = None, run_dir  # over in place with its saved configuration
+    return args
+
+
+# What a --resume may change: how long and where it trains (--stream_trials: a stream run goes on), how it shows progress, the learning-rate
+# schedule and the batching. Everything else (method, network, task, data, seed, optimizer) is part of
+# what the checkpoint means, and changing it is refused.
+RESUME_MAY_CHANGE = {'epochs', 'lr', 'lr_schedule', 'lr_milestones', 'grad_clip', 'batch_size', 'batches_per_epoch',
+                     'eval_batches', 'n_test_trials', 'acc_th', 'acc_th_window', 'devices', 'distributed',
+                     'n_data_worker', 'no_progress', 'check_grad', 'check_grad_every', 'data_dir', 'cache_dir',
+                     'exp_name', 'preset', 'stream_trials', 'eval_every_trials'}
+
+
+def check_resume_overrides(args, saved: dict, run_dir: str):
+    """One error line when a flag given with --resume changes what the checkpoint means, or names another
+    run folder (--out_dir)."""
+    out_dir = getattr(args, 'out_dir', None)
+    if out_dir and out_dir != saved.get('out_dir') and os.path.realpath(out_dir) != os.path.realpath(run_dir):
+        raise UserError(f'--resume {run_dir} --out_dir {out_dir}: a resumed run stays in its own folder; '
+                        f'drop --out_dir (or copy {run_dir} to {out_dir} and resume the copy)')
+    changed = [k for k, v in saved.items() if k in vars(args) and k not in RESUME_MAY_CHANGE | {'resume', 'out_dir'}
+               and json_value(getattr(args, k)) != json_value(v)]
+    if changed:
+        k = changed[0]
+        raise UserError(f'--resume {run_dir}: --{k} {getattr(args, k)} differs from the run\'s {saved[k]}; '
+                        f'{", ".join("--" + c for c in changed)} cannot change in a resumed run (the checkpoint '
+                        f'was trained with them); start a new run with another --out_dir instead')
+
+
+def args_from_checkpoint(run_dir: str, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """The saved configuration of the run in RUN_DIR (config.json), after checking that the folder is a run
+    of this repository, of this script (parser), and that every saved value passes its flag's check."""
+    path = os.path.join(run_dir, 'config.json')
+    if not os.path.isdir(run_dir):
+        raise UserError(f'--resume {run_dir}: no checkpoint there (no such folder); give the folder of an earlier run')
+    if not is_run_folder(run_dir):
+        raise UserError(f'--resume {run_dir}: not a run folder of this repository (no {RUN_MARKER} and no '
+                        f'checkpoint of ours); nothing there was changed')
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+            raise UserError(f'--resume {run_dir}: no checkpoint and no config.json there (stopped while '
+                            f'starting); start it again with its flags and --out_dir {run_dir}')
+        raise UserError(f'--resume {run_dir}: no checkpoint there (expected {run_dir}/config.json and '
+                        f'{run_dir}/checkpoints/last); give the folder of an earlier run')
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--resume {run_dir}: {path} is not readable JSON ({str(e).splitlines()[0]}); '
+                        f'repair it or start a new run')
+    if not isinstance(saved, dict):
+        raise UserError(f'--resume {run_dir}: {path} holds no configuration (a JSON object); repair it')
+    if parser is not None:
+        check_saved_values(saved, parser, path)
+    return saved
+
+
+def check_saved_values(saved: dict, parser: argparse.ArgumentParser, path: str):
+    """Each saved value as its flag would take it: a config.json edited by hand (or another script's)
+    is refused in one line instead of training with a value the parser refuses."""
+    datasets = [a.choices for a in parser._actions if a.dest == 'dataset']
+    if datasets and 'dataset' in saved and saved['dataset'] not in datasets[0]:
+        script = (DATASETS[saved['dataset']].script if saved.get('dataset') in DATASETS else 'the script that started it')
+        raise UserError(f'{os.path.dirname(path) or "."} is a run of --dataset {saved.get("dataset")}, which this '
+                        f'script does not train; resume it with {script}')
+    for action in parser._actions:
+        if action.dest not in saved or action.dest in ('help', 'resume') or not action.option_strings:
+            continue
+        flag, value = action.option_strings[0], saved[action.dest]
+        if value is None:
+            if action.default is None:
+                continue
+            problem = 'has no value'
+        elif action.choices is not None and value not in action.choices:
+            problem = f'is not one of {", ".join(map(str, action.choices))}'
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            problem = None if isinstance(value, bool) else 'is not true or false'
+        elif action.type is not None:
+            text = ','.join(map(str, value)) if isinstance(value, list) else str(value)
+            try:
+                action.type(text)
+                problem = None
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                problem = f'is refused ({e})'
+        else:
+            problem = None
+        if problem:
+            raise UserError(f'{path}: {flag} {value!r} {problem}; correct it there or start a new run')
+
+
+def read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, 'summary.json')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the run log
+# --------------------------------------------------------------------------------------------
 
 def rng_key_data(key):
+    import jax
     """The raw uint32 data of a PRNG key: brainstate >= 0.5 holds a typed key (dtype key<fry>), which
     cannot become a numpy array; older brainstate holds the raw uint32 array already."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -31,6 +280,7 @@ def rng_key_data(key):
 
 
 def rng_key_like(data, like):
+    import jax
     """`data` (raw key data) in the form of `like` (typed key or raw array)."""
     if jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=jax.random.key_impl(like))
@@ -63,12 +313,15 @@ class Checkpoints:
             self._open(root)
 
     def _open(self, root: str):
+        import orbax.checkpoint as ocp
         self.last = ocp.CheckpointManager(os.path.join(root, 'last'),
                                           options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
         self.best = ocp.CheckpointManager(os.path.join(root, 'best'),
                                           options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
     def save(self, trainer, epoch: int, meta: dict, best: bool, extra: dict = None):
+        import brainstate
+        import orbax.checkpoint as ocp
         """`extra`: arrays the protocol needs to go on (a stream: its states and traces, the chunk index,
         the partial test-period sums), saved and checksummed with the rest."""
         state = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
@@ -100,6 +353,7 @@ class Checkpoints:
             return self._restore(trainer, which, extra)
 
     def _restore(self, trainer, which: str, extra: dict):
+        import brainstate
         manager = self.last if which == 'last' else self.best
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -129,6 +383,9 @@ class Checkpoints:
 
     @staticmethod
     def read_step(manager, trainer, step: int, extra: dict = None):
+        import brainstate
+        import jax
+        import orbax.checkpoint as ocp
         """(restored, None), or (None, what is wrong) for a step whose files are damaged."""
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': np.asarray(0, np.int32),
@@ -312,6 +569,7 @@ def write_grad_fidelity(path: str, rows: list, append: bool = True):
 
 
 def state_checksum(state) -> Optional[str]:
+    import jax
     """sha256 of every array of a checkpoint's state (dtype, shape and bytes, in tree order); None where an
     array is not all on this host (a multi-host run: orbax checks its own files there)."""
     digest = hashlib.sha256()
@@ -325,5 +583,6 @@ def state_checksum(state) -> Optional[str]:
 
 
 def values_finite(values: dict) -> bool:
+    import jax
     """Every weight finite (checked on the host before a checkpoint is written)."""
     return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(values))

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from rsnn import methods
 from rsnn.grad_check import GradientCheck
-from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity,
+from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity, read_summary,
                              values_finite, write_grad_fidelity)
-from utils import peak_rss_mb, read_summary
+from utils import peak_rss_mb
 
 
 @dataclasses.dataclass

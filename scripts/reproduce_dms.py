@@ -70,7 +70,7 @@ def launch(run_dir: str, flags: list, log_path: str) -> dict:
     """Run the task script once (or resume it); returns its summary plus the process's peak RSS."""
     state = run_folder_state(run_dir)
     if state == 'finished':
-        return utils.read_summary(run_dir)
+        return run_folder.read_summary(run_dir)
     argv = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else flags + ['--out_dir', run_dir]
     summary = run_task(SCRIPT, argv, run_dir, log_path, ROOT)
     summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in argv)

@@ -121,11 +121,11 @@ def measure_update(spec: dict) -> dict:
     import resource
     import utils
     task = load_task()
-    args = utils.parse_args(task.build_parser(), spec['flags'], task.PRESETS)
+    args = run_folder.parse_args(task.build_parser(), spec['flags'], task.PRESETS)
     import brainstate
     import datasets
     import models
-    from rsnn import trainer as training
+    from rsnn.trainer import Trainer
     brainstate.environ.set(dt=args.dt)
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample, t_delay=args.t_delay,
                              t_test=args.t_test)
@@ -133,7 +133,7 @@ def measure_update(spec: dict) -> dict:
                           tau_syn=args.tau_syn, tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale,
                           rec_scale=args.rec_scale, spk_fun=args.spk_fun, syn_gain=args.syn_gain, tau_o=args.tau_o,
                           readout_scale=args.readout_scale, seed=args.seed)
-    st = training.Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay,
+    st = Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay,
                           trace_chunk=args.trace_chunk, protocol='stream')
     m = st.stream_update_memory(spec['steps'], cfg.n_input)
     need = (m['temp_bytes'] + m['argument_bytes'] + m['output_bytes'] - m['alias_bytes']) / 2 ** 20

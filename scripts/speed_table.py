@@ -125,8 +125,8 @@ def timed(fn, repeats: int) -> float:
 def measure_jax(cfg, B, T, method, K, repeats) -> float:
     import jax
     import jax.numpy as jnp
-    from rsnn import trainer as training
-    trainer = training.Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
+    from rsnn.trainer import Trainer
+    trainer = Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
     xs, labels, ws = batch(cfg, B, T)
     grads_fn = trainer.compiled_gradients()
     args = [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)]

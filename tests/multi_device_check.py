@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from rsnn import trainer as training  # noqa: E402
+from rsnn.trainer import Trainer  # noqa: E402
 import utils  # noqa: E402
 from rsnn import methods  # noqa: E402
 
@@ -30,7 +30,7 @@ def trainer(method, devices):
     brainstate.environ.set(dt=1.)
     net = models.DMSNet(CFG.n_input, N_REC, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    return training.Trainer(net, method, CFG.n_input, B, lr=1e-2, etrace_decay=0.9, devices=devices)
+    return Trainer(net, method, CFG.n_input, B, lr=1e-2, etrace_decay=0.9, devices=devices)
 
 
 def flat(tree):

@@ -5,8 +5,9 @@ import os
 import numpy as np
 
 from rsnn import train_loop
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 import utils
+from rsnn import run_folder
 from test_dms import TINY_FLAGS, assert_png
 from test_gradients import FeedForwardLIF, T, batch
 
@@ -57,13 +58,13 @@ def test_check_grad_finds_drtrl_exact_where_theory_says(dms_script, tmp_path):
     weight's cosine must be >= 0.9999 and its norm ratio 1, through fit's --check_grad path."""
     import brainstate
     run_dir = str(tmp_path / 'ff')
-    args = utils.parse_args(dms_script.build_parser(),
+    args = run_folder.parse_args(dms_script.build_parser(),
                             TINY_FLAGS + ['--method', 'diag', '--check_grad', '--epochs', '2', '--out_dir', run_dir])
     brainstate.environ.set(dt=1.)
     xs, labels = batch()
-    trainer = training.Trainer(FeedForwardLIF(False), 'diag', xs.shape[-1], xs.shape[1], lr=1e-2)
+    trainer = Trainer(FeedForwardLIF(False), 'diag', xs.shape[-1], xs.shape[1], lr=1e-2)
     ws = np.full(T, 1. / T, np.float32)
-    run_dir = utils.prepare_run_dir(args)
+    run_dir = run_folder.prepare_run_dir(args)
     train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, lambda epoch: [batch(seed=epoch + 10)],
                    lambda: [(xs, labels)], ws, config=dict(vars(args), run_dir=run_dir))
     rows = read_rows(run_dir)

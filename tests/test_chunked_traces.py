@@ -12,7 +12,7 @@ import pytest
 
 from rsnn.rules import chunks as chunked_traces, es_d_rtrl
 import models
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 import utils
 
 T, B, N_IN, N_REC = 23, 4, 6, 8
@@ -36,7 +36,7 @@ def data(n_out, t=T, seed=0):
 
 def trainer(kind, method, trace_chunk):
     brainstate.environ.set(dt=1.)
-    return training.Trainer(KINDS[kind](), method, N_IN, B, etrace_decay=0.9, trace_chunk=trace_chunk)
+    return Trainer(KINDS[kind](), method, N_IN, B, etrace_decay=0.9, trace_chunk=trace_chunk)
 
 
 def flat(grads):

@@ -8,6 +8,8 @@ import time
 import pytest
 
 import utils
+
+from rsnn import run_folder
 from conftest import ROOT, load_script
 
 DMS, IMAGE, MEMORY = ('task-rsnn-long-term-dependency.py', 'task-image-classification.py',
@@ -33,7 +35,7 @@ def saved_run(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'config.json').write_text(json.dumps(dict(batch_size=7, lr=0.5, run_dir=str(run), n_steps=99)))
-    (run / utils.RUN_MARKER).write_text('{}')  # as utils.prepare_run_dir leaves it
+    (run / run_folder.RUN_MARKER).write_text('{}')  # as run_folder.prepare_run_dir leaves it
     return str(run)
 
 
@@ -41,7 +43,7 @@ def parse(script, argv):
     mod = load_script(script)
     if script == MEMORY:
         return mod.parse_args(argv)
-    return utils.parse_args(mod.build_parser(), argv, getattr(mod, 'PRESETS', None))
+    return run_folder.parse_args(mod.build_parser(), argv, getattr(mod, 'PRESETS', None))
 
 
 @pytest.mark.parametrize('script,argv,batch_size', [

@@ -15,7 +15,7 @@ from rsnn import run_folder
 import datasets
 import models
 from rsnn import train_loop
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 import utils
 from conftest import ROOT
 
@@ -87,7 +87,7 @@ def test_each_method_lowers_the_loss(method):
     brainstate.environ.set(dt=1.)
     net = models.DMSNet(100, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    trainer = training.Trainer(net, method, 100, 16, lr=1e-2)
+    trainer = Trainer(net, method, 100, 16, lr=1e-2)
     x, y, _, _ = datasets.dms_trials(TINY_CFG, 16, np.random.default_rng(0))
     ws = TINY_CFG.loss_weights()
     before, _, _ = trainer.evaluate(x, y, ws)
@@ -262,7 +262,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
     """The last batch of epoch 2 has a finite loss but an infinite gradient: the clipped update would be
     NaN. The run must stop ('nan') with epoch 1 as its last and best checkpoint, never a NaN one."""
     import jax.numpy as jnp
-    original = training.Trainer._loss_and_grads
+    original = Trainer._loss_and_grads
 
     def poisoned(self, xs, labels, mask, ws):
         grads, loss, acc = original(self, xs, labels, mask, ws)
@@ -270,7 +270,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
         return jax.tree.map(lambda g: g * scale, grads), loss, acc
 
     calls = []
-    real_step = training.Trainer.train_step
+    real_step = Trainer.train_step
 
     def step(self, xs, labels, ws):
         calls.append(1)
@@ -282,8 +282,8 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
             assert np.isfinite(loss) and not np.isfinite(gnorm)
         return loss, acc, gnorm
 
-    monkeypatch.setattr(training.Trainer, '_loss_and_grads', poisoned)
-    monkeypatch.setattr(training.Trainer, 'train_step', step)
+    monkeypatch.setattr(Trainer, '_loss_and_grads', poisoned)
+    monkeypatch.setattr(Trainer, 'train_step', step)
     run_dir = str(tmp_path / 'nan')
     assert dms_script.main(TINY_FLAGS + ['--epochs', '3', '--out_dir', run_dir]) == 1
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
@@ -298,7 +298,7 @@ def test_infinite_gradient_with_finite_loss_is_never_saved(dms_script, tmp_path,
 def interrupt_at_call(monkeypatch, n):
     """Make the n-th training step of this process raise KeyboardInterrupt (Ctrl-C)."""
     calls = []
-    real_step = training.Trainer.train_step
+    real_step = Trainer.train_step
 
     def step(self, *a):
         calls.append(1)
@@ -306,7 +306,7 @@ def interrupt_at_call(monkeypatch, n):
             raise KeyboardInterrupt
         return real_step(self, *a)
 
-    monkeypatch.setattr(training.Trainer, 'train_step', step)
+    monkeypatch.setattr(Trainer, 'train_step', step)
 
 
 def test_resume_keeps_the_overrides_of_an_earlier_resume(dms_script, tmp_path, monkeypatch):
@@ -353,7 +353,7 @@ def test_run_stopped_before_its_first_checkpoint_starts_over(dms_script, tmp_pat
         interrupt_at_call(m, 2)  # Ctrl-C in the 2nd batch of epoch 1: no checkpoint yet
         with pytest.raises(KeyboardInterrupt):
             dms_script.main(TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir])
-    assert os.path.isdir(os.path.join(run_dir, 'checkpoints')) and not utils.has_checkpoint(run_dir)
+    assert os.path.isdir(os.path.join(run_dir, 'checkpoints')) and not run_folder.has_checkpoint(run_dir)
     capsys.readouterr()
     argv = TINY_FLAGS + ['--epochs', '2', '--out_dir', run_dir] if again == 'out_dir' else ['--resume', run_dir]
     assert dms_script.main(argv) == 0
@@ -366,13 +366,13 @@ def test_run_stopped_before_its_first_checkpoint_starts_over(dms_script, tmp_pat
 def test_train_acc_is_weighted_by_the_real_samples(dms_script, tmp_path, monkeypatch):
     """An epoch of a full batch (8) and a short one (2, padded to 8): the epoch's train_acc and train_loss
     are per-sample means, as test_acc is, not a plain mean over the two batches."""
-    args = utils.parse_args(dms_script.build_parser(), TINY_FLAGS + ['--epochs', '1', '--out_dir', str(tmp_path / 'w')])
-    run_dir = utils.prepare_run_dir(args)
+    args = run_folder.parse_args(dms_script.build_parser(), TINY_FLAGS + ['--epochs', '1', '--out_dir', str(tmp_path / 'w')])
+    run_dir = run_folder.prepare_run_dir(args)
     brainstate.environ.set(dt=1.)
     cfg = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
     net = models.DMSNet(cfg.n_input, 16, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                         rec_scale=2., seed=0)
-    trainer = training.Trainer(net, 'bptt', cfg.n_input, 8)
+    trainer = Trainer(net, 'bptt', cfg.n_input, 8)
     x, y, _, _ = datasets.dms_trials(cfg, 10, np.random.default_rng(0))
     batches = [(x[:, :8], y[:8]), (x[:, 8:], y[8:])]
     seen = []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import models
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 
 T, BATCH, N_IN, N_HID, N_OUT = 30, 8, 12, 16, 3
 
@@ -56,7 +56,7 @@ def batch(seed=1, n_in=N_IN, t=T):
 
 def gradients(make_model, method, xs, labels, ws, **kw):
     brainstate.environ.set(dt=1.)
-    trainer = training.Trainer(make_model(), method, xs.shape[-1], BATCH, **kw)
+    trainer = Trainer(make_model(), method, xs.shape[-1], BATCH, **kw)
     return {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(trainer.gradients(xs, labels, ws))[0]}
 
 
@@ -215,7 +215,7 @@ def deep_stack():
 def layer_grads(make_model, method, xs, labels, ws):
     """{'layers/0', ..., 'out'}: the layer's weight and bias gradient as one flat vector."""
     brainstate.environ.set(dt=1.)
-    trainer = training.Trainer(make_model(), method, xs.shape[-1], BATCH, etrace_decay=0.9)
+    trainer = Trainer(make_model(), method, xs.shape[-1], BATCH, etrace_decay=0.9)
     out = {}
     for key, g in trainer.gradients(xs, labels, ws).items():
         name = 'out' if key.startswith('out') else '/'.join(key.split('/')[:2])

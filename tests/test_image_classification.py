@@ -19,8 +19,9 @@ if ROOT not in sys.path:
 from rsnn import event_data  # noqa: E402
 import fake_data as fakes  # noqa: E402  (the fixture below is called fake_data)
 from rsnn import train_loop  # noqa: E402
-from rsnn import trainer as training  # noqa: E402
+from rsnn.trainer import Trainer, step_schedule  # noqa: E402
 import utils  # noqa: E402
+from rsnn import run_folder  # noqa: E402
 from conftest import load_script  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'task-image-classification.py')
@@ -201,7 +202,7 @@ def test_readme_flags_parse():
             '--model lif-delta --exp_name test-nmnist --warmup_ratio 0.')
     for e in ('--epoch', '--epochs'):
         for m, extra in (('bptt', ''), ('expsm_diag', ' --etrace_decay 0.9'), ('diag', '')):
-            args = utils.parse_args(task.build_parser(), (base.format(e=e, m=m) + extra).split())
+            args = run_folder.parse_args(task.build_parser(), (base.format(e=e, m=m) + extra).split())
             assert (args.epochs, args.data_length, args.n_layer, args.n_rec, args.method, args.model) == \
                 (100, 400, 3, 512, m, 'lif-delta')
             assert args.warmup_ratio == 0. and args.data_dir == './data' and args.exp_name == 'test-nmnist'
@@ -241,7 +242,7 @@ def test_neuron_constants_reach_the_layers():
 @pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
 def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
     seen = {}
-    real_schedule, real_trainer = training.step_schedule, training.Trainer
+    real_schedule, real_trainer = step_schedule, Trainer
 
     def schedule(lr, milestones, batches_per_epoch, factor=0.1):
         seen['schedule'] = (lr, list(milestones), batches_per_epoch)
@@ -258,7 +259,7 @@ def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
     argv = (f'--devices cpu --dataset {dataset} --data_dir {fake_data} --data_length 12 --epoch 4 '
             f'--n_layer 1 --n_rec 16 --method {method} --batch_size 16 --lr 0.01 --warmup_ratio 0.25 '
             f'--lr_milestones 3 --weight_L2 1e-5 --out_dir {run_dir} --no_progress --exp_name t').split()
-    args = utils.parse_args(task.build_parser(), argv)
+    args = run_folder.parse_args(task.build_parser(), argv)
     summary = task.train_and_evaluate(args, run_dir)
     with open(os.path.join(run_dir, 'metrics.csv')) as f:
         rows = list(csv.DictReader(f))
@@ -375,7 +376,7 @@ def _run(dataset, method, data_dir, tmp_path, extra=''):
     argv = (f'--devices cpu --dataset {dataset} --data_dir {data_dir} --data_length 50 --n_layer 1 '
             f'--n_rec 64 --method {method} --batch_size 50 --lr 0.01 --out_dir {run_dir} --no_progress '
             f'--exp_name t {extra}').split()
-    args = utils.parse_args(task.build_parser(), argv)
+    args = run_folder.parse_args(task.build_parser(), argv)
     summary = task.train_and_evaluate(args, run_dir)
     with open(os.path.join(run_dir, 'metrics.csv')) as f:
         return summary, list(csv.DictReader(f))
@@ -447,7 +448,7 @@ def test_gradient_through_the_reset(detach):
     import jax
     import jax.numpy as jnp
     import models
-    layer = models.LIFDeltaLayer(3, 4, dt=1., tau_mem=10., tau_mem_sigma=0., V_th=1., ff_scale=1., rec_scale=0.,
+    layer = models.RecurrentLIFLayer(3, 4, dt=1., tau_mem=10., tau_mem_sigma=0., V_th=1., ff_scale=1., rec_scale=0.,
                                  spk_fun='relu', spk_reset='soft', rng=np.random.default_rng(0),
                                  detach_reset=detach)
     brainstate.nn.init_all_states(layer, 1)

@@ -15,7 +15,7 @@ import pytest
 from rsnn import brainscale_adapter
 from rsnn import memory_report
 import models
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 import utils
 from rsnn import methods
 from conftest import load_script
@@ -143,7 +143,7 @@ def test_formulas_match_the_real_network_and_traces(mem_script, model):
     sizes = {}
     for method in ('diag', 'expsm_diag'):
         net = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=model, seed=0)
-        trainer = training.Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
+        trainer = Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
         assert memory_report.n_params(cfg) == models.count_params(net)
         algo = trainer.algo
         states = list(algo.etrace_bwg.values()) if method == 'diag' else \
@@ -208,7 +208,7 @@ def test_brainscale_speedups_give_brainscale_gradients(method, kind):
     for fast in (False, True):
         brainscale_adapter.adapt_brainscale(speedups=fast)
         net, n_out = build(kind)
-        trainer = training.Trainer(net, method, N_IN, B, etrace_decay=0.9)
+        trainer = Trainer(net, method, N_IN, B, etrace_decay=0.9)
         before = dict(brainscale_adapter.STATS)
         xs, labels, ws = data(n_out)
         grads[fast] = trainer.gradients(xs, labels, ws)
@@ -223,7 +223,7 @@ def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
     """A D-RTRL gradient read (_param_dim_solve) that falls back to brainscale's code is counted."""
     monkeypatch.delenv('BRAINSCALE_SPEEDUPS', raising=False)
     net, n_out = build('lif-delta')
-    trainer = training.Trainer(net, 'diag', N_IN, B)
+    trainer = Trainer(net, 'diag', N_IN, B)
     real = brainscale_adapter._plain_dense
 
     def plain_dense_but_not_in_solve(relation, mode):  # the 2nd call of each trace: the gradient read
@@ -270,7 +270,7 @@ def test_bptt_layer_by_layer_equals_step_by_step(kind, reset, detach):
                                              seed=3), 3
         net = net if layered else PerStep(net)
         assert hasattr(net, 'run_sequence') == layered
-        trainer = training.Trainer(net, 'bptt', N_IN, B)
+        trainer = Trainer(net, 'bptt', N_IN, B)
         xs, labels, ws = data(n_out, seed=1)
         grads[layered] = trainer.gradients(xs, labels, ws)
     assert_same(grads[False], grads[True])

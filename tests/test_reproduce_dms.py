@@ -6,12 +6,14 @@ import os
 import numpy as np
 
 import utils
+
+from rsnn import run_folder
 from conftest import ROOT, load_script
 
 
 def test_demo_preset_is_the_papers_task():
     dms = load_script('task-rsnn-long-term-dependency.py')
-    args = utils.parse_args(dms.build_parser(), ['--preset', 'cpu-demo'], dms.PRESETS)
+    args = run_folder.parse_args(dms.build_parser(), ['--preset', 'cpu-demo'], dms.PRESETS)
     paper = dict(t_delay=1000., t_sample=500., t_test=500., t_fixation=10., dt=1., tau_neu=100., tau_syn=100.,
                  tau_I2=1500., A2=1., n_rec=200, ff_scale=6., rec_scale=2., spk_fun='relu', lr=1e-3,
                  optimizer='adam', method='expsm_diag', etrace_decay=0.99, lr_schedule='constant')
@@ -19,7 +21,7 @@ def test_demo_preset_is_the_papers_task():
     assert args.batch_size == 32 and args.n_test_trials == 512 and args.devices == 'cpu'
     assert args.acc_th == 0.98 and args.acc_th_window == 50 and args.epochs == 40
     # an explicit flag beats the preset
-    args = utils.parse_args(dms.build_parser(), ['--preset', 'cpu-demo', '--t_delay', '500'], dms.PRESETS)
+    args = run_folder.parse_args(dms.build_parser(), ['--preset', 'cpu-demo', '--t_delay', '500'], dms.PRESETS)
     assert args.t_delay == 500. and args.n_rec == 200
 
 

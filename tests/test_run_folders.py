@@ -15,6 +15,7 @@ import pytest
 
 from rsnn import train_loop
 import utils
+from rsnn import run_folder
 from conftest import ROOT, load_script
 from test_dms import TINY_FLAGS, interrupt_at_call, read_metrics, run_cli, lines_besides_usage
 
@@ -70,7 +71,7 @@ def test_a_new_folder_is_marked_and_a_start_over_removes_only_run_files(dms_scri
         interrupt_at_call(m, 2)  # Ctrl-C in the 2nd batch of epoch 1: no checkpoint yet, batch 1 logged
         with pytest.raises(KeyboardInterrupt):
             dms_script.main(TINY_FLAGS + ['--epochs', '1', '--out_dir', run_dir])
-    assert os.path.isfile(os.path.join(run_dir, utils.RUN_MARKER)) and batch_numbers(run_dir) == [1]
+    assert os.path.isfile(os.path.join(run_dir, run_folder.RUN_MARKER)) and batch_numbers(run_dir) == [1]
     with open(os.path.join(run_dir, 'notes.txt'), 'w') as f:
         f.write('a file of the user')
     assert dms_script.main(['--resume', run_dir]) == 0
@@ -88,15 +89,15 @@ def start_blocked_run(run_dir, ready, go, argv):
     child = textwrap.dedent(f'''
         import os, sys, time
         sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-        from rsnn import trainer as training
+        from rsnn.trainer import Trainer
         from conftest import load_script
-        real = training.Trainer.train_step
+        real = Trainer.train_step
         def step(self, *a):
             open({ready!r}, 'a').close()
             while not os.path.exists({go!r}):
                 time.sleep(0.05)
             return real(self, *a)
-        training.Trainer.train_step = step
+        Trainer.train_step = step
         sys.exit(load_script('task-rsnn-long-term-dependency.py').main({argv!r}))
     ''')
     proc = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -261,7 +262,7 @@ def finished_run(tmp_path_factory, dms_script):
 
 def edited_copy(run_dir, tmp_path, edit):
     copy = str(tmp_path / 'copy')
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(utils.RUN_LOCK))
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(run_folder.RUN_LOCK))
     path = os.path.join(copy, 'config.json')
     text = open(path).read()
     with open(path, 'w') as f:

@@ -15,7 +15,7 @@ import datasets
 from rsnn import dms_stream
 import models
 from rsnn import stream_protocol
-from rsnn import trainer as training
+from rsnn.trainer import Trainer, stream_objective
 import utils
 from conftest import ROOT
 
@@ -29,7 +29,7 @@ def build(method, reset_per_trial=False, seed=0, trace_chunk=1, protocol='stream
     brainstate.environ.set(dt=1.)
     model = models.DMSNet(CFG.n_input, 12, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                           rec_scale=2., syn_gain=1., seed=seed)
-    trainer = training.Trainer(model, method, CFG.n_input, B, etrace_decay=0.9, trace_chunk=trace_chunk,
+    trainer = Trainer(model, method, CFG.n_input, B, etrace_decay=0.9, trace_chunk=trace_chunk,
                                protocol=protocol, reset_per_trial=reset_per_trial)
     return trainer, trainer
 
@@ -114,7 +114,7 @@ def test_tbptt_gradient_is_zero_for_inputs_before_the_window():
     def window_loss(x0, cut):
         brainstate.nn.reset_all_states(model, B)
         brainstate.transform.for_loop(lambda x: model(x), x0)   # the previous window: states depend on x0
-        objective = training.stream_objective('cel')
+        objective = stream_objective('cel')
         if cut:
             return st.rule.gradients(jnp.asarray(c1.xs, jnp.float32), (c1.labels, c1.weights), objective).loss
         losses = brainstate.transform.for_loop(

@@ -30,7 +30,7 @@ Exact in real arithmetic; in float32 the sums are ordered differently (tests/tes
 cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
 
 The networks' neuron updates as pure functions: `LayerCell` uses the layers' `step` (the pure
-form of models.LIFDeltaLayer.update and models.GIFExpLayer.update that BPTT's run_sequence also uses). The tests compare against brainscale running the models' stateful `update`, so a change there that
+form of models.RecurrentLIFLayer.update and models.GIFExpLayer.update that BPTT's run_sequence also uses). The tests compare against brainscale running the models' stateful `update`, so a change there that
 is not made in the pure form fails them.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from rsnn import recurrence
 
 
 class LayerCell:
-    """A recurrent layer of models.py (LIFDeltaLayer: LIF / ALIF, delta or exponential current synapse;
+    """A recurrent layer of models.py (RecurrentLIFLayer: LIF / ALIF, delta or exponential current synapse;
     GIFExpLayer: the DMS network's layer, whose output is V) as a pure function of its states `names`."""
 
     def __init__(self, layer, names):
@@ -73,7 +73,7 @@ class LayerCell:
 
 def network_cells(model):
     """(cells, readout input function) of a supported network, or None."""
-    if isinstance(model, models.SpikingStack) and all(type(l) is models.LIFDeltaLayer for l in model.layers):
+    if isinstance(model, models.SpikingStack) and all(type(l) is models.RecurrentLIFLayer for l in model.layers):
         return [LayerCell(l, l.state_names()) for l in model.layers], lambda s: s
     if isinstance(model, models.DMSNet) and type(model.rec) is models.GIFExpLayer:
         return [LayerCell(model.rec, model.rec.state_names())], models.standardize
