@@ -212,7 +212,7 @@ def speed_targets(rows: list) -> dict:
         if common:
             T = common[-1]
             ratio = ok[(method, T)]['step_s'] / ok[('bptt', T)]['step_s']
-            out[key[0] if key[1] is None else f'{key[0]} K={key[1]}'] = dict(method=key[0], K=key[1], T=T, value=ratio, target=f'<= {limit:g}', met=ratio <= limit)
+            out[key] = dict(T=T, value=ratio, target=f'<= {limit:g}', met=ratio <= limit)
     return out
 
 
