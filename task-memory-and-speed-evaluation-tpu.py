@@ -2,6 +2,11 @@
 
     python task-memory-and-speed-evaluation-tpu.py                      # the whole sweep, best device
     python task-memory-and-speed-evaluation-tpu.py --methods bptt,diag --lengths 50,100
+    python task-memory-and-speed-evaluation-tpu.py --analysis_only --preset paper   # XLA's analysis, no step run
+
+The online methods are measured in two configurations, each a row with its trace_chunk: K = 1
+(brainscale step by step, the paper's algorithm: the least memory) and the default, `auto` (K steps at a
+time for speed, K chosen so that its K-step buffers fit a budget: utils.auto_trace_chunk).
 
 On a GPU or TPU the default is the paper's network (3 x 512 LIF-delta, 32768 binary inputs with
 p = 0.1, 11 classes, batch 128, T = 50 ... 1000); on a CPU a scaled preset (docs/memory-and-speed.md).
@@ -25,7 +30,7 @@ import utils
 from rsnn import run_folder
 from rsnn import methods
 from rsnn.memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
-                           write_outputs)
+                                write_outputs)
 
 SCRIPT = os.path.abspath(__file__)
 RESULT_TAG = '@@MEMSPEED_RESULT@@ '
@@ -62,6 +67,17 @@ def devices_flag(text: str) -> str:
         except utils.UserError as e:
             raise utils.UserError(str(e).replace("'all' or 'cpu'", "'all', 'cpu' or 'auto'"))
     return text
+
+
+def chunk_list(text: str):
+    """--trace_chunk for the sweep: a comma list of K values ('auto' or positive integers)."""
+    try:
+        values = [utils.trace_chunk_arg(v) for v in str(text).split(',') if v.strip()]
+    except (ValueError, argparse.ArgumentTypeError, utils.UserError):
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of 'auto' and positive integers, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def length_list(text: str):
@@ -108,9 +124,16 @@ def build_parser():
                    help='ES-D-RTRL decay in (0,1) or integer rank')
     p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
-    p.add_argument('--trace_chunk', type=utils.positive_int, default=None,
-                   help='online methods: time steps per chunk of the eligibility traces (1 = brainscale step '
-                        'by step; default: the training default, see docs/chunked-traces.md)')
+    p.add_argument('--trace_chunk', type=chunk_list, default='1,auto',
+                   help="online methods: comma list of the K to measure each at (time steps per chunk of the "
+                        "eligibility traces): 1 = brainscale step by step, the paper's algorithm (least memory); "
+                        "auto = the training default (the largest K <= 64 whose K-step buffers fit the budget of "
+                        "utils.auto_trace_chunk; docs/memory-and-speed.md); one row per method, T and distinct K. "
+                        "Default: 1,auto")
+    p.add_argument('--analysis_only', action='store_true',
+                   help="compile each (method, T, K) against abstract shapes and record XLA's memory analysis "
+                        "without running a step and without allocating the input or the chunked traces (any "
+                        "size on a CPU; brainscale's K = 1 path still allocates its traces when it is built)")
     p.add_argument('--devices', type=devices_flag, default='auto',
                    help="auto = the first GPU/TPU if there is one, else the CPU; 'cpu'; an accelerator index; or "
                         "a comma list of indices / 'all': the batch split across several devices (memory per device)")
@@ -246,9 +269,77 @@ def device_peaks_mb(devices) -> list:
     return peaks
 
 
+def tree_mb(tree) -> float:
+    import jax
+    return sum(getattr(l, 'nbytes', 0) for l in jax.tree.leaves(tree)) / MB
+
+
+def memory_parts(row: dict, ma, fixed_mb: float, limit):
+    """XLA's memory analysis into the row: arguments, outputs, temporaries, aliased; the step without the input
+    (step_mb); the weights and optimizer state in and out (fixed_mb, every method the same) and what is
+    left, the method's own memory (method_mb); OOM against `limit` (MB) as the row's status."""
+    row.update(xla_args_mb=ma.argument_size_in_bytes / MB, xla_out_mb=ma.output_size_in_bytes / MB,
+               xla_alias_mb=ma.alias_size_in_bytes / MB, xla_temp_mb=ma.temp_size_in_bytes / MB)
+    total = row['xla_args_mb'] + row['xla_out_mb'] + row['xla_temp_mb'] - row['xla_alias_mb']
+    row['total_mb'] = total
+    row['step_mb'] = total - row['input_mb']
+    row['weights_opt_mb'] = fixed_mb
+    row['method_mb'] = row['step_mb'] - fixed_mb
+    if limit and total > limit:
+        row.update(status='OOM', reason=f'compiled step needs {total:.1f} MB > --memory_limit_mb {limit:g}')
+        return True
+    return False
+
+
+def analyse(cfg: dict) -> dict:
+    """--analysis_only: build the network and the Trainer, lower and compile the training step against
+    abstract shapes (jax.ShapeDtypeStruct: no input and no chunked trace is allocated) and record XLA's
+    memory analysis. Nothing runs."""
+    row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'))
+    import brainstate
+    import jax
+    import jax.numpy as jnp
+    import models
+    from rsnn.trainer import Trainer
+    row['rss_base_mb'] = utils.peak_rss_mb()
+    devices = pick_devices(cfg['devices'])
+    row.update(platform=devices[0].platform, device=utils.devices_name(devices), n_devices=len(devices))
+    brainstate.environ.set(dt=1.)
+    T, B = cfg['T'], cfg['batch_size']
+    t0 = time.perf_counter()
+    model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
+                                seed=cfg['seed'])
+    trainer = Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'],
+                               devices=devices, trace_chunk=cfg.get('trace_chunk'),
+                               rule_options=dict(abstract_traces=True))
+    row['trace_chunk'] = min(trainer.trace_chunk, T)
+    row['setup_s'] = time.perf_counter() - t0
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    args = (spec((T, B, cfg['n_in']), jnp.float32), spec((B,), jnp.int32), spec((B,), jnp.float32),
+            spec((T,), jnp.float32))
+    n_dev = len(devices)
+    row['input_mb'] = (4. * T * B * cfg['n_in'] / n_dev + 4. * T) / MB
+    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
+    t0 = time.perf_counter()
+    state_trace = stateful.get_state_trace(trainer.opt_state, *args, compile_if_miss=True)
+    abstract = lambda tree: jax.tree.map(lambda v: spec(v.shape, v.dtype) if hasattr(v, 'shape') else v, tree)
+    compiled = jit_fun.lower(abstract(state_trace.get_state_values()), trainer.opt_state, *args).compile()
+    row['compile_s'] = time.perf_counter() - t0
+    fixed = 2. * (tree_mb(trainer.opt_state) + tree_mb(trainer.param_values()))  # in and out of the step
+    ma = compiled.memory_analysis()
+    if ma is None:
+        row.update(status='error', reason='this backend gives no memory analysis')
+    elif not memory_parts(row, ma, fixed, cfg.get('memory_limit_mb')):
+        row.update(status='ok', reason='compiled only (--analysis_only)')
+    row['peak_rss_mb'] = utils.peak_rss_mb()
+    return row
+
+
 def measure(cfg: dict) -> dict:
     """Build, compile and time one training step of `Trainer`; returns a result row."""
-    row = dict(method=cfg['method'], T=cfg['T'])
+    if cfg.get('analysis_only'):
+        return analyse(cfg)
+    row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'))
     import brainstate
     import jax
     import numpy as np
@@ -294,14 +385,9 @@ def measure(cfg: dict) -> dict:
 
     ma = compiled.memory_analysis()
     if ma is not None:
-        row.update(xla_args_mb=ma.argument_size_in_bytes / MB, xla_out_mb=ma.output_size_in_bytes / MB,
-                   xla_alias_mb=ma.alias_size_in_bytes / MB, xla_temp_mb=ma.temp_size_in_bytes / MB)
-        total = row['xla_args_mb'] + row['xla_out_mb'] + row['xla_temp_mb'] - row['xla_alias_mb']
-        row['step_mb'] = total - row['input_mb']
-        limit = cfg.get('memory_limit_mb')
-        if limit and total > limit:
-            row.update(status='OOM', reason=f'compiled step needs {total:.1f} MB > --memory_limit_mb {limit:g}',
-                       peak_rss_mb=utils.peak_rss_mb())
+        fixed = 2. * (tree_mb(trainer.opt_state) + tree_mb(trainer.param_values()))  # in and out of the step
+        if memory_parts(row, ma, fixed, cfg.get('memory_limit_mb')):
+            row['peak_rss_mb'] = utils.peak_rss_mb()
             return row
 
     t0 = time.perf_counter()
@@ -327,7 +413,8 @@ def worker_main(cfg_json: str) -> int:
         row = measure(cfg)
     except BaseException as e:  # a failed measurement is a result row
         text = f'{type(e).__name__}: {e}'
-        row = dict(method=cfg['method'], T=cfg['T'], status=classify_failure(text), reason=one_line(text))
+        row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'),
+                   status=classify_failure(text), reason=one_line(text))
     print(RESULT_TAG + json.dumps(row), flush=True)
     return 0
 
@@ -425,10 +512,19 @@ def resolve_config(args, platform: str) -> dict:
     for key in ('batch_size', 'n_in', 'n_rec', 'n_layer', 'n_out', 'repeats', 'methods', 'lengths'):
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
-               trace_chunk=args.trace_chunk, devices=resolve_devices(args.devices, platform),
-               timeout=args.timeout,
+               trace_chunks=args.trace_chunk, analysis_only=bool(args.analysis_only),
+               devices=resolve_devices(args.devices, platform), timeout=args.timeout,
                memory_limit_mb=args.memory_limit_mb)
     return cfg
+
+
+def sweep_plan(cfg: dict) -> list:
+    """(method, K) in the order of the sweep: BPTT once, each online method at each K of --trace_chunk."""
+    plan = []
+    for method in cfg['methods']:
+        ks = cfg['trace_chunks'] if methods.get(method).chunked else [None]
+        plan += [(method, K) for K in ks]
+    return plan
 
 
 def run_sweep(args, out_dir: str) -> dict:
@@ -457,26 +553,36 @@ def run_sweep(args, out_dir: str) -> dict:
           f"{n_params(cfg)} weights; T in {cfg['lengths']}; methods {cfg['methods']}; "
           f"median of {cfg['repeats']} steps; run folder {out_dir}", flush=True)
     rows = []
-    for method in cfg['methods']:
+    for method, K in sweep_plan(cfg):
         for T in cfg['lengths']:
-            payload = dict(cfg, method=method, T=T)
+            payload = dict(cfg, method=method, T=T, trace_chunk=K)
             t0 = time.perf_counter()
             result, failure = run_child('--_worker', payload, cfg['timeout'], cfg['devices'])
-            row = complete_row(result or dict(method=method, T=T, **failure), cfg, probe_info)
+            row = complete_row(result or dict(method=method, T=T, trace_chunk_requested=K, **failure), cfg,
+                               probe_info)
+            if any(r['method'] == method and r['T'] == T and r.get('trace_chunk') == row.get('trace_chunk')
+                   and r['status'] == row['status'] for r in rows):
+                continue  # two K of --trace_chunk that came to the same K (auto = 1 where no chunked path)
             rows.append(row)
             write_outputs(out_dir, cfg, probe_info, rows)
-            if row['status'] == 'ok':
+            K_txt = f" K={row.get('trace_chunk') or K}" if methods.get(method).chunked else ''
+            if cfg.get('analysis_only') and row['status'] == 'ok':
+                msg = (f"compiled only: step memory {fmt(row['step_mb'], '.4g')} MB (method's own "
+                       f"{fmt(row['method_mb'], '.4g')} MB, weights and Adam {fmt(row['weights_opt_mb'], '.4g')} MB, "
+                       f"input {fmt(row['input_mb'], '.4g')} MB), compile {row['compile_s']:.2g} s, peak RSS "
+                       f"{fmt(row.get('peak_rss_mb'), '.4g')} MB")
+            elif row['status'] == 'ok':
                 msg = (f"step {row['step_s']:.4g} s ({row['ms_per_time_step']:.3g} ms per time step, "
                        f"{row['gflops']:.1f} GFLOP/s), compile {row['compile_s']:.2g} s, step memory "
                        f"{fmt(row['step_mb'], '.4g')} MB (predicted state {row['predicted_state_mb']:.4g} MB)")
             else:
                 msg = f"{row['status']}: {row['reason']}"
-            print(f"{methods.title(method):>9} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+            print(f"{methods.title(method):>9}{K_txt} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     probe_info['load_avg_end'] = load_average()
     targets = speed_targets(rows)
     growth = memory_growth(rows)
     write_outputs(out_dir, cfg, probe_info, rows, dict(speed=targets, memory_growth=growth))
-    table = markdown_table(rows)
+    table = markdown_table(rows, cfg.get('analysis_only'))
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write(table + '\n')
     if not args.no_plot:
@@ -484,8 +590,9 @@ def run_sweep(args, out_dir: str) -> dict:
     print()
     print(table)
     print()
-    for method, g in growth.items():
-        print(f"memory {methods.title(method)}: {g['mb_T_min']:.4g} MB at T={g['T_min']} -> {g['mb_T_max']:.4g} MB "
+    for g in growth.values():
+        method, K = g['method'], g['K']
+        print(f"memory {methods.title(method)}{'' if K is None else f' K={K}'}: {g['mb_T_min']:.4g} MB at T={g['T_min']} -> {g['mb_T_max']:.4g} MB "
               f"at T={g['T_max']} (x{g['ratio']:.2f}; {g['mb_per_step']:.3g} MB per time step, predicted state "
               f"{g['predicted_mb_per_step']:.3g})")
     for key, t in targets.items():

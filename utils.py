@@ -1,10 +1,11 @@
 """What every part of the repository needs and nothing that trains: the one-line error (UserError), the
-name lists (methods, surrogates, models), the flag validators and the shared parser, the run folder, device
-choice, and CSV/JSON writing.
+name lists (surrogates, models; the methods are the table of rsnn/methods.py), the flag validators and the
+shared parser, device choice, the memory check and CSV/JSON writing.
 
-It imports nothing of the project but the table of methods (rsnn/methods.py) and no jax at module level (jax only inside the device functions), so
-that `--help` and argument errors answer at once, before several seconds of imports. The training code is
-in training.py (the Trainer), train_loop.py (the epoch loop) and checkpoints.py (what a run writes).
+It imports nothing of the project but the table of methods and no jax at module level (jax only inside the
+device functions), so that `--help` and argument errors answer at once, before several seconds of imports.
+What a run folder is (marker, lock, the resume's config, checkpoints) is rsnn/run_folder.py; the Trainer is
+rsnn/trainer.py, the loop rsnn/train_loop.py.
 """
 from __future__ import annotations
 
@@ -24,9 +25,42 @@ VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
 SURROGATE_NAMES = ('arctan', 'gaussian', 'multi_gaussian', 'piecewise_quadratic', 'relu', 'sigmoid', 'slayer')
 # The recurrent layers of the image networks (models.SpikingStack); the --model choices.
 MODEL_NAMES = ('lif-delta', 'alif-delta', 'lif-exp-cu')
-# --trace_chunk's default: the online methods' traces this many steps at a time, the K measured fastest
-# here (chunked_traces.py; docs/chunked-traces.md).
+# --trace_chunk: the largest K (the K measured fastest here, docs/chunked-traces.md) and the default, `auto`:
+# the largest power of two K <= DEFAULT_TRACE_CHUNK whose K-step buffers (estimated by auto_trace_chunk)
+# fit a memory budget, so that the chunks' speed never costs more memory than the rule's own state
+# (docs/memory-and-speed.md#trace_chunk-auto).
 DEFAULT_TRACE_CHUNK = 64
+AUTO_CHUNK_BUDGET_MB = 192.      # ES-D-RTRL: the K-step buffers of auto at most this;
+AUTO_CHUNK_TRACE_FRACTION = 0.3  # D-RTRL: at most this fraction of its traces (its step <= 1.3 x step by step's)
+AUTO_CHUNK_FLOOR_MB = 32.        # ... but never less than this (small networks keep K = 64)
+BUFFER_FLOATS_PER_STEP = 3       # floats per input and per hidden state and sample that a chunk keeps per step
+
+
+def auto_trace_chunk(method: str, relations, batch: int) -> int:
+    """The K of `--trace_chunk auto` for an online method on a network whose weight relations are
+    `relations` [(n_in, n_out, S), ...] (layers..., readout), per device batch `batch`. The chunk keeps per
+    step, per sample, about BUFFER_FLOATS_PER_STEP floats per input and per hidden state of every relation
+    (the inputs, previous states, weight outputs, D, df, L, ...; measured against XLA's analysis in
+    docs/memory-and-speed.md); K is the largest power of two <= DEFAULT_TRACE_CHUNK whose buffers fit
+    AUTO_CHUNK_BUDGET_MB (ES-D-RTRL) or AUTO_CHUNK_TRACE_FRACTION of the traces (D-RTRL, at least
+    AUTO_CHUNK_FLOOR_MB: its traces dominate its step anyway, and fewer, longer chunks stream them less).
+    No jax: the memory command's parent calls it too."""
+    per_step = 4. * BUFFER_FLOATS_PER_STEP * batch * sum(n_in + n_out * S for n_in, n_out, S in relations)
+    budget = AUTO_CHUNK_BUDGET_MB * 2 ** 20
+    if method == 'diag':
+        traces = 4. * batch * sum((n_in + 1) * n_out * S for n_in, n_out, S in relations)
+        budget = max(AUTO_CHUNK_FLOOR_MB * 2 ** 20, AUTO_CHUNK_TRACE_FRACTION * traces)
+    K = 1
+    while 2 * K <= DEFAULT_TRACE_CHUNK and 2 * K * per_step <= budget:
+        K *= 2
+    return K
+
+
+def trace_chunk_arg(text):
+    """--trace_chunk: 'auto' or a positive integer K."""
+    if str(text).strip().lower() == 'auto':
+        return 'auto'
+    return positive_int(text)
 
 
 class UserError(Exception):
@@ -108,10 +142,12 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='ES-D-RTRL smoothing: a decay in (0,1), or an integer rank r (decay (r-1)/(r+1))')
     g.add_argument('--vjp_time', choices=sorted(VJP_METHODS), default='t',
                    help="online VJP: t = brainscale 'single-step', t_minus_1 = 'multi-step'")
-    g.add_argument('--trace_chunk', type=positive_int, default=None, metavar='K',
+    g.add_argument('--trace_chunk', type=trace_chunk_arg, default=None, metavar='K',
                    help='online methods: the eligibility traces K time steps at a time, with the same gradient '
-                        '(docs/chunked-traces.md); 1 = brainscale step by step; default (None): '
-                        f'{DEFAULT_TRACE_CHUNK} for the networks of this repository with --vjp_time t on one '
+                        '(docs/chunked-traces.md); 1 = brainscale step by step (the least memory); auto = the '
+                        f'largest power of two K <= {DEFAULT_TRACE_CHUNK} whose K-step buffers fit '
+                        f'{AUTO_CHUNK_BUDGET_MB:g} MB (ES-D-RTRL) or {AUTO_CHUNK_TRACE_FRACTION:g} x the traces (D-RTRL); '
+                        'default (None): auto for the networks of this repository with --vjp_time t on one '
                         'device, else 1')
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')

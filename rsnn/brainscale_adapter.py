@@ -1,6 +1,6 @@
 """Every change this repository makes to brainscale 0.1.0, behind one call: `adapt_brainscale()`.
 
-training.py calls it once, when it is imported, before any brainscale algorithm is built. brainscale looks the patched
+The rules that use brainscale (rsnn/rules/d_rtrl.py, es_d_rtrl.py) call it once, when they are imported, before any algorithm is built. brainscale looks the patched
 functions up when a step is traced, so a call changes the steps traced after it (steps compiled earlier
 keep what they were traced with). Each call sets the state it asks for (idempotent; cheap to repeat).
 Nothing in jax itself is changed, only names inside brainscale's own modules; the originals are kept

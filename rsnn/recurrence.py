@@ -74,7 +74,7 @@ recurrent_scan.defvjp(_recurrent_scan_fwd, _recurrent_scan_bwd)
 
 @contextlib.contextmanager
 def batch_split_over_devices():
-    """Trace the products below for a batch axis split over several devices (training.Trainer with a mesh):
+    """Trace the products below for a batch axis split over several devices (rsnn.trainer.Trainer with a mesh):
     as 3-D einsums, which GSPMD keeps split. Their 2-D form, faster on one CPU, merges T with the split batch
     axis, and every device would then hold the whole batch's (T, B, ...) arrays (measured: per-device BPTT
     memory 0.77 of one device's instead of 0.53; tests/test_multi_device.py)."""

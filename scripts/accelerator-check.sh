@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One run for a machine with a GPU (or TPU): installs the environment that fits the machine's jax, runs
-# the test suite, the memory sweep at the paper's size for T = 100, 400, 1000 (BPTT, ES-D-RTRL, D-RTRL;
-# an out-of-memory is a row), and the README's DMS BPTT and ES-D-RTRL commands at batch 128 towards
+# the test suite, the memory sweep at the paper's size for T = 100, 400, 1000 (BPTT, ES-D-RTRL, D-RTRL, the
+# online methods at K = 1 and the default --trace_chunk auto; an out-of-memory is a row), XLA's compiled
+# memory analysis of the same steps (--analysis_only, nothing run: the memory_analysis step, beside the
+# measured device peaks), and the README's DMS BPTT and ES-D-RTRL commands at batch 128 towards
 # acc_th 0.95, capped at --epochs 20 --batches_per_epoch 25. Every step has a wall-clock cap, so that
 # the whole check takes at most about 10 minutes of device time after the install (the caps below).
 # Everything lands in one folder, results/accelerator-check-<timestamp>/ (or $OUT): one log per step,
@@ -12,7 +14,7 @@
 #
 # Environment: PY (the python to use; default .venv/bin/python, created when missing), PYTHON (the
 # interpreter that creates .venv, default python3), OUT, TINY, and the caps in seconds TESTS_S (150),
-# SWEEP_S (210), DMS_S (120 for each of the two runs). The exit code is 1 when a step failed.
+# SWEEP_S (210), ANALYSIS_S (150), DMS_S (120 for each of the two runs). The exit code is 1 when a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,7 @@ PY=${PY:-$VENV/bin/python}
 PYTHON=${PYTHON:-python3}
 TESTS_S=${TESTS_S:-150}
 SWEEP_S=${SWEEP_S:-210}
+ANALYSIS_S=${ANALYSIS_S:-150}
 DMS_S=${DMS_S:-120}
 mkdir -p "$OUT"
 FAILED=()
@@ -106,14 +109,16 @@ DMS_ES="--epochs 2000 --method expsm_diag --etrace_decay 0.99 --vjp_time t --dat
   --tau_I2 1500 --tau_neu 100 --tau_syn 100 --n_rec 200 --lr 0.001 --A2 1 --optimizer adam --devices 3
   --t_fixation 10. --spk_fun relu --acc_th 0.95 --n_data_worker 4 --dt 1. --ff_scale 6 --rec_scale 2"
 DMS_CAP="--batch_size 128 --epochs 20 --batches_per_epoch 25 --n_test_trials 512 --no_progress"
-SWEEP="--preset paper --lengths 100,400,1000 --repeats 2 --timeout 100"
+SWEEP="--preset paper --lengths 100,400,1000 --repeats 2 --timeout 100 --trace_chunk 1,auto"
+ANALYSIS="--preset paper --lengths 100,400,1000 --trace_chunk 1,auto --analysis_only --timeout 100"
 TESTS=(tests)
 if [ "$TINY" = 1 ]; then
     DMS_CAP="$DMS_CAP --devices cpu --t_fixation 5 --t_sample 20 --t_delay 20 --t_test 20 --n_rec 16
       --batch_size 8 --epochs 2 --batches_per_epoch 3 --n_test_trials 16 --n_data_worker 0
       --tau_neu 20 --tau_syn 20 --tau_I2 100"
     SWEEP="--preset cpu --lengths 4 --n_in 20 --n_rec 16 --n_layer 1 --n_out 3 --batch_size 4 --repeats 1
-      --devices cpu --timeout 60"
+      --devices cpu --timeout 60 --trace_chunk 1,auto"
+    ANALYSIS="$SWEEP --analysis_only"
     TESTS=()   # the test step is skipped at toy size (CI runs the suite itself)
 fi
 
@@ -128,12 +133,15 @@ fi
 # shellcheck disable=SC2086
 step memory_sweep "$SWEEP_S" "$PY" task-memory-and-speed-evaluation-tpu.py $SWEEP --out_dir "$OUT/memory_speed"
 # shellcheck disable=SC2086
+step memory_analysis "$ANALYSIS_S" "$PY" task-memory-and-speed-evaluation-tpu.py $ANALYSIS --out_dir "$OUT/memory_analysis"
+# shellcheck disable=SC2086
 step dms_bptt "$DMS_S" "$PY" task-rsnn-long-term-dependency.py $DMS_BPTT $DMS_CAP --out_dir "$OUT/dms-bptt"
 # shellcheck disable=SC2086
 step dms_expsm_diag "$DMS_S" "$PY" task-rsnn-long-term-dependency.py $DMS_ES $DMS_CAP --out_dir "$OUT/dms-expsm_diag"
 step results_table 60 "$PY" scripts/results_table.py "$OUT"
 
 [ -f "$OUT/memory_speed/results.md" ] && { echo; cat "$OUT/memory_speed/results.md"; } | tee -a "$OUT/check.log"
+[ -f "$OUT/memory_analysis/results.md" ] && { echo; cat "$OUT/memory_analysis/results.md"; } | tee -a "$OUT/check.log"
 [ -f "$OUT/results.md" ] && { echo; cat "$OUT/results.md"; } | tee -a "$OUT/check.log"
 if [ ${#FAILED[@]} -gt 0 ]; then
     log "done: FAILED steps: ${FAILED[*]}; every result and log is in $OUT"

@@ -21,14 +21,16 @@ def test_accelerator_check_runs_at_tiny_size(tmp_path):
     seconds = time.time() - t0
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     log = (out / 'check.log').read_text()
-    for step in ('install: skipped', 'tests: skipped', 'memory_sweep: ok', 'dms_bptt: ok', 'dms_expsm_diag: ok',
+    for step in ('install: skipped', 'tests: skipped', 'memory_sweep: ok', 'memory_analysis: ok', 'dms_bptt: ok', 'dms_expsm_diag: ok',
                  'results_table: ok', 'done: every step ok'):
         assert step in log, (step, log)
     assert 'devices [CpuDevice(id=0)]' in (out / 'machine.txt').read_text()
-    with open(out / 'memory_speed' / 'results.csv') as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(r['method'] for r in rows) == ['bptt', 'diag', 'expsm_diag']
-    assert all(r['status'] == 'ok' and r['T'] == '4' for r in rows), rows
+    for folder in ('memory_speed', 'memory_analysis'):  # the online methods at K = 1 and auto (K = T = 4 here)
+        with open(out / folder / 'results.csv') as f:
+            rows = list(csv.DictReader(f))
+        assert sorted((r['method'], r['trace_chunk']) for r in rows) == [
+            ('bptt', '1'), ('diag', '1'), ('diag', '4'), ('expsm_diag', '1'), ('expsm_diag', '4')], rows
+        assert all(r['status'] == 'ok' and r['T'] == '4' for r in rows), rows
     for method in ('bptt', 'expsm_diag'):
         summary = json.load(open(out / f'dms-{method}' / 'summary.json'))
         config = json.load(open(out / f'dms-{method}' / 'config.json'))

@@ -295,3 +295,60 @@ def test_a_second_sweep_into_one_out_dir_is_refused(mem_script, tmp_path):
     with pytest.raises(utils.UserError, match='already holds a sweep'):
         mem_script.run_sweep(args, str(out))
     assert (out / 'results.csv').read_text() == 'method,T,status\nbptt,25,ok\n'
+
+
+# --------------------------------------------------------------------------------------------
+# Both configurations of the online methods (K = 1 and the chunked default), --analysis_only
+# --------------------------------------------------------------------------------------------
+
+SMALL = dict(devices='cpu', batch_size=8, n_in=64, n_rec=32, n_layer=2, n_out=11, model='lif-delta', seed=0,
+             etrace_decay=0.9, density=0.1, repeats=1, memory_limit_mb=None, analysis_only=True)
+
+
+def test_analysis_only_shapes_of_both_configurations(mem_script):
+    """--analysis_only at T 25 and 200 (compiled against abstract shapes, nothing run): K = 1 (brainscale step by
+    step) within 1.2x between the lengths, a chunked K = 8 (T >= 2K) within 1.05x, BPTT >= 3x; the parts add up."""
+    step = {}
+    for method, K in (('bptt', None), ('expsm_diag', 1), ('diag', 1), ('expsm_diag', 8), ('diag', 8)):
+        for T in (25, 200):
+            r = mem_script.measure(dict(SMALL, method=method, T=T, trace_chunk=K))
+            assert r['status'] == 'ok' and r['reason'].startswith('compiled only'), r
+            assert 'step_s' not in r and r['trace_chunk'] == (K or 1)
+            assert r['step_mb'] == pytest.approx(r['xla_args_mb'] + r['xla_out_mb'] + r['xla_temp_mb']
+                                                 - r['xla_alias_mb'] - r['input_mb'])
+            assert r['method_mb'] == pytest.approx(r['step_mb'] - r['weights_opt_mb']) and r['weights_opt_mb'] > 0
+            step[(method, K, T)] = r['step_mb']
+    for method in ('expsm_diag', 'diag'):
+        assert step[(method, 1, 200)] <= 1.2 * step[(method, 1, 25)], step
+        assert abs(step[(method, 8, 200)] - step[(method, 8, 25)]) <= 0.05 * step[(method, 8, 25)], step
+    assert step[('bptt', None, 200)] >= 3 * step[('bptt', None, 25)], step
+
+
+def test_analysis_only_memory_limit_is_an_oom_row(mem_script):
+    r = mem_script.measure(dict(SMALL, method='bptt', T=50, trace_chunk=None, memory_limit_mb=0.5))
+    assert r['status'] == 'OOM' and '--memory_limit_mb 0.5' in r['reason'] and r['step_mb'] > 0
+
+
+def test_chunked_drtrl_holds_its_traces_once():
+    """CPU preset, T 200: D-RTRL's default chunk (auto) needs at most 1.3x the step-by-step path's memory (the
+    traces once, updated in place, plus K-step buffers); ES-D-RTRL's auto keeps K = 64 there (speed)."""
+    mem = load_script('task-memory-and-speed-evaluation-tpu.py')
+    cfg = dict(SMALL, batch_size=32, n_in=2312, n_rec=512, n_layer=3)
+    k1 = mem.measure(dict(cfg, method='diag', T=200, trace_chunk=1))
+    auto = mem.measure(dict(cfg, method='diag', T=200, trace_chunk='auto'))
+    assert auto['trace_chunk'] > 1 and auto['step_mb'] <= 1.3 * k1['step_mb'], (k1['step_mb'], auto['step_mb'])
+    shapes = [(2824, 512, 1), (1024, 512, 1), (1024, 512, 1), (512, 11, 1)]
+    assert utils.auto_trace_chunk('expsm_diag', shapes, 32) == 64
+    # the paper's size: K-step buffers of B x 32768 inputs: auto keeps them small
+    paper = [(33280, 512, 1), (1024, 512, 1), (1024, 512, 1), (512, 11, 1)]
+    assert utils.auto_trace_chunk('expsm_diag', paper, 128) <= 4
+    assert utils.auto_trace_chunk('diag', paper, 128) == 32  # 1.7 GB of buffers beside 9.3 GB of traces
+
+
+def test_trace_chunk_flag_lists_and_auto(mem_script):
+    args = mem_script.parse_args(['--devices', 'cpu'])
+    assert args.trace_chunk == [1, 'auto']
+    assert mem_script.parse_args(['--trace_chunk', 'auto,8,8']).trace_chunk == ['auto', 8]
+    assert utils.trace_chunk_arg('AUTO') == 'auto' and utils.trace_chunk_arg('3') == 3
+    cfg = dict(methods=['bptt', 'diag'], trace_chunks=[1, 'auto'])
+    assert mem_script.sweep_plan(cfg) == [('bptt', None), ('diag', 1), ('diag', 'auto')]

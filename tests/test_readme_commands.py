@@ -143,8 +143,10 @@ def test_memory_command(readme_argv, tmp_path):
     assert script.main(readme_argv[2:] + MEMORY_SIZES + ['--out_dir', out]) == 0
     with open(os.path.join(out, 'results.csv')) as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r['method'], int(r['T'])) for r in rows) == sorted(
-        (m, T) for m in methods.names() for T in MEMORY_LENGTHS)
+    # the online methods in both configurations (--trace_chunk 1,auto, the default): K = 1 and auto
+    assert sorted((r['method'], int(r['T']), r['trace_chunk_requested'] or '-') for r in rows) == sorted(
+        (m, T, K) for m in methods.names() for T in MEMORY_LENGTHS
+        for K in (['1', 'auto'] if methods.get(m).chunked else ['-']))
     for r in rows:
         assert r['status'] == 'ok' and float(r['step_s']) > 0 and float(r['step_mb']) > 0, r
     data = json.load(open(os.path.join(out, 'results.json')))

@@ -112,9 +112,11 @@ def step_by_step(call, model, params: dict, xs, targets, objective: Objective, s
     return Result(grads, loss, wout, outs)
 
 
-def chunk_for(options: RuleOptions, has_chunked_path: bool, why_not: Optional[str]) -> int:
+def chunk_for(options: RuleOptions, has_chunked_path: bool, why_not: Optional[str], auto=None) -> int:
     """The K of --trace_chunk for a rule with a chunked path: K > 1 needs it (why_not None), else 1 (its
-    step-by-step path). `None` means the measured default where K > 1 works, else 1."""
+    step-by-step path). `None` (the default) and 'auto' mean `auto()` (the rule's utils.auto_trace_chunk:
+    the largest K whose buffers fit the budget; DEFAULT_TRACE_CHUNK when the rule gives none) where K > 1
+    works, else 1."""
     if not has_chunked_path:
         why_not = why_not or 'this rule has no chunked path'
     elif options.vjp_time != 't':
@@ -124,8 +126,8 @@ def chunk_for(options: RuleOptions, has_chunked_path: bool, why_not: Optional[st
     elif options.step_hook:
         why_not = 'the reset-per-trial control (--stream_reset 1) resets states inside an update'
     K = options.trace_chunk
-    if K is None:
-        return 1 if why_not else DEFAULT_TRACE_CHUNK
+    if K is None or K == 'auto':
+        return 1 if why_not else (auto() if auto is not None else DEFAULT_TRACE_CHUNK)
     if int(K) < 1:
         raise UserError(f'--trace_chunk must be >= 1, got {K}')
     if int(K) > 1 and why_not:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from rsnn import brainscale_adapter, recurrence
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
-from utils import VJP_METHODS
+from utils import VJP_METHODS, auto_trace_chunk
 
 brainscale_adapter.adapt_brainscale()
 
@@ -34,7 +34,10 @@ class DRTRL(Rule):
             self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
         else:
             self.algo = None
-            self.traces = [brainstate.ShortTermState(t) for t in self.zero_traces()]
+            # abstract_traces (the memory command's --analysis_only): shapes only, nothing allocated; the
+            # compiled step zeroes the traces itself before a batch of trials (reset)
+            zeros = jax.eval_shape(self.zero_traces) if options.extra.get('abstract_traces') else self.zero_traces()
+            self.traces = [brainstate.ShortTermState(t) for t in zeros]
             self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
 
     @staticmethod
@@ -44,7 +47,8 @@ class DRTRL(Rule):
             f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
         if why_not is None and not brainscale_adapter.drtrl_fix_active():
             why_not = "brainscale's own D-RTRL trace rescaling is on"
-        return chunk_for(options, True, why_not)
+        return chunk_for(options, True, why_not, lambda: auto_trace_chunk(
+            'diag', chunks.relation_shapes(model), options.batch_size))
 
     def carried_states(self) -> dict:
         if self.algo is not None:
@@ -81,8 +85,14 @@ class DRTRL(Rule):
     def zero_traces(self) -> list:
         """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout)."""
         B = self.options.batch_size
-        return [(jnp.zeros((B, n_in, n_out, S)), jnp.zeros((B, n_out, S)))
-                for n_in, n_out, S in chunks.relation_shapes(self.model)]
+        out, seen = [], {}
+        for n_in, n_out, S in chunks.relation_shapes(self.model):
+            # Two relations of the same shape (layers 2 and 3) get +0 and -0: XLA merges equal constants, and
+            # two loop carries that start from one zero buffer cost a copy of a whole trace. -0 and +0 give
+            # the same sums, exactly.
+            n = seen[(n_in, n_out, S)] = seen.get((n_in, n_out, S), -1) + 1
+            out.append((jnp.full((B, n_in, n_out, S), -0. if n % 2 else 0., jnp.float32), jnp.zeros((B, n_out, S))))
+        return out
 
     @staticmethod
     def chunk_update(key, rel, trace, t0):
@@ -104,8 +114,37 @@ def drtrl_chunk(rel, trace):
     M = chunks.apply_transposed(D[0], lams[0])                                                      # D_1^T Lambda_1
     phi_all = chunks.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
-    grad = {'weight': brainscale_adapter.batch_sum(e_w, M) + recurrence.rows_product(x, h),
+    e_w, g_w = update_in_place(e_w, M, phi_all, x, qs)
+    grad = {'weight': g_w + recurrence.rows_product(x, h),
             'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
-    e_w = brainscale_adapter.new_trace(e_w, phi_all, jnp.einsum('kbi,kbjs->bijs', x, qs))
     e_b = brainscale_adapter.new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
     return grad, (e_w, e_b)
+
+
+def update_in_place(e_w, M, phi_all, x, qs):
+    """The weight trace's gradient read and update of one chunk, one sample at a time, in place:
+    for each b, g += sum_s e_w[b, :, :, s] M[b, :, s] (the old trace, read first), then
+    e_w[b] = Phi(K, 0)[b] e_w[b] + x[:, b]^T q[:, b] (a product over the K steps). Each sample's slice is
+    read once for both and written back where it was (dynamic_update_slice in a loop: XLA updates the
+    buffer in place), so the step holds the trace once plus one sample's slice (I x J x S), instead of the
+    old trace, a B x I x J x S product and the new trace side by side.
+    e_w (B, I, J, S), M (B, J, S), phi_all (B, J, S, S), x (K, B, I), qs (K, B, J, S)."""
+    B, I, J, S = e_w.shape
+    K = x.shape[0]
+
+    def sample(b, carry):
+        e_w, g = carry
+        e = jax.lax.dynamic_index_in_dim(e_w, b, 0, keepdims=False)                  # (I, J, S)
+        m = jax.lax.dynamic_index_in_dim(M, b, 0, keepdims=False)                    # (J, S)
+        for s in range(S):
+            g = g + e[:, :, s] * m[None, :, s]
+        xb = jax.lax.dynamic_index_in_dim(x, b, 1, keepdims=False)                   # (K, I)
+        qb = jax.lax.dynamic_index_in_dim(qs, b, 1, keepdims=False)                  # (K, J, S)
+        phg = (xb.T @ qb.reshape(K, J * S)).reshape(1, I, J, S)
+        phi = jax.lax.dynamic_index_in_dim(phi_all, b, 0, keepdims=True)             # (1, J, S, S)
+        # `+ 0 * g`: the write-back then depends on the gradient read, so XLA knows the read comes first
+        # and updates the trace in place; without it XLA copies the whole trace (twice) for every sample
+        new = brainscale_adapter.new_trace(e[None], phi, phg) + 0. * g[None, :, :, None]
+        return jax.lax.dynamic_update_index_in_dim(e_w, new, b, 0), g
+
+    return jax.lax.fori_loop(0, B, sample, (e_w, jnp.zeros((I, J), e_w.dtype)))

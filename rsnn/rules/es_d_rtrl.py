@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from rsnn import brainscale_adapter, recurrence
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
-from utils import VJP_METHODS
+from utils import VJP_METHODS, auto_trace_chunk
 
 brainscale_adapter.adapt_brainscale()
 
@@ -43,7 +43,10 @@ class ESDRTRL(Rule):
             self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
         else:
             self.algo = None
-            self.traces = [brainstate.ShortTermState(t) for t in self.zero_traces()]
+            # abstract_traces (the memory command's --analysis_only): shapes only, nothing allocated; the
+            # compiled step zeroes the traces itself before a batch of trials (reset)
+            zeros = jax.eval_shape(self.zero_traces) if options.extra.get('abstract_traces') else self.zero_traces()
+            self.traces = [brainstate.ShortTermState(t) for t in zeros]
             self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
 
     @staticmethod
@@ -51,7 +54,8 @@ class ESDRTRL(Rule):
         """The K this rule runs with on `model` (rules.base.chunk_for)."""
         why_not = None if chunks.supports(model) else \
             f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
-        return chunk_for(options, True, why_not)
+        return chunk_for(options, True, why_not, lambda: auto_trace_chunk(
+            'expsm_diag', chunks.relation_shapes(model), options.batch_size))
 
     def carried_states(self) -> dict:
         if self.algo is not None:
