@@ -242,19 +242,20 @@ def test_neuron_constants_reach_the_layers():
 @pytest.mark.parametrize('method', ['bptt', 'diag', 'expsm_diag'])
 def test_short_training_run(dataset, method, fake_data, tmp_path, monkeypatch):
     seen = {}
+    import rsnn.trainer
     real_schedule, real_trainer = step_schedule, Trainer
 
     def schedule(lr, milestones, batches_per_epoch, factor=0.1):
         seen['schedule'] = (lr, list(milestones), batches_per_epoch)
         return real_schedule(lr, milestones, batches_per_epoch, factor)
 
-    class Trainer(real_trainer):
+    class SeenTrainer(real_trainer):
         def __init__(self, *a, **k):
             seen['trainer'] = k
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(training, 'step_schedule', schedule)
-    monkeypatch.setattr(training, 'Trainer', Trainer)
+    monkeypatch.setattr(rsnn.trainer, 'step_schedule', schedule)
+    monkeypatch.setattr(rsnn.trainer, 'Trainer', SeenTrainer)
     run_dir = str(tmp_path / 'run')
     argv = (f'--devices cpu --dataset {dataset} --data_dir {fake_data} --data_length 12 --epoch 4 '
             f'--n_layer 1 --n_rec 16 --method {method} --batch_size 16 --lr 0.01 --warmup_ratio 0.25 '
