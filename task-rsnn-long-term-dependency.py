@@ -68,7 +68,12 @@ def build_parser():
                    help='stream, online methods: ms of stream per weight update')
     g.add_argument('--tbptt_window', type=utils.positive_float, default=1000.,
                    help='stream, bptt: truncated BPTT window in ms (states carried in, gradient cut at its '
-                        'start, one update per window)')
+                        'start, one update per window); with --tbptt_k2 it is k1, the update interval')
+    g.add_argument('--tbptt_k2', type=utils.positive_float, default=None,
+                   help='stream, bptt: TBPTT(k1, k2): one update every --tbptt_window (k1) ms, each '
+                        'backpropagating the loss of its k1 ms over the last k2 ms of stream (overlapping '
+                        'windows, re-run forward from the states k2 ms back with the current weights); '
+                        'default k2 = k1, the plain TBPTT; k2 >= k1 (docs/stream.md)')
     g.add_argument('--stream_trials', type=utils.positive_int, default=500,
                    help='stream: training length in trials per stream (times the mean trial + ITI period)')
     g.add_argument('--eval_every_trials', type=utils.positive_int, default=25,
@@ -124,7 +129,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
-                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset))
+                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
+                            rule_options=tbptt_options(args, cfg))
     if args.protocol == 'stream':
         from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
@@ -147,6 +153,13 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
+
+
+def tbptt_options(args, cfg) -> dict:
+    """The BPTT rule's TBPTT(k1, k2) window on a stream (rsnn/rules/bptt.py); none otherwise."""
+    if args.protocol != 'stream' or args.method != 'bptt' or args.tbptt_k2 is None:
+        return {}
+    return dict(tbptt_k1_steps=cfg.steps(args.tbptt_window), tbptt_k2_steps=cfg.steps(args.tbptt_k2))
 
 
 def check_sizes(args):
