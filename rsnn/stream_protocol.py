@@ -17,19 +17,24 @@ from rsnn import dms_stream, methods, run_folder
 import utils
 
 
-def evaluate_stream(st, stream, n_trials_per_stream: int):
-    """Held-out accuracy and loss of the current weights, frozen, on the first n_trials_per_stream trials of
-    every stream of `stream` (a DMSStream), run from zero states without any reset (unless the trainer's
-    reset_per_trial control). The training states and traces are put back afterwards."""
+BURN_IN_TRIALS = 1  # the held-out stream's first trial of every stream is run but not scored
+
+
+def evaluate_stream(st, stream, n_trials_per_stream: int, burn_in: int = BURN_IN_TRIALS):
+    """Held-out accuracy and loss of the current weights, frozen, on n_trials_per_stream trials of every
+    stream of `stream` (a DMSStream) after `burn_in` trials per stream that are run but not scored (the
+    first trial starts from zero states, which the training stream never has), run from zero states without
+    any reset (unless the trainer's reset_per_trial control). The training states and traces are put back
+    afterwards. Returns (loss, accuracy, trials scored)."""
     saved = st.get_states()
     st.reset(with_rule=False)
     scorer = dms_stream.TrialScorer(stream.n_streams)
     correct, losses = [], []
-    for k in range(stream.chunks_for_trials(n_trials_per_stream)):
+    for k in range(stream.chunks_for_trials(n_trials_per_stream + burn_in)):
         chunk = stream.chunk(k)
         outs, per_stream = st.eval_chunk(chunk)
         for t, ok, loss in scorer.add(chunk, outs, per_stream):
-            if t.index < n_trials_per_stream:
+            if burn_in <= t.index < n_trials_per_stream + burn_in:
                 correct.append(ok)
                 losses.append(loss)
     st.set_states(saved)
@@ -102,6 +107,7 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     log = run_folder.RunLog(run_dir)
     config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
                   mean_period_steps=period, n_test_trials_used=n_test * args.batch_size,
+                  held_out_burn_in_trials=BURN_IN_TRIALS,
                   trace_chunk_used=trainer.trace_chunk, **(extra_config or {}))
     scorer = dms_stream.TrialScorer(args.batch_size)
     ckpt = run_folder.Checkpoints(run_dir)
@@ -162,7 +168,9 @@ def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_ste
                               grad_norm=gnorm, updated=int(applied), seconds=round(time.time() - ts, 4)))
         if int((k + 1) * U // eval_steps) > int(k * U // eval_steps) or k == n_chunks - 1:
             step += 1
+            st.pop_eval_rates()
             test_loss, test_acc, _ = evaluate_stream(st, held_out, n_test)
+            rates = st.pop_eval_rates()
             best = max(best, test_acc)
             row = dict(epoch=step, batches=k + 1, stream_s=(k + 1) * U * train.cfg.dt / 1000.,
                        trials_per_stream=(k + 1) * U / train.mean_period_steps(), trials=trials_done,
@@ -172,6 +180,8 @@ def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_ste
                        seconds=seconds_before + time.time() - t0,
                        step_s_per_batch=since['step_s'] / since['timed'] if since['timed'] else float('nan'))
             row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
+            row.update(update_stats(since['gnorm'], args.grad_clip), **weight_norms(st))
+            row['test_rate_hz'] = 1000. / train.cfg.dt * float(np.mean(rates)) if rates else float('nan')
             log.append(row)
             metrics.append(row)
             since = dict(correct=0, n=0, loss=0., step_s=0., timed=0, gnorm=[])
@@ -184,6 +194,32 @@ def stream_loop(args, st, log, ckpt, train, held_out, n_chunks, n_test, eval_ste
     run_folder.plot_learning_curves(metrics, os.path.join(log.run_dir, 'learning_curves.png'),
                                f'DMS stream, {methods.title(args.method)}, {chunk_ms(args):g} ms per update')
     return stream_summary(args, metrics, best, recent, stopped, first_step_s, train, st, log.run_dir)
+
+
+def update_stats(gnorms, grad_clip: float) -> dict:
+    """The gradient norms (before the clip) of the updates applied since the last evaluation: median,
+    maximum and the fraction that the clip to --grad_clip shortened."""
+    g = np.asarray(gnorms, np.float64)
+    if not g.size:
+        return dict(grad_norm_median=float('nan'), grad_norm_max=float('nan'), clipped_frac=float('nan'))
+    return dict(grad_norm_median=float(np.median(g)), grad_norm_max=float(g.max()),
+                clipped_frac=float(np.mean(g > grad_clip)))
+
+
+def weight_norms(st) -> dict:
+    """Frobenius norms of the recurrent layer's input and recurrent weights (rows [x, s] of W) and of the
+    readout, where the network is a DMSNet; {} otherwise."""
+    rec = getattr(st.model, 'rec', None)
+    if rec is None or not hasattr(rec, 'n_in'):
+        return {}
+    values = st.param_values()
+    w = values.get('rec/linear/weight_op')
+    w = np.asarray(w['weight'] if isinstance(w, dict) else w)
+    out = dict(w_in_norm=float(np.linalg.norm(w[:rec.n_in])), w_rec_norm=float(np.linalg.norm(w[rec.n_in:])))
+    r = values.get('out/linear/weight_op')
+    if r is not None:
+        out['w_out_norm'] = float(np.linalg.norm(np.asarray(r['weight'] if isinstance(r, dict) else r)))
+    return out
 
 
 ROLLING_TRIALS = 256  # the rolling training accuracy: the last trials that ended, over all streams

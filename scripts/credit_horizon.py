@@ -9,9 +9,10 @@ weight [x, s] W) is then the credit the rule assigns to the pulse: BPTT's is exa
 its cosine with BPTT's and its norm, relative to BPTT's norm at the same lag and to its own norm at the
 shortest lag.
 
-The plain LIF network: the same layer with A2 = 0, tau_mem 20 ms, tau_syn 10 ms and rec_scale 0.5. With the
-GIF's 100 ms time constants and rec_scale 2 its BPTT gradient is NaN over these lengths, and with 20/10 ms
-and rec_scale 2 it explodes (norm x 1e8 from L = 10 to L = 1000 ms): docs/stream.md, "Credit horizons".
+The GIF network is the task's (tau 100/100 ms, rec_scale 2, syn_gain 0.3, A2 = 1, tau_I2 ~ U(100, 2250)).
+The plain LIF network: the same layer with A2 = 0, tau_mem 20 ms, tau_syn 10 ms, rec_scale 0.5, syn_gain 1.
+The GIF network with only A2 = 0 is no plain LIF to compare: its BPTT gradient explodes (norm 0.32 at
+L = 10, 1.5e5 at 1000, 4.3e20 at 4000 ms); docs/stream.md, "Credit horizons".
 
 Methods: BPTT (the whole sequence), TBPTT(k2) (forward over all but the last k2 steps without gradient,
 then BPTT over the last k2 with the states carried in as constants: rsnn/rules/bptt.py, as on the stream),
@@ -56,9 +57,11 @@ def build_parser():
     p.add_argument('--bg_rate', type=float, default=0.05, help='background spike probability per step')
     p.add_argument('--burn_in_ms', type=float, default=50.)
     p.add_argument('--tau_I2', type=float, default=1500.)
+    p.add_argument('--syn_gain', type=float, default=0.3, help="the task's default (--syn_gain)")
     p.add_argument('--lif_tau_neu', type=float, default=20.)
     p.add_argument('--lif_tau_syn', type=float, default=10.)
     p.add_argument('--lif_rec_scale', type=float, default=0.5)
+    p.add_argument('--lif_syn_gain', type=float, default=1.)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--tiny', action='store_true', help='n_rec 16, batch 2, lags 10,100,300, tbptt:100')
     return p
@@ -67,9 +70,10 @@ def build_parser():
 def make_model(network: str, a, seed: int):
     import models
     if network == 'gif':  # the paper's network (task-rsnn-long-term-dependency.py PAPER_TASK)
-        kw = dict(tau_neu=100., tau_syn=100., A2=1., rec_scale=2.)
+        kw = dict(tau_neu=100., tau_syn=100., A2=1., rec_scale=2., syn_gain=a.syn_gain)
     else:  # no adaptation current; faster membrane and synapse, weaker recurrence (module docstring)
-        kw = dict(tau_neu=a.lif_tau_neu, tau_syn=a.lif_tau_syn, A2=0., rec_scale=a.lif_rec_scale)
+        kw = dict(tau_neu=a.lif_tau_neu, tau_syn=a.lif_tau_syn, A2=0., rec_scale=a.lif_rec_scale,
+                  syn_gain=a.lif_syn_gain)
     return models.DMSNet(a.n_in, a.n_rec, 2, dt=1., tau_I2=a.tau_I2, ff_scale=6., spk_fun='relu', seed=seed, **kw)
 
 

@@ -113,3 +113,57 @@ def test_tbptt_k2_trains_and_its_history_is_carried_state():
 def test_tbptt_k2_shorter_than_k1_is_refused():
     with pytest.raises(Exception, match='tbptt_k2'):
         build(50, 20)
+
+
+# -- the held-out stream's burn-in ---------------------------------------------------------------
+
+def test_the_held_out_burn_in_trial_is_not_scored(monkeypatch):
+    from rsnn import dms_stream, stream_protocol
+    tr = build()
+    stream = dms_stream.DMSStream(CFG, B, 60, seed=0, iti_ms=(5., 15.), salt=dms_stream.HELD_OUT_SALT)
+    seen = []
+    add = dms_stream.TrialScorer.add
+
+    def recording_add(self, chunk, outs, per_stream):
+        done = list(add(self, chunk, outs, per_stream))
+        seen.extend((t.stream, t.index, ok) for t, ok, _ in done)
+        return done
+
+    monkeypatch.setattr(dms_stream.TrialScorer, 'add', recording_add)
+    loss, acc, n = stream_protocol.evaluate_stream(tr, stream, 3)
+    assert n == 3 * B
+    scored = [ok for b, j, ok in seen if 1 <= j <= 3]
+    assert len(scored) == 3 * B and acc == pytest.approx(np.mean(scored))
+    assert any(j == 0 for _, j, _ in seen), 'the burn-in trial is run'
+
+
+def test_stream_metrics_log_rates_weight_norms_and_gradient_statistics():
+    from rsnn import stream_protocol
+    s = stream_protocol.update_stats([0.5, 2., 3.], 1.)
+    assert s == dict(grad_norm_median=2., grad_norm_max=3., clipped_frac=pytest.approx(2 / 3))
+    norms = stream_protocol.weight_norms(build())
+    assert set(norms) == {'w_in_norm', 'w_rec_norm', 'w_out_norm'} and all(v > 0 for v in norms.values())
+
+
+# -- make reproduce-credit --------------------------------------------------------------------------
+
+def test_reproduce_credit_tiny_end_to_end(tmp_path):
+    import utils
+    from conftest import load_script
+    repro = load_script(os.path.join('scripts', 'reproduce_credit.py'))
+    out = str(tmp_path / 'credit')
+    assert repro.main(['--tiny', '--skip_horizon', '--out', out]) == 0
+    rows = utils.read_csv(os.path.join(out, 'table.csv'))
+    assert list(rows[0]) == repro.TABLE
+    assert [(r['method'], r['delay_ms'], r['window_ms']) for r in rows] == [
+        ('ES-D-RTRL (0.99)', '20', '20'), ('D-RTRL', '20', '20'), ('TBPTT', '20', '40'),
+        ('ES-D-RTRL (0.99)', '40', '20'), ('D-RTRL', '40', '20'), ('TBPTT', '40', '40')]
+    assert all(float(r['update_memory_mb']) > 0 and float(r['s_per_1000_steps']) > 0 for r in rows)
+    controls = utils.read_csv(os.path.join(out, 'controls.csv'))
+    assert [c['control'].split(' ')[0] for c in controls] == ['readout', 'BPTT']
+    run = [d for d in os.listdir(os.path.join(out, 'runs')) if d.startswith('bptt-') and not d.endswith('.log')][0]
+    m = utils.read_csv(os.path.join(out, 'runs', run, 'metrics.csv'))[-1]
+    for k in ('grad_norm_median', 'grad_norm_max', 'clipped_frac', 'w_rec_norm', 'test_rate_hz'):
+        assert k in m
+    # resumable: a second call reuses every finished run folder
+    assert repro.main(['--tiny', '--skip_horizon', '--out', out]) == 0
