@@ -63,6 +63,7 @@ def build_parser():
     p.add_argument('--lif_rec_scale', type=float, default=0.5)
     p.add_argument('--lif_syn_gain', type=float, default=1.)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--plot_only', action='store_true', help='redraw horizon.png from OUT/horizon.csv')
     p.add_argument('--tiny', action='store_true', help='n_rec 16, batch 2, lags 10,100,300, tbptt:100')
     return p
 
@@ -184,7 +185,7 @@ def plot(rows, path):
             lags = [r['lag_ms'] for r in rs]
             axes[0, j].plot(lags, [r['cosine_to_bptt'] for r in rs], 'o-', label=method)
             axes[1, j].plot(lags, [max(r['ratio_to_first_lag'], 1e-12) for r in rs], 'o-', label=method)
-        axes[0, j].set(xscale='log', ylim=(-0.1, 1.05), title=f'{net}: cosine with BPTT', xlabel='lag (ms)')
+        axes[0, j].set(xscale='log', ylim=(-0.5, 1.05), title=f'{net}: cosine with BPTT', xlabel='lag (ms)')
         axes[1, j].set(xscale='log', yscale='log', ylim=(1e-8, 10),
                        title=f'{net}: |grad(L)| / |grad(first lag)| (0 shown at 1e-12)', xlabel='lag (ms)')
         axes[0, j].legend(fontsize=8)
@@ -201,6 +202,11 @@ def main(argv=None):
             a.lags = '10,100,300'
         a.methods = a.methods.replace('tbptt:1000', 'tbptt:100')
     os.makedirs(a.out, exist_ok=True)
+    if a.plot_only:
+        with open(os.path.join(a.out, 'horizon.csv')) as f:
+            rows = [dict(r, lag_ms=int(r['lag_ms']), **{k: float(r[k]) for k in FIELDS[3:]}) for r in csv.DictReader(f)]
+        plot(rows, os.path.join(a.out, 'horizon.png'))
+        return rows
     rows = measure(a)
     with open(os.path.join(a.out, 'horizon.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, FIELDS)
