@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo reproduce-dms reproduce-stream test test-all clean-results
+.PHONY: demo reproduce-dms reproduce-stream reproduce-credit test test-all clean-results
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ reproduce-dms: $(VENV)/.installed
 # stream"; docs/stream.md). TINY=1: toy sizes (seconds).
 reproduce-stream: $(VENV)/.installed
 	$(PY) scripts/reproduce_stream.py $(if $(TINY),--tiny --out results/dms/stream-tiny,)
+
+# Issue #24: the credit task on a stream, a delay sweep, TBPTT(k1, k2), the credit horizon (results/dms/credit/)
+reproduce-credit: $(VENV)/.installed
+	$(PY) scripts/reproduce_credit.py $(if $(TINY),--tiny --out results/dms/credit-tiny,) $(if $(BUDGET),--budget_min $(BUDGET),)
 
 # The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed

@@ -64,6 +64,8 @@ def run_layer(layer, xs):
     recurrence.recurrent_scan's: several times faster on a CPU, the same gradients. The layer's states are
     left at their values after the last step."""
     p = layer.linear.weight_op.value
+    if getattr(layer, 'freeze', False):  # the readout-only control (GIFExpLayer.freeze)
+        p = jax.tree.map(jax.lax.stop_gradient, p)
     n_x = xs.shape[-1]
     w_in, w_rec = p['weight'][:n_x], p['weight'][n_x:]
     currents = recurrence.input_products(xs, w_in)
@@ -84,6 +86,8 @@ def stateful_update(layer, x):
     names = layer.state_names()
     h = {n: getattr(layer, n).value for n in names}
     y = layer.linear(jnp.concatenate([x, layer.prev_spike(h)], axis=-1))
+    if getattr(layer, 'freeze', False):  # the readout-only control (GIFExpLayer.freeze)
+        y = jax.lax.stop_gradient(y)
     new, out = layer.step(h, y)
     for n in names:
         getattr(layer, n).value = new[n]
@@ -139,7 +143,8 @@ class GIFExpLayer(brainstate.nn.Module):
     def __init__(self, n_in: int, n_rec: int, *, dt: float, tau_neu: float, tau_syn: float,
                  tau_I2_max: float, A2: float, ff_scale: float, rec_scale: float, spk_fun: str,
                  diff_spike: bool, syn_gain: float, rng: np.random.Generator,
-                 V_th: float = 1., V_rest: float = 0., R: float = 1.):
+                 V_th: float = 1., V_rest: float = 0., R: float = 1., memory: dict = None,
+                 freeze: bool = False):
         super().__init__()
         self.n_in, self.n_rec = n_in, n_rec
         self.V_th, self.V_rest, self.R, self.A2 = V_th, V_rest, R, A2
@@ -149,8 +154,12 @@ class GIFExpLayer(brainstate.nn.Module):
         self.neu_decay = float(math.exp(-dt / tau_neu))
         # Per-neuron adaptation time constants: U(100 ms, 1.5 tau_I2), the spec's spread of memories.
         tau_I2 = rng.uniform(100., max(1.5 * tau_I2_max, 100.), n_rec)
-        self.I2_decay = jnp.asarray(np.exp(-dt / tau_I2), dtype=jnp.float32)
         w = stacked_recurrent_weight(rng, n_in, n_rec, ff_scale, rec_scale)
+        self.freeze = freeze  # a control: no gradient reaches this layer's weights (only the readout learns)
+        if memory:  # the credit task (CREDIT_MEMORY below): fast neurons and a few slow memory neurons
+            tau_I2, w = credit_layout(rng, n_in, n_rec, tau_I2_max, w, **memory)
+        self.tau_I2 = tau_I2
+        self.I2_decay = jnp.asarray(np.exp(-dt / tau_I2), dtype=jnp.float32)
         self.linear = brainscale.nn.Linear(n_in + n_rec, n_rec, w_init=w, b_init=braintools.init.ZeroInit())
 
     def _zeros(self, batch_size):
@@ -198,18 +207,34 @@ class GIFExpLayer(brainstate.nn.Module):
         return {'V': V, 'g': g, 'I2': I2}, V
 
 
+def credit_layout(rng, n_in: int, n_rec: int, tau_I2_max: float, w: np.ndarray, *, n_memory: int,
+                  tau_memory: float, tau_fast_min: float, in_scale: float, rec_scale: float):
+    """The credit task's layer (--preset credit, docs/stream.md): the last n_memory neurons are memory
+    neurons with slow adaptation (tau_I2 = tau_memory) whose input and recurrent weights into them are
+    scaled by in_scale and rec_scale (weak at the start: the sample has to be routed into them by learning);
+    the others adapt fast, tau_I2 ~ U(tau_fast_min, 1.5 tau_I2_max), and forget within the delay."""
+    tau = rng.uniform(tau_fast_min, max(1.5 * tau_I2_max, tau_fast_min), n_rec)
+    m = slice(n_rec - n_memory, n_rec)
+    tau[m] = tau_memory
+    w = w.copy()
+    w[:n_in, m] *= in_scale
+    w[n_in:, m] *= rec_scale
+    return tau, w
+
+
 class DMSNet(brainstate.nn.Module):
     """GIF-exp recurrent layer -> standardized membrane potential -> leaky readout (2 outputs)."""
 
     def __init__(self, n_in: int, n_rec: int, n_out: int, *, dt: float, tau_neu: float, tau_syn: float,
                  tau_I2: float, A2: float, ff_scale: float, rec_scale: float, spk_fun: str = 'relu',
                  diff_spike: bool = False, syn_gain: float = 1., tau_o: float = 10.,
-                 readout_scale: float = 0.1, seed: int = 0):
+                 readout_scale: float = 0.1, seed: int = 0, memory: dict = None, freeze_rec: bool = False):
         super().__init__()
         rng = np.random.default_rng(seed)
         self.rec = GIFExpLayer(n_in, n_rec, dt=dt, tau_neu=tau_neu, tau_syn=tau_syn, tau_I2_max=tau_I2,
                                A2=A2, ff_scale=ff_scale, rec_scale=rec_scale, spk_fun=spk_fun,
-                               diff_spike=diff_spike, syn_gain=syn_gain, rng=rng)
+                               diff_spike=diff_spike, syn_gain=syn_gain, rng=rng, memory=memory,
+                               freeze=freeze_rec)
         self.out = LeakyReadout(n_rec, n_out, tau_o=tau_o, dt=dt, w_scale=readout_scale, rng=rng)
 
     def update(self, x):

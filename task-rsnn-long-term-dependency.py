@@ -25,6 +25,13 @@ PRESETS = {
     'cpu-demo': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32,
                      batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
                      n_test_trials=512, n_data_worker=1, devices='cpu', exp_name='cpu-demo'),
+    # Issue #24, the credit task: a task that needs credit through the delay (docs/stream.md, "The credit
+    # task"): 180 neurons whose adaptation forgets within the delay (tau_I2 ~ U(20, 75) ms) and 20 memory
+    # neurons with slow adaptation (3000 ms) and weak initial input and recurrent weights.
+    'credit': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32, tau_I2=50.,
+                   n_memory=20, tau_memory=3000., tau_fast_min=20., memory_in_scale=0.1, memory_rec_scale=0.1,
+                   batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
+                   n_test_trials=1024, n_data_worker=1, devices='cpu', exp_name='credit'),
     # The earlier CPU demo: a 100 ms delay, 100 neurons with 20 ms membrane and synapse (310 steps).
     'short-delay': dict(method='expsm_diag', etrace_decay=0.99, t_fixation=10., t_sample=100., t_delay=100.,
                         t_test=100., n_rec=100, tau_neu=20., tau_syn=20., syn_gain=1., batch_size=32,
@@ -39,7 +46,7 @@ def build_parser():
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help="a named set of defaults; flags given explicitly win. cpu-demo: the paper's 1000 ms "
                         'task with ES-D-RTRL at batch 32 on the CPU (make demo); short-delay: a 100 ms delay, '
-                        '100 neurons with 20 ms time constants')
+                        '100 neurons with 20 ms time constants; credit: the credit task of issue #24 (docs/stream.md)')
     p.add_argument('--lr_schedule', choices=('constant', 'cosine'), default='constant',
                    help='constant lr, or a cosine decay to lr/100 over --epochs x --batches_per_epoch updates')
     g = p.add_argument_group('task')
@@ -70,7 +77,12 @@ def build_parser():
                    help='stream, online methods: ms of stream per weight update')
     g.add_argument('--tbptt_window', type=utils.positive_float, default=1000.,
                    help='stream, bptt: truncated BPTT window in ms (states carried in, gradient cut at its '
-                        'start, one update per window)')
+                        'start, one update per window); with --tbptt_k2 it is k1, the update interval')
+    g.add_argument('--tbptt_k2', type=utils.positive_float, default=None,
+                   help='stream, bptt: TBPTT(k1, k2): one update every --tbptt_window (k1) ms, each '
+                        'backpropagating the loss of its k1 ms over the last k2 ms of stream (overlapping '
+                        'windows, re-run forward from the states k2 ms back with the current weights); '
+                        'default k2 = k1, the plain TBPTT; k2 >= k1 (docs/stream.md)')
     g.add_argument('--stream_trials', type=utils.positive_int, default=500,
                    help='stream: training length in trials per stream (times the mean trial + ITI period)')
     g.add_argument('--eval_every_trials', type=utils.positive_int, default=25,
@@ -83,6 +95,20 @@ def build_parser():
     g.add_argument('--tau_syn', type=utils.positive_float, default=100., help='synaptic time constant (ms)')
     g.add_argument('--tau_I2', type=utils.positive_float, default=1500.,
                    help='adaptation current time constants are drawn from U(100, 1.5 tau_I2) ms')
+    g.add_argument('--n_memory', type=utils.nonneg_int, default=0,
+                   help='the credit task: the last N neurons are memory neurons with slow adaptation '
+                        '(--tau_memory) and weak input / recurrent weights into them (--memory_in_scale, '
+                        '--memory_rec_scale); the others draw tau_I2 from U(--tau_fast_min, 1.5 tau_I2). 0: the '
+                        "paper's network")
+    g.add_argument('--tau_memory', type=utils.positive_float, default=3000., help='memory neurons: tau_I2 (ms)')
+    g.add_argument('--tau_fast_min', type=utils.positive_float, default=20.,
+                   help='with --n_memory: the other neurons\' smallest tau_I2 (ms)')
+    g.add_argument('--memory_in_scale', type=utils.nonneg_float, default=0.1,
+                   help='memory neurons: factor on their initial input weights')
+    g.add_argument('--memory_rec_scale', type=utils.nonneg_float, default=0.1,
+                   help='memory neurons: factor on their initial recurrent weights (from the other neurons)')
+    g.add_argument('--freeze_rec', type=int, choices=(0, 1), default=0,
+                   help='a control: 1 = no gradient reaches the recurrent layer (only the readout learns)')
     g.add_argument('--A2', type=utils.finite_float, default=1., help='adaptation current jump per spike (I2 -= A2 s)')
     g.add_argument('--ff_scale', type=utils.positive_float, default=6.,
                    help='input weights: Kaiming normal with variance ff_scale / n_in')
@@ -120,13 +146,15 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     model = models.DMSNet(cfg.n_input, args.n_rec, cfg.n_output, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
                           tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
                           spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
-                          tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed)
+                          tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed,
+                          memory=memory_layout(args), freeze_rec=bool(args.freeze_rec))
     lr = args.lr if args.lr_schedule == 'constant' else \
         cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
     trainer = Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
-                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset))
+                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
+                            rule_options=tbptt_options(args, cfg))
     if args.protocol == 'stream':
         from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
@@ -149,6 +177,23 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
+
+
+def memory_layout(args):
+    """models.credit_layout's arguments for --n_memory > 0 (the credit task), else None."""
+    if not args.n_memory:
+        return None
+    if args.n_memory > args.n_rec:
+        raise utils.UserError(f'--n_memory {args.n_memory} > --n_rec {args.n_rec}')
+    return dict(n_memory=args.n_memory, tau_memory=args.tau_memory, tau_fast_min=args.tau_fast_min,
+                in_scale=args.memory_in_scale, rec_scale=args.memory_rec_scale)
+
+
+def tbptt_options(args, cfg) -> dict:
+    """The BPTT rule's TBPTT(k1, k2) window on a stream (rsnn/rules/bptt.py); none otherwise."""
+    if args.protocol != 'stream' or args.method != 'bptt' or args.tbptt_k2 is None:
+        return {}
+    return dict(tbptt_k1_steps=cfg.steps(args.tbptt_window), tbptt_k2_steps=cfg.steps(args.tbptt_k2))
 
 
 def check_sizes(args):

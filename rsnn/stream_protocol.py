@@ -15,19 +15,24 @@ from rsnn import dms_stream, methods, run_folder
 import utils
 
 
-def evaluate_stream(st, stream, n_trials_per_stream: int):
-    """Held-out accuracy and loss of the current weights, frozen, on the first n_trials_per_stream trials of
-    every stream of `stream` (a DMSStream), run from zero states without any reset (unless the trainer's
-    reset_per_trial control). The training states and traces are put back afterwards."""
+BURN_IN_TRIALS = 1  # the held-out stream's first trial of every stream is run but not scored
+
+
+def evaluate_stream(st, stream, n_trials_per_stream: int, burn_in: int = BURN_IN_TRIALS):
+    """Held-out accuracy and loss of the current weights, frozen, on n_trials_per_stream trials of every
+    stream of `stream` (a DMSStream) after `burn_in` trials per stream that are run but not scored (the
+    first trial starts from zero states, which the training stream never has), run from zero states without
+    any reset (unless the trainer's reset_per_trial control). The training states and traces are put back
+    afterwards. Returns (loss, accuracy, trials scored)."""
     saved = st.get_states()
     st.reset(with_rule=False)
     scorer = dms_stream.TrialScorer(stream.n_streams)
     correct, losses = [], []
-    for k in range(stream.chunks_for_trials(n_trials_per_stream)):
+    for k in range(stream.chunks_for_trials(n_trials_per_stream + burn_in)):
         chunk = stream.chunk(k)
         outs, per_stream = st.eval_chunk(chunk)
         for t, ok, loss in scorer.add(chunk, outs, per_stream):
-            if t.index < n_trials_per_stream:
+            if burn_in <= t.index < n_trials_per_stream + burn_in:
                 correct.append(ok)
                 losses.append(loss)
     st.set_states(saved)
@@ -85,7 +90,7 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
     period = train.mean_period_steps()
     config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
                   mean_period_steps=period, n_test_trials_used=n_test * args.batch_size,
-                  trace_chunk_used=trainer.trace_chunk, **(extra_config or {}))
+                  held_out_burn_in_trials=BURN_IN_TRIALS, trace_chunk_used=trainer.trace_chunk, **(extra_config or {}))
     if args.resume:
         with open(os.path.join(run_dir, 'config.json')) as f:
             saved = json.load(f)
@@ -98,6 +103,32 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
                                                                  or getattr(args, 'check_grad_every', None))))
     source = StreamSource(args, trainer, train, held_out, n_chunks, n_test, args.eval_every_trials * period)
     return train_loop.run(settings, trainer, run_dir, source, config)
+
+
+def update_stats(gnorms, grad_clip: float) -> dict:
+    """The gradient norms (before the clip) of the updates applied since the last evaluation: median,
+    maximum and the fraction that the clip to --grad_clip shortened."""
+    g = np.asarray(gnorms, np.float64)
+    if not g.size:
+        return dict(grad_norm_median=float('nan'), grad_norm_max=float('nan'), clipped_frac=float('nan'))
+    return dict(grad_norm_median=float(np.median(g)), grad_norm_max=float(g.max()),
+                clipped_frac=float(np.mean(g > grad_clip)))
+
+
+def weight_norms(st) -> dict:
+    """Frobenius norms of the recurrent layer's input and recurrent weights (rows [x, s] of W) and of the
+    readout, where the network is a DMSNet; {} otherwise."""
+    rec = getattr(st.model, 'rec', None)
+    if rec is None or not hasattr(rec, 'n_in'):
+        return {}
+    values = st.param_values()
+    w = values.get('rec/linear/weight_op')
+    w = np.asarray(w['weight'] if isinstance(w, dict) else w)
+    out = dict(w_in_norm=float(np.linalg.norm(w[:rec.n_in])), w_rec_norm=float(np.linalg.norm(w[rec.n_in:])))
+    r = values.get('out/linear/weight_op')
+    if r is not None:
+        out['w_out_norm'] = float(np.linalg.norm(np.asarray(r['weight'] if isinstance(r, dict) else r)))
+    return out
 
 
 ROLLING_TRIALS = 256  # the rolling training accuracy: the last trials that ended, over all streams
@@ -166,6 +197,8 @@ class StreamSource:
                    grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'), seconds=total,
                    step_s_per_batch=ep.step_s / ep.timed_steps if ep.timed_steps else float('nan'))
         row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
+        row.update(update_stats(ep.gnorms, self.args.grad_clip), **weight_norms(self.trainer))
+        row['test_rate_hz'] = 1000. / train.cfg.dt * float(np.mean(rates)) if rates else float('nan')
         row.update({f'rate_layer{i}': r for i, r in enumerate(rates)})
         return row
 

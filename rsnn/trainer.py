@@ -213,6 +213,12 @@ class Trainer:
             with brainscale_adapter.batch_shards(self.mesh), recurrence.batch_split_over_devices():
                 result = self.rule_for(method or self.method).gradients(xs, targets, objective, **kw)
         result.grads = {path_key(k): g for k, g in result.grads.items()}
+        # a layer frozen as a control (models.GIFExpLayer.freeze: only the readout learns) gets no gradient,
+        # whatever the rule (a chunked rule forms its weight gradients from its traces directly)
+        frozen = [name for name, layer in (('rec', getattr(self.model, 'rec', None)),) if getattr(layer, 'freeze', False)]
+        if frozen:
+            result.grads = {k: (jax.tree.map(jnp.zeros_like, g) if k.split('/')[0] in frozen else g)
+                            for k, g in result.grads.items()}
         return result
 
     def _apply_update(self, opt_state, grads, loss, apply=True):

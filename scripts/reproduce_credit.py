@@ -1,0 +1,183 @@
+"""Issue #24: does online learning assign credit where truncated BPTT cannot? The credit task (--preset
+credit) as 32 endless streams, for a sweep of delays, with ES-D-RTRL (decay 0.99 and 0.999), D-RTRL (its
+chunked traces carried across updates) and TBPTT(k1, k2) (one update every k1 = the online methods' update
+interval, over the last k2 ms), every method making the same number of updates; the trial-protocol controls;
+the credit-horizon figure.
+
+    python scripts/reproduce_credit.py                    # make reproduce-credit (results/dms/credit/)
+    python scripts/reproduce_credit.py --budget_min 30    # start no run after 30 minutes; run again to go on
+    python scripts/reproduce_credit.py --tiny             # the same code path at toy sizes (CI)
+
+Order: the controls on trials (readout only: chance; BPTT: solves it), then at the headline delay seed 0
+of every method, TBPTT's learning-rate sweep, 3 seeds of every method (TBPTT at its best rate), then one
+seed at the other delays. A finished run folder is reused, an interrupted one resumed (rsnn/child_runs.py).
+Writes OUT/table.csv (method, delay_ms, window_ms, seed, lr, final_test_acc, best_test_acc,
+update_memory_mb, s_per_1000_steps), table.md, controls.csv/md, horizon/ (scripts/credit_horizon.py) and
+runs/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import utils  # noqa: E402
+from rsnn import methods  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
+
+FULL = dict(
+    stream=['--preset', 'credit', '--protocol', 'stream', '--t_iti', '100-500', '--n_test_trials', '1024',
+            '--eval_every_trials', '25', '--no_progress'],
+    trials=['--preset', 'credit', '--n_test_trials', '512', '--no_progress'],
+    stream_trials=150, delays=[500, 1000, 2000, 4000], headline=1000, seeds=[0, 1, 2],
+    k1=500, k2=1000, lrs=[1e-3, 3e-4, 1e-4], lr=1e-3,
+    online=[('expsm_diag', ['--etrace_decay', '0.99']), ('expsm_diag', ['--etrace_decay', '0.999']),
+            ('diag', [])],
+    control_epochs=8,   # x 25 batches of 32 trials
+    horizon=[],         # scripts/credit_horizon.py at its defaults
+)
+TINY = dict(
+    stream=['--preset', 'credit', '--protocol', 'stream', '--t_fixation', '5', '--t_sample', '20',
+            '--t_test', '20', '--n_rec', '12', '--n_memory', '3', '--batch_size', '4', '--t_iti', '5-15',
+            '--n_test_trials', '8', '--eval_every_trials', '2', '--no_progress'],
+    trials=['--preset', 'credit', '--t_fixation', '5', '--t_sample', '20', '--t_test', '20', '--n_rec', '12',
+            '--n_memory', '3', '--batch_size', '4', '--batches_per_epoch', '2', '--n_test_trials', '8', '--t_delay', '20',
+            '--no_progress'],
+    stream_trials=3, delays=[20, 40], headline=20, seeds=[0], k1=20, k2=40, lrs=[1e-3], lr=1e-3,
+    online=[('expsm_diag', ['--etrace_decay', '0.99']), ('diag', [])], control_epochs=1,
+    horizon=['--tiny'],
+)
+TABLE = ['method', 'delay_ms', 'window_ms', 'seed', 'lr', 'final_test_acc', 'best_test_acc', 'update_memory_mb',
+         's_per_1000_steps']
+
+
+def label(method, more) -> str:
+    name = methods.title(method)
+    if method == 'expsm_diag':
+        name += f' ({more[more.index("--etrace_decay") + 1]})'
+    return name
+
+
+def stream_runs(P, best_lr=None) -> list:
+    """(name, method, delay, seed, lr, flags) in the order they run; best_lr: TBPTT's rate for its seeds."""
+    H, runs = P['headline'], []
+    tbptt = lambda d, s, lr: ('tbptt', 'bptt', d, s, lr, ['--tbptt_window', str(P['k1']), '--tbptt_k2', str(P['k2'])])
+    online = lambda d, s, m, more: (label(m, more), m, d, s, P['lr'], ['--update_every', str(P['k1'])] + list(more))
+    runs += [online(H, P['seeds'][0], m, more) for m, more in P['online']]
+    runs += [tbptt(H, P['seeds'][0], lr) for lr in P['lrs']]
+    if best_lr is not None:
+        runs += [online(H, s, m, more) for s in P['seeds'][1:] for m, more in P['online']]
+        runs += [tbptt(H, s, best_lr) for s in P['seeds'][1:]]
+        for d in P['delays']:
+            if d != H:
+                runs += [online(d, P['seeds'][0], m, more) for m, more in P['online']]
+                runs.append(tbptt(d, P['seeds'][0], best_lr))
+    return runs
+
+
+def run_dir_of(out, name, method, delay, seed, lr, flags) -> str:
+    tag = '-'.join([method] + [f.lstrip('-') for f in flags] + [f'delay{delay}', f'seed{seed}', f'lr{lr:g}'])
+    return os.path.join(out, 'runs', tag.replace('/', '_'))
+
+
+def launch(run_dir: str, argv: list, log_path: str) -> dict:
+    state = run_folder_state(run_dir)
+    if state == 'finished':
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            return json.load(f)
+    args = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else argv + ['--out_dir', run_dir]
+    summary = run_task(SCRIPT, args, run_dir, log_path, ROOT)
+    summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in argv)
+    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
+    return summary
+
+
+def write_table(rows, columns, stem, title, csv_columns=None):
+    with open(stem + '.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=csv_columns or columns, extrasaction='ignore')
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: '-' if v is None else (f'{v:.3g}' if isinstance(v, float) else str(v))
+    with open(stem + '.md', 'w') as f:
+        f.write(f'{title}\n\n| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns) + '\n')
+        for r in rows:
+            f.write('| ' + ' | '.join(fmt(r.get(c)) for c in columns) + ' |\n')
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'dms', 'credit'))
+    p.add_argument('--tiny', action='store_true')
+    p.add_argument('--budget_min', type=float, default=None, help='start no run after this many minutes')
+    p.add_argument('--skip_horizon', action='store_true')
+    a = p.parse_args(argv)
+    P = TINY if a.tiny else FULL
+    out = os.path.abspath(a.out)
+    os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
+    t0 = time.time()
+    over = lambda: a.budget_min is not None and time.time() - t0 > 60 * a.budget_min
+    log = lambda d: os.path.join(d + '.log')
+
+    if not a.skip_horizon and not os.path.exists(os.path.join(out, 'horizon', 'horizon.csv')):
+        import credit_horizon
+        credit_horizon.main(['--out', os.path.join(out, 'horizon')] + P['horizon'])
+
+    controls = []
+    for name, more in (('readout only (--freeze_rec 1), BPTT', ['--freeze_rec', '1']), ('BPTT', [])):
+        if over():
+            break
+        argv_ = P['trials'] + ['--method', 'bptt', '--epochs', str(P['control_epochs'])] + more
+        d = os.path.join(out, 'runs', 'trials-bptt' + ('-readout' if more else ''))
+        s = launch(d, argv_, log(d))
+        controls.append(dict(control=name, protocol='trials', delay_ms=P['headline'],
+                             batches=s.get('batches_run'), final_test_acc=s.get('test_acc'),
+                             best_test_acc=s.get('best_test_acc'), command=s.get('command')))
+    write_table(controls, ['control', 'protocol', 'delay_ms', 'batches', 'final_test_acc', 'best_test_acc',
+                           'command'], os.path.join(out, 'controls'), 'Controls of the credit task (trials)')
+
+    rows, done = [], set()
+    for phase in range(2):
+        best_lr = None
+        if phase == 1:
+            sweep = [r for r in rows if r['method'] == 'TBPTT' and r['final_test_acc'] is not None]
+            if not sweep:
+                break
+            best_lr = max(sweep, key=lambda r: r['final_test_acc'])['lr']
+        for name, method, delay, seed, lr, flags in stream_runs(P, best_lr):
+            key = (name, delay, seed, lr)
+            if key in done:
+                continue
+            if over():
+                print(f'budget of {a.budget_min} min spent; run again to go on', flush=True)
+                break
+            argv_ = P['stream'] + ['--method', method, '--t_delay', str(delay), '--seed', str(seed), '--lr', str(lr),
+                                   '--stream_trials', str(P['stream_trials'])] + flags
+            d = run_dir_of(out, name, method, delay, seed, lr, flags)
+            s = launch(d, argv_, log(d))
+            done.add(key)
+            rows.append(dict(method='TBPTT' if method == 'bptt' else name, delay_ms=delay,
+                             window_ms=(P['k2'] if method == 'bptt' else P['k1']), seed=seed, lr=lr,
+                             final_test_acc=s.get('test_acc'), best_test_acc=s.get('best_test_acc'),
+                             update_memory_mb=s.get('update_memory_mb'), s_per_1000_steps=s.get('s_per_1000_steps'),
+                             command=s.get('command')))
+            write_table(rows, TABLE + ['command'], os.path.join(out, 'table'), csv_columns=TABLE, title=
+                        f'The credit task on a stream ({P["stream_trials"]} trials per stream), held-out accuracy '
+                        f'on {P["stream"][P["stream"].index("--n_test_trials") + 1]} trials (one burn-in trial per '
+                        f'stream not scored); TBPTT(k1 = {P["k1"]}, k2 = {P["k2"]}), online methods every {P["k1"]} ms')
+        if over():
+            break
+    print(f'wrote {out}/table.csv ({len(rows)} runs), controls.csv, horizon/', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
