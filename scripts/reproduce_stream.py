@@ -34,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402  (utils imports no jax at import time)
+from rsnn import run_folder  # noqa: E402  (no jax at import time either)
 from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
 from rsnn import methods  # noqa: E402
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
@@ -104,7 +105,8 @@ def fmt(v, digits=3):
 
 def write_table(rows: list, columns: list, stem: str, title: str):
     with open(stem + '.csv', 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else columns)
+        fields = list(dict.fromkeys([c for r in rows for c in r] or columns))  # every row's fields (a failed row has fewer)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     with open(stem + '.md', 'w') as f:
