@@ -124,7 +124,8 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     trainer = training.Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
-                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset))
+                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
+                            rule_options=utils.rule_options(args))
     if args.protocol == 'stream':
         from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
