@@ -265,3 +265,16 @@ def test_new_rules_in_the_table_with_formulas():
     for name in ('eprop', 'ottt', 'snap1', 'uoro'):
         assert methods.get(name).online and methods.get(name).stream and not methods.get(name).several_devices
         assert methods.rule_class(name).__name__
+
+
+def test_eprop_flags_reach_the_rule():
+    """--eprop_kappa / --eprop_feedback of utils.base_parser, through utils.rule_options, into the rule."""
+    import utils
+    args = utils.base_parser('t', 'dms').parse_args(['--method', 'eprop', '--eprop_kappa', '0.5',
+                                                     '--eprop_feedback', 'random'])
+    tr = make(KINDS['dms'](), 'eprop', 7, **utils.rule_options(args))
+    assert tr.rule.kappa == 0.5 and tr.rule.feedback_kind == 'random' and tr.rule.feedback.shape == (2, N_REC)
+    with pytest.raises(utils.UserError, match='eprop_kappa'):
+        make(KINDS['dms'](), 'eprop', 7, eprop_kappa=1.5)
+    with pytest.raises(utils.UserError, match='step by step only'):
+        make(KINDS['dms'](), 'uoro', 8)
