@@ -29,6 +29,13 @@ reproduce-stream: $(VENV)/.installed
 reproduce-credit: $(VENV)/.installed
 	$(PY) scripts/reproduce_credit.py $(if $(TINY),--tiny --out results/dms/credit-tiny,) $(if $(BUDGET),--budget_min $(BUDGET),)
 
+# Every rule of rsnn/methods.py on the DMS trials (make demo's settings), the DMS stream and the N-MNIST/SHD
+# stand-ins at 3 x 128: table.csv, table.md and a figure per task in results/compare-rules/ (docs/online-rules.md).
+# TINY=1: toy sizes; REDUCED=1: the short-delay DMS preset and short image runs.
+.PHONY: compare-rules
+compare-rules: $(VENV)/.installed
+	$(PY) scripts/compare_rules.py $(if $(TINY),--tiny --out results/compare-rules-tiny,)$(if $(REDUCED),--reduced --out results/compare-rules-reduced,)
+
 # The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

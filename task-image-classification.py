@@ -181,7 +181,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
     trainer = Trainer(model, args.method, info.n_in, args.batch_size, optimizer=args.optimizer, lr=lr,
                                grad_clip=args.grad_clip, etrace_decay=args.etrace_decay, vjp_time=args.vjp_time,
                                loss=args.loss, weight_L2=args.weight_L2, devices=devices,
-                               trace_chunk=args.trace_chunk)
+                               trace_chunk=args.trace_chunk, rule_options=utils.rule_options(args))
     print(f'{info.title}: {len(splits[0])} train / {len(splits[1])} test samples, {args.data_length} bins, '
           f'{info.n_in} inputs, {info.n_classes} classes; {args.n_layer} x {args.n_rec} {args.model}, '
           f'{models.count_params(model)} weights, {methods.title(args.method)} on {utils.devices_name(devices)}; '

@@ -107,7 +107,7 @@ def build_parser():
                    help='sizes to use: paper (accelerator), cpu (scaled down), auto = paper on a GPU/TPU, '
                         'cpu on a CPU; explicit flags override the preset')
     p.add_argument('--methods', type=method_list, default=paper['methods'],
-                   help='comma list of bptt, expsm_diag, diag')
+                   help='comma list of ' + ', '.join(methods.names()))
     p.add_argument('--lengths', type=length_list, default=paper['lengths'],
                    help='comma list of sequence lengths T (cpu preset: 25,50,100,200)')
     p.add_argument('--batch_size', type=utils.positive_int, default=paper['batch_size'],

@@ -154,7 +154,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
                             lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
                             vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
                             protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
-                            rule_options=tbptt_options(args, cfg))
+                            rule_options=dict(utils.rule_options(args), **tbptt_options(args, cfg)))
     if args.protocol == 'stream':
         from rsnn import stream_protocol
         print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '

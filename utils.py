@@ -130,6 +130,13 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def rule_options(args) -> dict:
+    """The rules' own options (rsnn/rules/base.py RuleOptions.extra) from the parsed flags."""
+    return dict(eprop_kappa=getattr(args, 'eprop_kappa', None),
+                eprop_feedback=getattr(args, 'eprop_feedback', None) or 'symmetric',
+                seed=int(getattr(args, 'seed', 0) or 0))
+
+
 def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -149,6 +156,12 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                         f'{AUTO_CHUNK_BUDGET_MB:g} MB (ES-D-RTRL) or {AUTO_CHUNK_TRACE_FRACTION:g} x the traces (D-RTRL); '
                         'default (None): auto for the networks of this repository with --vjp_time t on one '
                         'device, else 1')
+    g.add_argument('--eprop_kappa', type=float, default=None,
+                   help="e-prop: the low-pass filter of the eligibility traces, in [0, 1); default (None): the "
+                        "readout's decay exp(-dt/tau_o); 0 with symmetric feedback = D-RTRL for one layer")
+    g.add_argument('--eprop_feedback', choices=('symmetric', 'random'), default='symmetric',
+                   help="e-prop: the readout error reaches the neurons through the readout weight (symmetric) "
+                        "or a fixed random matrix of its shape and scale (random)")
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
     g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')

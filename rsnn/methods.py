@@ -48,6 +48,7 @@ class Method:
     chunked: bool = False      # has a chunked path (--trace_chunk K > 1)
     stream: bool = True        # runs on --protocol stream
     online: bool = True        # a forward-in-time rule (False: BPTT, which differentiates through the sequence)
+    several_devices: bool = True  # runs with the batch split over several devices (--devices 0,1)
     note: str = ''             # one line for the comparison tables
 
 
@@ -90,6 +91,41 @@ register(Method('expsm_diag', 'ES-D-RTRL', 'tab:blue', 'rsnn.rules.es_d_rtrl:ESD
                 carries='an input trace per weight matrix input and an output trace per neuron and state',
                 memory_order='O(B (I + n S))', memory=_es_drtrl_memory, chunked=True,
                 note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay)"))
+
+
+def _eprop_memory(s: Sizes) -> float:
+    # D-RTRL's trace and its kappa-filtered copy for every layer weight; the readout's D-RTRL trace
+    return float(s.batch * (sum(2 * S * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
+                            + s.readout[1]))
+
+
+def _ottt_memory(s: Sizes) -> float:
+    # the presynaptic trace of each weight matrix input (layers and readout)
+    return float(s.batch * (sum(n_x for n_x, _, _ in s.layers) + s.readout[0]))
+
+
+def _uoro_memory(s: Sizes) -> float:
+    # theta~ (one copy of every weight) and s~ (one copy of every state of the batch), plus a 2-word key
+    return float(s.weights + s.batch * (sum(S * n for _, n, S in s.layers) + s.readout[1]) + 2)
+
+
+register(Method('eprop', 'e-prop', 'tab:orange', 'rsnn.rules.eprop:EProp',
+                carries="D-RTRL's trace of each weight and its kappa-filtered copy, per sample and state",
+                memory_order='O(2 B P S)', several_devices=False, memory=_eprop_memory, chunked=True,
+                note='Bellec et al. 2020; same-step readout error, symmetric or random feedback '
+                     '(--eprop_kappa, --eprop_feedback)'))
+register(Method('ottt', 'OTTT', 'tab:purple', 'rsnn.rules.ottt:OTTT',
+                carries='the presynaptic trace of each weight matrix input',
+                memory_order='O(B I)', several_devices=False, memory=_ottt_memory, chunked=True,
+                note='Xiao et al. 2022; ES-D-RTRL with no output-side trace (decay --etrace_decay)'))
+register(Method('snap1', 'SnAp-1', 'tab:brown', 'rsnn.rules.snap1:SnAp1',
+                carries='the eligibility trace of each weight, per sample and state',
+                memory_order='O(B P S)', several_devices=False, memory=_drtrl_memory, chunked=True,
+                note="Menick et al. 2021; D-RTRL plus each neuron's own recurrent weight in D"))
+register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
+                carries='a rank-1 estimate of the RTRL influence: one copy of the weights and of the states',
+                memory_order='O(P + B n S)', several_devices=False, memory=_uoro_memory, chunked=False,
+                note='Tallec & Ollivier 2018; unbiased, high variance; step by step (JVP + VJP per step)'))
 
 
 def names() -> tuple:

@@ -61,7 +61,7 @@ def command_id(argv) -> str:
 def test_the_ten_readme_commands_are_there():
     found = sorted(command_id(c) for c in COMMANDS)
     assert found == sorted(['rsnn-dms-bptt', 'rsnn-dms-expsm_diag', 'rsnn-dms-diag', 'memory']
-                           + [f'image-{d}-{m}' for d in ('nmnist', 'shd') for m in methods.names()]), found
+                           + [f'image-{d}-{m}' for d in ('nmnist', 'shd') for m in ('bptt', 'expsm_diag', 'diag')]), found
 
 
 @pytest.fixture(scope='module')

@@ -119,12 +119,27 @@ def state_jacobians(cell, prevs, ys):
     return jnp.stack(columns, axis=-1), stacked(t, names)
 
 
-def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, targets, objective):
+def spike_derivatives(cell, prevs):
+    """ds (K, B, J, S) = d s_{t-1} / d h_{t-1}[s] per neuron (the recurrent spike is element-wise in the states)."""
+    names = cell.names
+    zeros = {n: jnp.zeros_like(prevs[n]) for n in names}
+    cols = [jax.jvp(cell.prev_spike, (prevs,), (dict(zeros, **{s: jnp.ones_like(prevs[s])}),))[1] for s in names]
+    return jnp.stack(cols, axis=-1)
+
+
+def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, targets, objective,
+                              feedback=None, self_recurrence=False):
     """Forward over the chunk and the learning signals. `values`: {'layers': [{'weight', 'bias'}...],
     'out': {...}}; `weights`: prepared_weights(values); `hidden`: ([state dicts], readout r); targets: the
     chunk's slice of the update's targets (leading axis K). Returns (new hidden, relations, loss sum, weighted
     readout sum, the readout of each step (K, B, n_out)); relations: {layer index or 'out': dict(x (K, B, I), D, df, L)}, one per
-    trace-carrying weight."""
+    trace-carrying weight.
+
+    Optional (other rules than D-RTRL / ES-D-RTRL; the defaults leave everything above as it was):
+    feedback (n_out, n): the matrix that carries the readout error into the last layer's learning signal
+    instead of the readout weight transposed (e-prop's random feedback); self_recurrence: each layer's
+    relation also gets ds (K, B, J, S) = d s_{t-1} / d h_{t-1} (the recurrent spike's derivative by each
+    state) and w_self (J,) = the diagonal of its recurrent weight (SnAp-1's extra term of D)."""
     relations, states, layer_data = {}, [], []
     x = xs
     for cell, p, w, h0 in zip(cells, values['layers'], weights, hidden[0]):
@@ -140,7 +155,7 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
     ones = jnp.ones(rs.shape + (1,), rs.dtype)
     relations['out'] = dict(x=x_out, D=decay * ones[..., None], df=ones, L=dl_dr[..., None])
     # Learning signals, top down: the chunk's steps with the recurrent inputs held fixed.
-    ct, = back_out(recurrence.input_products(dl_dr, weights[-1]['in_T']))
+    ct, = back_out(recurrence.input_products(dl_dr, weights[-1]['in_T'] if feedback is None else feedback))
     for i in reversed(range(len(cells))):
         cell, (x_in, prevs, s_prev, ys) = cells[i], layer_data[i]
         zero_perturb = {n: jnp.zeros_like(prevs[n]) for n in cell.names}
@@ -148,6 +163,9 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
         ct_y, signal = back(ct)
         D, df = state_jacobians(cell, prevs, ys)
         relations[i] = dict(x=jnp.concatenate([x_in, s_prev], axis=-1), D=D, df=df, L=stacked(signal, cell.names))
+        if self_recurrence:
+            relations[i]['ds'] = spike_derivatives(cell, prevs)
+            relations[i]['w_self'] = jnp.diagonal(weights[i]['rec'])
         if i > 0:
             ct = recurrence.input_products(ct_y, weights[i]['in_T'])
     wout = jnp.sum(jax.vmap(objective.weighted)(rs, targets), axis=0)
@@ -220,7 +238,8 @@ def prepared_weights(values, n_in: int) -> list:
     return out + [{'in_T': jnp.transpose(values['out']['weight'])}]
 
 
-def chunked_online_gradients(model, update, K: int, xs, targets, objective, traces, t0, keep_outputs=False):
+def chunked_online_gradients(model, update, K: int, xs, targets, objective, traces, t0, keep_outputs=False,
+                             feedback=None, self_recurrence=False):
     """An online rule over xs (T, B, n_in), K steps per chunk, from the model's current states and the
     traces `traces` (one per relation: layers..., readout; zeros after a reset). `update(key, relation,
     trace, t0) -> (gradient dict, new trace)` is the rule's trace recursion and gradient read of one chunk
@@ -229,7 +248,8 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
 
     Returns ({param state: gradient}, summed loss, summed weighted readout (B, n_out), per-step readouts
     (T, B, n_out) or None, the traces after the last step, t0 + T); the model's hidden states are left at
-    their values after the last step (as brainscale's step does)."""
+    their values after the last step (as brainscale's step does). feedback, self_recurrence: as in
+    chunk_forward_and_signals (other rules' extras; the defaults change nothing)."""
     cells, readout_input = network_cells(model)
     states = param_states(model, cells)
     values = {'layers': [s.value for s in states[:-1]], 'out': states[-1].value}
@@ -243,7 +263,8 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
         hidden, traces, grads, loss, wout, t = carry
         xs_c, tg_c = inp
         hidden, relations, loss_c, wout_c, outs_c = chunk_forward_and_signals(
-            cells, readout_input, model, values, weights, hidden, xs_c.astype(jnp.float32), tg_c, objective)
+            cells, readout_input, model, values, weights, hidden, xs_c.astype(jnp.float32), tg_c, objective,
+            feedback, self_recurrence)
         new_traces, new_grads = [], []
         for key, trace, g in zip(keys, traces, grads):
             dg, trace = update(key, relations[key], trace, t)

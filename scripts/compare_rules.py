@@ -1,0 +1,298 @@
+"""Every learning rule of rsnn/methods.py on the same tasks (make compare-rules; docs/online-rules.md):
+
+    python scripts/compare_rules.py                      # the full comparison (hours on 2 CPU cores)
+    python scripts/compare_rules.py --tiny               # the same code path at toy sizes (CI)
+    python scripts/compare_rules.py --reduced            # short-delay DMS, short image runs
+    python scripts/compare_rules.py --rules ottt,eprop --tasks dms --seeds 0
+
+Tasks: `dms` (the 1000 ms DMS trials with make demo's settings, the preset cpu-demo), `dms-stream` (the same
+task as a stream, --protocol stream), `nmnist` and `shd` (the synthetic stand-ins of scripts/synthetic_events.py,
+3 x 128 LIF-delta). Each (task, rule, seed) is one run of the task script in its own process and run folder
+under OUT/runs/: a finished folder is reused, an interrupted one resumed, so the script can be stopped and
+started again. The trial tasks run with --check_grad (the cosine to BPTT's gradient on the first test batch,
+before training and at the last epoch). Written to OUT (default results/compare-rules/):
+
+  table.csv   rule, task, seed, final_test_acc, best_test_acc, batches, s_per_batch, step_memory_mb,
+              grad_cosine_init, grad_cosine_trained (and step_memory_formula_mb, stopped)
+  table.md    the same as a table
+  accuracy_vs_memory_<task>.png   held-out accuracy against the step memory, one point per run
+
+batches: the optimizer updates until the held-out accuracy first reached --acc (at an evaluation), blank if
+never. step_memory_mb: XLA's memory analysis of the compiled update, less its input (trials: compiled here,
+in this process, for the run's sizes; stream: the run's own update_memory_mb). step_memory_formula_mb: the
+rule's own state by its formula in the table of methods. grad_cosine_*: the mean over weights of each weight's
+cosine to BPTT (grad_fidelity.csv; a weight with a zero gradient left out; blank for BPTT itself and for the
+stream).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import utils  # noqa: E402
+from rsnn import methods  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+
+DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
+IMAGE = os.path.join(ROOT, 'task-image-classification.py')
+COLUMNS = ['rule', 'task', 'seed', 'final_test_acc', 'best_test_acc', 'batches', 's_per_batch', 'step_memory_mb',
+           'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb', 'stopped']
+TASKS = ('dms', 'dms-stream', 'nmnist', 'shd')
+
+FULL = dict(
+    dms=['--preset', 'cpu-demo', '--epochs', '20'],
+    stream=['--preset', 'cpu-demo', '--protocol', 'stream', '--stream_trials', '400'],
+    image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '400', '--epochs', '2',
+           '--batches_per_epoch', '40', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
+    synth=dict(nmnist=(6000, 1000), shd=(4000, 1000)),
+)
+TINY = dict(
+    dms=['--preset', 'short-delay', '--n_rec', '8', '--t_sample', '20', '--t_delay', '20', '--t_test', '20',
+         '--batch_size', '4', '--batches_per_epoch', '2', '--epochs', '1', '--n_test_trials', '8'],
+    stream=['--preset', 'short-delay', '--n_rec', '8', '--t_sample', '20', '--t_delay', '20', '--t_test', '20',
+            '--batch_size', '2', '--protocol', 'stream', '--stream_trials', '2', '--eval_every_trials', '1',
+            '--t_iti', '20-40'],
+    image=['--n_layer', '2', '--n_rec', '8', '--model', 'lif-delta', '--data_length', '12', '--epochs', '1',
+           '--batches_per_epoch', '2', '--batch_size', '4', '--warmup_ratio', '0.', '--devices', 'cpu'],
+    synth=dict(nmnist=(16, 8), shd=(16, 8)),
+)
+# A reduced comparison that fits a shared 2-core CPU in about half an hour: the short-delay DMS preset (100 ms
+# delay, 100 GIF neurons, 310 steps) for 4 epochs of 50 batches, its stream for 100 trials, the image stand-ins
+# at 3 x 128 with 100 bins for 10 batches.
+REDUCED = dict(
+    dms=['--preset', 'short-delay', '--epochs', '4', '--acc_th', '2'],
+    stream=['--preset', 'short-delay', '--protocol', 'stream', '--stream_trials', '100'],
+    image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '100', '--epochs', '1',
+           '--batches_per_epoch', '10', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
+    synth=dict(nmnist=(2000, 500), shd=(2000, 500)),
+)
+# each rule's own flags (the ES-D-RTRL decay of the README image commands; UORO: step by step)
+RULE_FLAGS = {'expsm_diag': ['--etrace_decay', '0.9'], 'ottt': ['--etrace_decay', '0.9'],
+              'uoro': ['--trace_chunk', '1']}
+
+
+def flags_for(task, rule, seed, cfg, data_dir):
+    common = ['--method', rule, '--seed', str(seed), '--no_progress']
+    own = RULE_FLAGS.get(rule, []) if task in ('nmnist', 'shd') else (['--trace_chunk', '1'] if rule == 'uoro' else [])
+    if task == 'dms':
+        return DMS, cfg['dms'] + ['--check_grad'] + common + own
+    if task == 'dms-stream':
+        return DMS, cfg['stream'] + common + own
+    return IMAGE, cfg['image'] + ['--dataset', task, '--data_dir', os.path.join(data_dir, task),
+                                  '--check_grad'] + common + own
+
+
+def ensure_data(data_dir, cfg):
+    for ds, (n_train, n_test) in cfg['synth'].items():
+        out = os.path.join(data_dir, ds)
+        if not os.path.isdir(out):
+            import subprocess
+            subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'synthetic_events.py'), '--dataset', ds,
+                            '--out', out, '--n_train', str(n_train), '--n_test', str(n_test), '--seed', '0',
+                            '--no_baselines'], check=True, cwd=ROOT)
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def grad_cosines(run_dir):
+    """(mean per-weight cosine at the first check, at the last), from grad_fidelity.csv."""
+    rows = read_csv(os.path.join(run_dir, 'grad_fidelity.csv'))
+    if not rows:
+        return None, None
+    by_epoch = {}
+    for r in rows:
+        by_epoch.setdefault(int(r['epoch']), []).append(float(r['cosine']))
+    first, last = min(by_epoch), max(by_epoch)
+    import math
+
+    def mean(v):  # a weight whose gradient is 0 (no spikes) has no cosine: left out
+        v = [c for c in v if math.isfinite(c)]
+        return sum(v) / len(v) if v else None
+    return mean(by_epoch[first]), (mean(by_epoch[last]) if last != first else None)
+
+
+def batches_to(run_dir, acc):
+    for r in read_csv(os.path.join(run_dir, 'metrics.csv')):
+        if r.get('test_acc') not in (None, '') and float(r['test_acc']) >= acc:
+            return int(float(r['batches']))
+    return None
+
+
+def argv_value(argv, flag, default=None):
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def trial_step_memory(task, rule, config):
+    """(measured step memory MB less the input, formula MB) of the run's compiled trial update: the network
+    and trainer built as the task script builds them from the run's config.json, nothing allocated."""
+    import brainstate
+    import jax
+    import jax.numpy as jnp
+    import models
+    from rsnn import trainer as training
+    c = config
+    B = int(c['batch_size'])
+    brainstate.environ.set(dt=float(c.get('dt', 1.)))
+    if task == 'dms':
+        import datasets
+        cfg = datasets.DMSConfig(dt=c['dt'], t_fixation=c['t_fixation'], t_sample=c['t_sample'],
+                                 t_delay=c['t_delay'], t_test=c['t_test'])
+        model = models.DMSNet(cfg.n_input, c['n_rec'], cfg.n_output, dt=c['dt'], tau_neu=c['tau_neu'],
+                              tau_syn=c['tau_syn'], tau_I2=c['tau_I2'], A2=c['A2'], ff_scale=c['ff_scale'],
+                              rec_scale=c['rec_scale'], spk_fun=c['spk_fun'], diff_spike=bool(c['diff_spike']),
+                              syn_gain=c['syn_gain'], tau_o=c['tau_o'], readout_scale=c['readout_scale'],
+                              seed=c['seed'])
+        n_in, T, n_out, S = cfg.n_input, cfg.n_steps, cfg.n_output, 3
+        layers = ((n_in + c['n_rec'], c['n_rec'], 3),)
+    else:
+        from rsnn.tonic_data import EVENT_DATASETS
+        info = EVENT_DATASETS[task]
+        n_in, T, n_out = info.n_in, int(c['data_length']), info.n_classes
+        model = models.SpikingStack(n_in, c['n_rec'], n_out, c['n_layer'], model=c['model'], seed=c['seed'])
+        S = len(model.layers[0].state_names())
+        layers = tuple((n_in + c['n_rec'] if i == 0 else 2 * c['n_rec'], c['n_rec'], S) for i in range(c['n_layer']))
+    tr = training.Trainer(model, rule, n_in, B, etrace_decay=c.get('etrace_decay', 0.99),
+                          trace_chunk=c.get('trace_chunk'), rule_options=utils.rule_options(argparse.Namespace(**c)))
+    sds = jax.ShapeDtypeStruct
+    xs = sds((T, B, n_in), jnp.float32)
+    mem = tr.compiled_memory(xs, sds((B,), jnp.int32), sds((B,), jnp.float32), sds((T,), jnp.float32))
+    total = mem['temp_bytes'] + mem['argument_bytes'] + mem['output_bytes'] - mem['alias_bytes']
+    measured = (total - 4 * T * B * n_in - 4 * T) / 2 ** 20
+    formula = methods.memory_floats(rule, methods.Sizes(layers=layers, readout=(int(c['n_rec']), n_out), batch=B,
+                                                        T=T)) * 4 / 2 ** 20
+    return measured, formula
+
+
+def stream_formula(rule, config):
+    import datasets
+    c = config
+    cfg = datasets.DMSConfig(dt=c['dt'], t_fixation=c['t_fixation'], t_sample=c['t_sample'], t_delay=c['t_delay'],
+                             t_test=c['t_test'])
+    steps = int(round(float(c.get('chunk_ms') or c.get('tbptt_window') or 500) / float(c['dt'])))
+    return methods.memory_floats(rule, methods.Sizes(layers=((cfg.n_input + c['n_rec'], c['n_rec'], 3),),
+                                                     readout=(int(c['n_rec']), cfg.n_output),
+                                                     batch=int(c['batch_size']), T=steps)) * 4 / 2 ** 20
+
+
+def row_for(task, rule, seed, run_dir, summary, acc):
+    config = json.load(open(os.path.join(run_dir, 'config.json')))
+    row = dict(rule=rule, task=task, seed=seed, final_test_acc=summary.get('test_acc'),
+               best_test_acc=summary.get('best_test_acc'), batches=batches_to(run_dir, acc),
+               stopped=summary.get('stopped_because'))
+    if task == 'dms-stream':
+        steps = summary.get('chunk_steps') or 1
+        s1000 = summary.get('s_per_1000_steps')
+        row.update(s_per_batch=s1000 * steps / 1000. if s1000 else None, step_memory_mb=summary.get('update_memory_mb'),
+                   step_memory_formula_mb=stream_formula(rule, dict(config, chunk_ms=summary.get('chunk_ms'))))
+        row['batches'] = None
+        for r in read_csv(os.path.join(run_dir, 'metrics.csv')):
+            if float(r['test_acc']) >= acc:
+                row['batches'] = int(float(r['batches']))
+                break
+    else:
+        row['s_per_batch'] = summary.get('step_s_per_batch')
+        row['step_memory_mb'], row['step_memory_formula_mb'] = trial_step_memory(task, rule, config)
+        if rule != 'bptt':
+            row['grad_cosine_init'], row['grad_cosine_trained'] = grad_cosines(run_dir)
+    return row
+
+
+def fmt(v):
+    if v is None or v == '':
+        return ''
+    if isinstance(v, float):
+        return f'{v:.4g}'
+    return str(v)
+
+
+def write_outputs(out, rows, tasks):
+    with open(os.path.join(out, 'table.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: fmt(r.get(k)) for k in COLUMNS})
+    with open(os.path.join(out, 'table.md'), 'w') as f:
+        f.write('| ' + ' | '.join(COLUMNS) + ' |\n|' + '---|' * len(COLUMNS) + '\n')
+        for r in rows:
+            f.write('| ' + ' | '.join(methods.title(r[k]) if k == 'rule' else fmt(r.get(k)) for k in COLUMNS) + ' |\n')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    for task in tasks:
+        rs = [r for r in rows if r['task'] == task and r.get('final_test_acc') is not None and r.get('step_memory_mb')]
+        if not rs:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for rule in methods.ordered({r['rule'] for r in rs}):
+            pts = [r for r in rs if r['rule'] == rule]
+            ax.scatter([r['step_memory_mb'] for r in pts], [r['final_test_acc'] for r in pts],
+                       color=methods.color(rule), label=methods.title(rule), s=40)
+        ax.set_xscale('log')
+        ax.set_xlabel('step memory (MB, XLA memory analysis, less the input)')
+        ax.set_ylabel('held-out accuracy at the end')
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f'accuracy_vs_memory_{task}.png'), dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'compare-rules'))
+    p.add_argument('--tiny', action='store_true', help='toy sizes (seconds per run): the code path, for CI')
+    p.add_argument('--reduced', action='store_true', help='the short-delay DMS preset and short image runs '
+                                                          '(about half an hour on 2 CPU cores)')
+    p.add_argument('--rules', default=','.join(methods.names()))
+    p.add_argument('--tasks', default=','.join(TASKS))
+    p.add_argument('--seeds', default='0')
+    p.add_argument('--acc', type=float, default=0.9, help='the accuracy threshold of the batches column')
+    p.add_argument('--data_dir', default=None, help='the synthetic N-MNIST / SHD (default OUT/data)')
+    args = p.parse_args(argv)
+    rules = [r for r in args.rules.split(',') if r]
+    for r in rules:
+        methods.get(r)
+    tasks = [t for t in args.tasks.split(',') if t]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        p.error(f'unknown task(s) {bad}; choose from {TASKS}')
+    cfg = TINY if args.tiny else REDUCED if args.reduced else FULL
+    os.makedirs(os.path.join(args.out, 'runs'), exist_ok=True)
+    data_dir = args.data_dir or os.path.join(args.out, 'data')
+    if any(t in ('nmnist', 'shd') for t in tasks):
+        ensure_data(data_dir, cfg)
+    rows = []
+    for task in tasks:
+        for rule in methods.ordered(rules):
+            if task == 'dms-stream' and not methods.get(rule).stream:
+                continue
+            for seed in [int(s) for s in args.seeds.split(',')]:
+                run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
+                script, flags = flags_for(task, rule, seed, cfg, data_dir)
+                state = run_folder_state(run_dir)
+                if state == 'finished':
+                    summary = utils.read_summary(run_dir)
+                else:
+                    argv_run = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else \
+                        flags + ['--out_dir', run_dir]
+                    summary = run_task(script, argv_run, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
+                                       ROOT)
+                rows.append(row_for(task, rule, seed, run_dir, summary, args.acc))
+                write_outputs(args.out, rows, tasks)  # after every run: a stopped comparison keeps its table
+    write_outputs(args.out, rows, tasks)
+    print(f'wrote {os.path.join(args.out, "table.md")}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
