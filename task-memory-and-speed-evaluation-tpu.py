@@ -29,6 +29,7 @@ import utils
 
 from rsnn import run_folder
 from rsnn import methods
+from rsnn.child_runs import classify_failure, killed_row, one_line, oom_kills  # noqa: F401 (tests use them here)
 from rsnn.memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
                                 write_outputs)
 
@@ -171,22 +172,6 @@ def parse_args(argv=None, platform: str = None):
 # --------------------------------------------------------------------------------------------
 # Worker side (a fresh process per measurement)
 # --------------------------------------------------------------------------------------------
-
-
-def classify_failure(text: str) -> str:
-    """'OOM' for out-of-memory messages, else 'error'."""
-    low = text.lower()
-    keys = ('resource_exhausted', 'out of memory', 'memoryerror', 'cannot allocate memory', 'bad_alloc',
-            'failed to allocate')  # not a bare 'oom': 'room' and 'zoom' are no out-of-memory errors
-    return 'OOM' if any(k in low for k in keys) else 'error'
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
-    for l in reversed(lines):  # the last line that says what happened
-        if not l.startswith(('File ', 'Traceback', '^', '~')) and 'site-packages' not in l:
-            return l[:limit]
-    return (lines[-1] if lines else '')[:limit]
 
 
 def pick_device(spec: str):
@@ -467,33 +452,6 @@ def run_child(flag: str, payload: dict, timeout: float, devices: str):
         return None, killed_row(-proc.returncode, oom_before, oom_kills())
     text = proc.stderr or proc.stdout or f'exit code {proc.returncode}'
     return None, dict(status=classify_failure(text), reason=one_line(text))
-
-
-def oom_kills():
-    """The kernel's count of OOM kills so far (/proc/vmstat oom_kill, Linux >= 4.13; memory-cgroup kills
-    included), or None where the system does not say."""
-    try:
-        with open('/proc/vmstat') as f:
-            for line in f:
-                if line.startswith('oom_kill '):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def killed_row(sig: int, oom_before, oom_after) -> dict:
-    """The row of a worker that a signal ended: 'OOM' only when the kernel's OOM-kill count rose meanwhile;
-    a kill by the user (or another process) is 'killed'."""
-    if sig == 9 and oom_before is not None and oom_after is not None and oom_after > oom_before:
-        return dict(status='OOM', reason='killed by the kernel OOM killer (/proc/vmstat oom_kill rose)')
-    if sig == 9 and oom_before is not None and oom_after is not None:
-        return dict(status='killed', reason='killed by SIGKILL from outside, not by the OOM killer '
-                                            '(/proc/vmstat oom_kill unchanged)')
-    if sig == 9:
-        return dict(status='killed', reason='killed by SIGKILL (the OOM killer or a user: this system does not '
-                                            'say which)')
-    return dict(status='killed', reason=f'killed by signal {sig}')
 
 
 def resolve_devices(spec: str, platform: str) -> str:

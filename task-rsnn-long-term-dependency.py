@@ -65,6 +65,12 @@ def build_parser():
                         'reaches this')
     g.add_argument('--acc_th_window', type=utils.positive_int, default=20,
                    help='training batches whose accuracies are averaged for --acc_th')
+    add_stream_flags(p)
+    add_network_flags(p)
+    return p
+
+
+def add_stream_flags(p):
     g = p.add_argument_group('stream protocol (--protocol stream; docs/stream.md)')
     g.add_argument('--protocol', choices=('trials', 'stream'), default='trials',
                    help='trials: independent trials, states reset per batch; stream: --batch_size endless '
@@ -89,6 +95,9 @@ def build_parser():
                    help='stream: trials per stream between evaluations on the held-out stream (and checkpoints)')
     g.add_argument('--stream_reset', type=int, choices=(0, 1), default=0,
                    help='stream, a control: 1 = zero the states and traces of a stream at every trial start')
+
+
+def add_network_flags(p):
     g = p.add_argument_group('network')
     g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent GIF neurons')
     g.add_argument('--tau_neu', type=utils.positive_float, default=100., help='membrane time constant (ms)')
@@ -125,7 +134,6 @@ def build_parser():
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
     g.add_argument('--readout_scale', type=utils.positive_float, default=0.1,
                    help='readout weights ~ N(0, readout_scale^2 / n_rec): first outputs O(1)')
-    return p
 
 
 def train_and_evaluate(args, run_dir: str) -> dict:

@@ -1,5 +1,6 @@
 """Runs of a task script as child processes, for the reproduction scripts (scripts/reproduce_*.py): the
-state of a run folder, and one run (started or resumed) with its summary and the child's peak memory.
+state of a run folder, and one run (started or resumed) with its summary and the child's peak memory; and
+what ended a child process (an out-of-memory, a kill), for the memory command's workers.
 
 A folder is never deleted here: a run stopped before its first checkpoint is started over by the task
 script itself, which removes only the files it writes (run_folder.prepare_run_dir) and refuses a folder that
@@ -43,3 +44,49 @@ def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> 
         raise RuntimeError(f'{run_dir} holds no readable summary.json after the run; see {log_path}')
     summary['peak_rss_mb'] = usage.ru_maxrss / 1024.  # KiB on Linux
     return summary
+
+
+# What ended a child process: the memory command's workers
+
+
+def classify_failure(text: str) -> str:
+    """'OOM' for out-of-memory messages, else 'error'."""
+    low = text.lower()
+    keys = ('resource_exhausted', 'out of memory', 'memoryerror', 'cannot allocate memory', 'bad_alloc',
+            'failed to allocate')  # not a bare 'oom': 'room' and 'zoom' are no out-of-memory errors
+    return 'OOM' if any(k in low for k in keys) else 'error'
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+    for l in reversed(lines):  # the last line that says what happened
+        if not l.startswith(('File ', 'Traceback', '^', '~')) and 'site-packages' not in l:
+            return l[:limit]
+    return (lines[-1] if lines else '')[:limit]
+
+
+def oom_kills():
+    """The kernel's count of OOM kills so far (/proc/vmstat oom_kill, Linux >= 4.13; memory-cgroup kills
+    included), or None where the system does not say."""
+    try:
+        with open('/proc/vmstat') as f:
+            for line in f:
+                if line.startswith('oom_kill '):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def killed_row(sig: int, oom_before, oom_after) -> dict:
+    """The row of a worker that a signal ended: 'OOM' only when the kernel's OOM-kill count rose meanwhile;
+    a kill by the user (or another process) is 'killed'."""
+    if sig == 9 and oom_before is not None and oom_after is not None and oom_after > oom_before:
+        return dict(status='OOM', reason='killed by the kernel OOM killer (/proc/vmstat oom_kill rose)')
+    if sig == 9 and oom_before is not None and oom_after is not None:
+        return dict(status='killed', reason='killed by SIGKILL from outside, not by the OOM killer '
+                                            '(/proc/vmstat oom_kill unchanged)')
+    if sig == 9:
+        return dict(status='killed', reason='killed by SIGKILL (the OOM killer or a user: this system does not '
+                                            'say which)')
+    return dict(status='killed', reason=f'killed by signal {sig}')

@@ -202,7 +202,7 @@ class Trainer:
             self._rules[method] = methods.rule_class(method)(self.model, self.params, opts)
         return self._rules[method]
 
-    def _gradients(self, xs, targets, objective, method=None, **kw):
+    def rule_gradients(self, xs, targets, objective, method=None, **kw):
         """The rule's Result with the gradients keyed by weight name."""
         if self.mesh is None:
             result = self.rule_for(method or self.method).gradients(xs, targets, objective, **kw)
@@ -245,7 +245,7 @@ class Trainer:
         """The summed gradient, loss and accuracy of one batch by the trainer's method (or `method='bptt'`:
         BPTT's gradient from the same weights and initial states, for --check_grad)."""
         self.reset(xs.shape[1])
-        result = self._gradients(xs.astype('float32'), ws, trial_objective(labels, mask, self.loss), method)
+        result = self.rule_gradients(xs.astype('float32'), ws, trial_objective(labels, mask, self.loss), method)
         return result.grads, result.loss, accuracy(result.wout, labels, mask)
 
     def _train_step(self, opt_state, xs, labels, mask, ws):
@@ -281,7 +281,7 @@ class Trainer:
     def _stream_step(self, opt_state, xs, labels, ws, resets):
         objective = stream_objective(self.loss)
         hook = (lambda reset: self.mask_reset(reset)) if self.reset_per_trial else None
-        result = self._gradients(xs, (labels, ws), objective, step_hook=hook, keep_outputs=True,
+        result = self.rule_gradients(xs, (labels, ws), objective, step_hook=hook, keep_outputs=True,
                                  hook_inputs=resets if self.reset_per_trial else None)
         # A chunk without any test step has no loss: no update (Adam's momentum would still move the
         # weights on a zero gradient).
@@ -298,7 +298,7 @@ class Trainer:
 
     def _stream_grads(self, xs, labels, ws, resets):
         hook = (lambda reset: self.mask_reset(reset)) if self.reset_per_trial else None
-        return self._gradients(xs, (labels, ws), stream_objective(self.loss), step_hook=hook,
+        return self.rule_gradients(xs, (labels, ws), stream_objective(self.loss), step_hook=hook,
                                hook_inputs=resets if self.reset_per_trial else None).grads
 
     # -- public: trials -------------------------------------------------------------------------------

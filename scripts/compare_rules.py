@@ -139,7 +139,7 @@ def trial_step_memory(task, rule, config):
     import jax
     import jax.numpy as jnp
     import models
-    from rsnn import trainer as training
+    from rsnn.trainer import Trainer
     c = config
     B = int(c['batch_size'])
     brainstate.environ.set(dt=float(c.get('dt', 1.)))
@@ -161,7 +161,7 @@ def trial_step_memory(task, rule, config):
         model = models.SpikingStack(n_in, c['n_rec'], n_out, c['n_layer'], model=c['model'], seed=c['seed'])
         S = len(model.layers[0].state_names())
         layers = tuple((n_in + c['n_rec'] if i == 0 else 2 * c['n_rec'], c['n_rec'], S) for i in range(c['n_layer']))
-    tr = training.Trainer(model, rule, n_in, B, etrace_decay=c.get('etrace_decay', 0.99),
+    tr = Trainer(model, rule, n_in, B, etrace_decay=c.get('etrace_decay', 0.99),
                           trace_chunk=c.get('trace_chunk'), rule_options=utils.rule_options(argparse.Namespace(**c)))
     sds = jax.ShapeDtypeStruct
     xs = sds((T, B, n_in), jnp.float32)

@@ -103,13 +103,13 @@ class Gradients:
 
     def __init__(self, network: str, method: str, a, T: int):
         import brainstate
-        from rsnn import trainer as training
+        from rsnn.trainer import Trainer, trial_objective
         brainstate.environ.set(dt=1.)
         name, _, arg = method.partition(':')
         self.name = name
         kw = dict(etrace_decay=float(arg)) if name == 'expsm_diag' and arg else {}
         rule = 'bptt' if name == 'tbptt' else name
-        self.trainer = training.Trainer(make_model(network, a, a.seed), rule, a.n_in, a.batch,
+        self.trainer = Trainer(make_model(network, a, a.seed), rule, a.n_in, a.batch,
                                         trace_chunk=None, **kw)
         self.k2 = int(float(arg)) if name == 'tbptt' else None
         self.T = T
@@ -120,11 +120,11 @@ class Gradients:
         """TBPTT(k2) at the last step: the states of the first T - k2 steps without gradient, then the BPTT
         rule over the last k2 (it takes the states carried in as constants, as on the stream)."""
         import brainstate
-        from rsnn import trainer as training
+        from rsnn.trainer import Trainer, trial_objective
         tr, cut = self.trainer, self.T - self.k2
         tr.reset(xs.shape[1])
         brainstate.transform.for_loop(lambda x: tr.model(x), xs[:cut])
-        return tr._gradients(xs[cut:], ws[cut:], training.trial_objective(labels, mask, 'cel')).grads
+        return tr.rule_gradients(xs[cut:], ws[cut:], trial_objective(labels, mask, 'cel')).grads
 
     def __call__(self, xs, labels, ws) -> dict:
         if self.k2 is None:

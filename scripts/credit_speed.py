@@ -6,7 +6,8 @@ import importlib.util
 spec = importlib.util.spec_from_file_location('task', 'task-rsnn-long-term-dependency.py')
 task = importlib.util.module_from_spec(spec); spec.loader.exec_module(task)
 import utils, brainstate, datasets, models
-from rsnn import trainer as training, dms_stream
+from rsnn.trainer import Trainer
+from rsnn import dms_stream
 trainers = {}
 for m, dec in (('expsm_diag', '0.99'), ('diag', '0.99'), ('bptt', '0.99')):
     flags = ['--preset', 'credit', '--protocol', 'stream', '--method', m, '--etrace_decay', dec]
@@ -18,7 +19,7 @@ for m, dec in (('expsm_diag', '0.99'), ('diag', '0.99'), ('bptt', '0.99')):
     model = models.DMSNet(cfg.n_input, args.n_rec, 2, dt=1., tau_neu=args.tau_neu, tau_syn=args.tau_syn, tau_I2=args.tau_I2,
                           A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale, syn_gain=args.syn_gain,
                           seed=0, memory=task.memory_layout(args))
-    tr = training.Trainer(model, m, cfg.n_input, 32, etrace_decay=args.etrace_decay, protocol='stream', trace_chunk=args.trace_chunk,
+    tr = Trainer(model, m, cfg.n_input, 32, etrace_decay=args.etrace_decay, protocol='stream', trace_chunk=args.trace_chunk,
                           rule_options=task.tbptt_options(args, cfg))
     trainers[m] = (tr, dms_stream.DMSStream(cfg, 32, 500, 0, (100., 500.)))
     tr.train_chunk(trainers[m][1].chunk(0))

@@ -5,7 +5,7 @@ tests/test_online_rules.py::test_uoro_average_approaches_exact_rtrl, printed for
 import sys; import os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time, numpy as np, jax, jax.numpy as jnp, brainstate
 import models
-from rsnn import trainer as training
+from rsnn.trainer import Trainer, trial_objective
 from rsnn.rules import uoro
 brainstate.environ.set(dt=1.)
 T,B,NI,NR=10,2,4,4
@@ -14,11 +14,11 @@ for kind in ['lif','dms']:
         m = models.SpikingStack(NI, NR, 2, 1, model='lif-delta', ff_scale=4., seed=0); n_out=2
     else:
         m = models.DMSNet(NI, NR, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1., ff_scale=6., rec_scale=2., seed=4)
-    tr = training.Trainer(m, 'uoro', NI, B, trace_chunk=1)
+    tr = Trainer(m, 'uoro', NI, B, trace_chunk=1)
     rng=np.random.default_rng(0)
     xs=(rng.random((T,B,NI))<0.5).astype(np.float32); labels=rng.integers(0,2,B).astype(np.int32); ws=np.linspace(0.2,1,T).astype(np.float32)
     net=tr.rule.net; tr.reset(B)
-    obj=training.trial_objective(jnp.asarray(labels), jnp.ones(B), 'cel')
+    obj=trial_objective(jnp.asarray(labels), jnp.ones(B), 'cel')
     values=net.values(); h0=net.states()
     exact_f = jax.jacfwd(net.sequence_loss)(values, h0, jnp.asarray(xs), jnp.asarray(ws), obj.loss)
     exact_b = jax.grad(net.sequence_loss)(values, h0, jnp.asarray(xs), jnp.asarray(ws), obj.loss)

@@ -10,7 +10,7 @@ import pytest
 
 import datasets
 import models
-from rsnn import trainer as training
+from rsnn.trainer import Trainer
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -54,7 +54,7 @@ def build(k1=None, k2=None, seed=0):
     model = models.DMSNet(CFG.n_input, 12, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=100., A2=1., ff_scale=6.,
                           rec_scale=2., syn_gain=1., seed=seed)
     opts = dict(tbptt_k1_steps=k1, tbptt_k2_steps=k2) if k2 else {}
-    return training.Trainer(model, 'bptt', CFG.n_input, B, protocol='stream', rule_options=opts)
+    return Trainer(model, 'bptt', CFG.n_input, B, protocol='stream', rule_options=opts)
 
 
 def chunks(U, n, marks=(), seed=0):

@@ -18,7 +18,7 @@ import pytest
 
 import models
 from rsnn import methods
-from rsnn import trainer as training
+from rsnn.trainer import Trainer, path_key, trial_objective
 from rsnn.rules import chunks, ottt, uoro
 from test_chunked_traces import KINDS, B, N_IN, N_REC, T, data, flat
 
@@ -27,7 +27,7 @@ NEW = ('eprop', 'ottt', 'snap1')
 
 def make(model, method, K=1, decay=0.9, **extra):
     brainstate.environ.set(dt=1.)
-    return training.Trainer(model, method, N_IN, B, etrace_decay=decay, trace_chunk=K, rule_options=extra)
+    return Trainer(model, method, N_IN, B, etrace_decay=decay, trace_chunk=K, rule_options=extra)
 
 
 def grads_of(tr, n_out, **kw):
@@ -216,13 +216,13 @@ def test_uoro_average_approaches_exact_rtrl(kind):
     else:
         m = models.DMSNet(ni, nr, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1., ff_scale=6.,
                           rec_scale=2., seed=4)
-    tr = training.Trainer(m, 'uoro', ni, b_, trace_chunk=1)
+    tr = Trainer(m, 'uoro', ni, b_, trace_chunk=1)
     rng = np.random.default_rng(0)
     xs = (rng.random((t_, b_, ni)) < 0.5).astype(np.float32)
     labels, ws = rng.integers(0, 2, b_).astype(np.int32), np.linspace(0.2, 1, t_).astype(np.float32)
     net = tr.rule.net
     tr.reset(b_)
-    objective = training.trial_objective(jnp.asarray(labels), jnp.ones(b_), 'cel')
+    objective = trial_objective(jnp.asarray(labels), jnp.ones(b_), 'cel')
     values, h0 = net.values(), net.states()
     args = (h0, jnp.asarray(xs), jnp.asarray(ws), objective.loss)
     exact = jax.jacfwd(net.sequence_loss)(values, *args)           # full RTRL, forward mode
@@ -230,7 +230,7 @@ def test_uoro_average_approaches_exact_rtrl(kind):
     for st, v in zip(net.param_states, exact['layers'] + [exact['out']]):
         key = [k for k, s in tr.params.items() if s is st][0]
         for name in v:
-            np.testing.assert_allclose(bptt[training.path_key(key)][name], v[name], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(bptt[path_key(key)][name], v[name], rtol=1e-4, atol=1e-6)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
     run = jax.jit(jax.vmap(lambda k: uoro.uoro_sequence(net, values, h0, zeros(h0), zeros(values), k,
                                                         *args[1:])[0]))
