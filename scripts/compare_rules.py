@@ -35,7 +35,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
-from rsnn import methods  # noqa: E402
+from rsnn import methods, run_folder  # noqa: E402
 from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                 script, flags = flags_for(task, rule, seed, cfg, data_dir)
                 state = run_folder_state(run_dir)
                 if state == 'finished':
-                    summary = utils.read_summary(run_dir)
+                    summary = run_folder.read_summary(run_dir)
                 else:
                     argv_run = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else \
                         flags + ['--out_dir', run_dir]

@@ -7,13 +7,13 @@ spec = importlib.util.spec_from_file_location('task', 'task-rsnn-long-term-depen
 task = importlib.util.module_from_spec(spec); spec.loader.exec_module(task)
 import utils, brainstate, datasets, models
 from rsnn.trainer import Trainer
-from rsnn import dms_stream
+from rsnn import dms_stream, run_folder
 trainers = {}
 for m, dec in (('expsm_diag', '0.99'), ('diag', '0.99'), ('bptt', '0.99')):
     flags = ['--preset', 'credit', '--protocol', 'stream', '--method', m, '--etrace_decay', dec]
     if m == 'bptt':
         flags += ['--tbptt_window', '500', '--tbptt_k2', '1000']
-    args = utils.parse_args(task.build_parser(), flags, task.PRESETS)
+    args = run_folder.parse_args(task.build_parser(), flags, task.PRESETS)
     brainstate.environ.set(dt=1.)
     cfg = datasets.DMSConfig(t_delay=args.t_delay)
     model = models.DMSNet(cfg.n_input, args.n_rec, 2, dt=1., tau_neu=args.tau_neu, tau_syn=args.tau_syn, tau_I2=args.tau_I2,
