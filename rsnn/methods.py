@@ -128,6 +128,10 @@ register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
                 note='Tallec & Ollivier 2018; unbiased, high variance; step by step (JVP + VJP per step)'))
 
 
+# the rules of the paper: what the memory command and the reproductions run by default
+PAPER = ('bptt', 'diag', 'expsm_diag')
+
+
 def names() -> tuple:
     return tuple(TABLE)
 

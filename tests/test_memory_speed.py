@@ -51,7 +51,7 @@ def test_sweep_writes_csv_json_png_one_row_per_method_and_length(sweep, mem_scri
         assert reader.fieldnames == memory_report.CSV_COLUMNS
         rows = list(reader)
     assert sorted((r['method'], int(r['T'])) for r in rows) == sorted(
-        (m, T) for m in methods.names() for T in (SHORT, LONG))
+        (m, T) for m in methods.PAPER for T in (SHORT, LONG))
     for r in rows:
         assert r['status'] == 'ok', r
         for col in ('step_s', 'compile_s', 'gflops', 'frac_of_matmul', 'xla_temp_mb', 'step_mb', 'input_mb',
@@ -67,7 +67,7 @@ def test_sweep_writes_csv_json_png_one_row_per_method_and_length(sweep, mem_scri
 def test_compiled_memory_bptt_grows_online_methods_flat(sweep):
     rows = rows_by_key(sweep['rows'])
     short, long = {}, {}
-    for m in methods.names():
+    for m in methods.PAPER:
         short[m], long[m] = rows[(m, SHORT)]['step_mb'], rows[(m, LONG)]['step_mb']
     # BPTT keeps every step's activations: 12x the steps, several times the memory
     assert long['bptt'] > 3 * short['bptt'], (short, long)

@@ -145,7 +145,7 @@ def test_memory_command(readme_argv, tmp_path):
         rows = list(csv.DictReader(f))
     # the online methods in both configurations (--trace_chunk 1,auto, the default): K = 1 and auto
     assert sorted((r['method'], int(r['T']), r['trace_chunk_requested'] or '-') for r in rows) == sorted(
-        (m, T, K) for m in methods.names() for T in MEMORY_LENGTHS
+        (m, T, K) for m in methods.PAPER for T in MEMORY_LENGTHS
         for K in (['1', 'auto'] if methods.get(m).chunked else ['-']))
     for r in rows:
         assert r['status'] == 'ok' and float(r['step_s']) > 0 and float(r['step_mb']) > 0, r
