@@ -145,7 +145,7 @@ def test_formulas_match_the_real_network_and_traces(mem_script, model):
         net = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=model, seed=0)
         trainer = Trainer(net, method, cfg['n_in'], cfg['batch_size'], etrace_decay=0.9)
         assert memory_report.n_params(cfg) == models.count_params(net)
-        algo = trainer.algo
+        algo = trainer.rule.algo
         states = list(algo.etrace_bwg.values()) if method == 'diag' else \
             list(algo.etrace_xs.values()) + list(algo.etrace_dfs.values())
         sizes[method] = 4. * sum(np.size(leaf) for st in states for leaf in jax.tree.leaves(st.value))
@@ -237,7 +237,7 @@ def test_fast_path_counts_the_drtrl_gradient_read(monkeypatch):
     xs, labels, ws = data(n_out)
     trainer.gradients(xs, labels, ws)
     # every dense layer's gradient read fell back (brainscale may trace the step more than once)
-    n_relations = len(trainer.algo.etrace_bwg)
+    n_relations = len(trainer.rule.algo.etrace_bwg)
     fallback = brainscale_adapter.STATS['fallback'] - before['fallback']
     assert fallback > 0 and fallback % n_relations == 0, fallback
     assert brainscale_adapter.STATS['fast'] - before['fast'] > 0  # the trace updates stayed fast
