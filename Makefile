@@ -38,7 +38,7 @@ compare-rules: $(VENV)/.installed
 
 # The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q tests
