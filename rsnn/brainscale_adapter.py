@@ -83,12 +83,24 @@ def adapt_brainscale(drtrl_fix: bool = True, speedups: bool = None) -> dict:
     drtrl_fix: switch brainscale's D-RTRL trace rescaling off (True) or leave brainscale's own (False).
     speedups: the fast dense-layer paths; None = on unless BRAINSCALE_SPEEDUPS=0 in the environment.
     """
+    global _CONFIGURED
+    _CONFIGURED = True
     if speedups is None:
         speedups = os.environ.get('BRAINSCALE_SPEEDUPS', '1') != '0'
     bridged = _apply_jax_bridge()
     _set_drtrl_fix(drtrl_fix)
     _set_speedups(speedups)
     return dict(jax_bridge=bridged, drtrl_fix=drtrl_fix_active(), speedups=speedups_active())
+
+
+_CONFIGURED = False  # adapt_brainscale has been called in this process
+
+
+def ensure_adapted():
+    """The defaults of adapt_brainscale(), unless it was called already: importing a rule that uses
+    brainscale must not undo a configuration chosen before (a test that switches the D-RTRL fix off)."""
+    if not _CONFIGURED:
+        adapt_brainscale()
 
 
 # ------------------------------------------------------------------------------------------------

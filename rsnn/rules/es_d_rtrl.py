@@ -15,10 +15,10 @@ import jax.numpy as jnp
 
 from rsnn import brainscale_adapter, recurrence
 from rsnn.rules import chunks
-from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
-from utils import VJP_METHODS, auto_trace_chunk
+from rsnn.rules.base import RuleOptions
+from rsnn.rules.brainscale_or_chunked import BrainscaleOrChunkedRule
+from utils import VJP_METHODS
 
-brainscale_adapter.adapt_brainscale()
 
 
 def decay_of(decay_or_rank) -> float:
@@ -30,59 +30,10 @@ def decay_of(decay_or_rank) -> float:
 
 
 
-class ESDRTRL(Rule):
+class ESDRTRL(BrainscaleOrChunkedRule):
     """ES-D-RTRL: brainscale's IODimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
     repository's networks (rsnn/rules/chunks.py; the same gradient)."""
-
-    def __init__(self, model, params: dict, options: RuleOptions):
-        super().__init__(model, params, options)
-        self.trace_chunk = self.choose_chunk(model, options)
-        self.supports_step_hook = self.trace_chunk == 1
-        if self.trace_chunk == 1:
-            self.algo = self.brainscale_algorithm(model, options)
-            self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
-        else:
-            self.algo = None
-            # abstract_traces (the memory command's --analysis_only): shapes only, nothing allocated; the
-            # compiled step zeroes the traces itself before a batch of trials (reset)
-            zeros = jax.eval_shape(self.zero_traces) if options.extra.get('abstract_traces') else self.zero_traces()
-            self.traces = [brainstate.ShortTermState(t) for t in zeros]
-            self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
-
-    @staticmethod
-    def choose_chunk(model, options: RuleOptions) -> int:
-        """The K this rule runs with on `model` (rules.base.chunk_for)."""
-        why_not = None if chunks.supports(model) else \
-            f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
-        return chunk_for(options, True, why_not, lambda: auto_trace_chunk(
-            'expsm_diag', chunks.relation_shapes(model), options.batch_size))
-
-    def carried_states(self) -> dict:
-        if self.algo is not None:
-            return brainscale_adapter.trace_states(self.algo, self.model)
-        out = {'trace_steps': self.t0}
-        out.update({f'trace/{i}': st for i, st in enumerate(self.traces)})
-        return out
-
-    def reset(self):
-        if self.algo is not None:
-            self.algo.reset_state()
-            return
-        for st, zero in zip(self.traces, self.zero_traces()):
-            st.value = zero
-        self.t0.value = jnp.zeros((), jnp.int32)
-
-    def gradients(self, xs, targets, objective, step_hook=None, keep_outputs=False, hook_inputs=None) -> Result:
-        if self.algo is not None:
-            return step_by_step(self.algo, self.model, self.params, xs, targets, objective, step_hook, keep_outputs,
-                                hook_inputs)
-        grads, loss, wout, outs, traces, t_end = chunks.chunked_online_gradients(
-            self.model, self.chunk_update, self.trace_chunk, xs, targets, objective,
-            [st.value for st in self.traces], self.t0.value, keep_outputs)
-        for st, tr in zip(self.traces, traces):
-            st.value = tr
-        self.t0.value = t_end
-        return Result({k: grads[s] for k, s in self.params.items() if s in grads}, loss, wout, outs)
+    auto_name = 'expsm_diag'
 
     @staticmethod
     def brainscale_algorithm(model, options: RuleOptions):
