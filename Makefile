@@ -36,12 +36,14 @@ reproduce-credit: $(VENV)/.installed
 compare-rules: $(VENV)/.installed
 	$(PY) scripts/compare_rules.py $(if $(TINY),--tiny --out results/compare-rules-tiny,)$(if $(REDUCED),--reduced --out results/compare-rules-reduced,)
 
-# The CI suite (CPU, tiny networks); `make test-all` adds any test marked slow (none at present).
+# The CI suite (CPU, tiny networks), in TEST_WORKERS processes (pytest-xdist; a test file stays in one process,
+# so its module fixtures are built once); `make test-all` adds the tests marked slow (the accelerator check's script).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean-results:
 	rm -rf results

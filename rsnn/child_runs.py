@@ -46,6 +46,27 @@ def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> 
     return summary
 
 
+
+def run_or_resume(script: str, flags: list, run_dir: str, log_path: str, cwd: str) -> dict:
+    """One run of `script flags` in run_dir: a finished folder's summary as it is, an interrupted one resumed
+    (`--resume run_dir`), a new one started. The summary gets 'command', the command that made the run (the
+    flags as given, never the resume line), and is written back. A run stopped at a non-finite value
+    (stopped_because 'nan') is a finished run."""
+    state = run_folder_state(run_dir)
+    if state == 'finished':
+        return run_folder.read_summary(run_dir)
+    argv = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else list(flags) + ['--out_dir', run_dir]
+    try:
+        summary = run_task(script, argv, run_dir, log_path, cwd)
+    except RuntimeError:
+        # a run stopped by a non-finite loss or weight exits 1 after writing its summary: a result, not a crash
+        summary = run_folder.read_summary(run_dir)
+        if not summary or summary.get('stopped_because') != 'nan':
+            raise
+    summary['command'] = f'python {os.path.basename(script)} ' + ' '.join(shlex.quote(c) for c in flags)
+    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
+    return summary
+
 # What ended a child process: the memory command's workers
 
 

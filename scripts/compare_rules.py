@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,15 +42,25 @@ from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 IMAGE = os.path.join(ROOT, 'task-image-classification.py')
 COLUMNS = ['rule', 'task', 'seed', 'final_test_acc', 'best_test_acc', 'batches', 's_per_batch', 'step_memory_mb',
-           'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb', 'stopped']
-TASKS = ('dms', 'dms-stream', 'nmnist', 'shd')
+           'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb', 'budget', 'stopped']
+TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'credit')
+# the order in which rules get the extra DMS seeds: the cheaper first, so that a spent budget leaves the dearest out
+BY_COST = ('bptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
 
+# Sized for one 2-core CPU in about 90 minutes of one core (make compare-rules ran beside make reproduce-credit):
+# the DMS trials get 250 updates (make demo's settings otherwise, its accuracy stop included), the stream 150
+# trials per stream; UORO, step by step, 50 updates on DMS and 40 on the images (its budget column says so).
+# the credit task as make reproduce-credit runs it (scripts/reproduce_credit.py), an update every 500 ms
+CREDIT_STREAM = ['--preset', 'credit', '--protocol', 'stream', '--t_iti', '100-500', '--n_test_trials', '1024',
+                 '--eval_every_trials', '25', '--update_every', '500', '--lr', '0.001']
 FULL = dict(
-    dms=['--preset', 'cpu-demo', '--epochs', '20'],
-    stream=['--preset', 'cpu-demo', '--protocol', 'stream', '--stream_trials', '400'],
+    dms=['--preset', 'cpu-demo', '--epochs', '10'],
+    stream=['--preset', 'cpu-demo', '--protocol', 'stream', '--stream_trials', '150'],
     image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '400', '--epochs', '2',
            '--batches_per_epoch', '40', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
     synth=dict(nmnist=(6000, 1000), shd=(4000, 1000)),
+    caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1']},
+    credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '150'],
 )
 TINY = dict(
     dms=['--preset', 'short-delay', '--n_rec', '8', '--t_sample', '20', '--t_delay', '20', '--t_test', '20',
@@ -60,6 +71,10 @@ TINY = dict(
     image=['--n_layer', '2', '--n_rec', '8', '--model', 'lif-delta', '--data_length', '12', '--epochs', '1',
            '--batches_per_epoch', '2', '--batch_size', '4', '--warmup_ratio', '0.', '--devices', 'cpu'],
     synth=dict(nmnist=(16, 8), shd=(16, 8)),
+    caps={},
+    credit=['--preset', 'credit', '--protocol', 'stream', '--t_fixation', '5', '--t_sample', '20', '--t_test', '20',
+            '--n_rec', '12', '--n_memory', '3', '--batch_size', '4', '--t_iti', '5-15', '--n_test_trials', '8',
+            '--eval_every_trials', '2', '--t_delay', '20', '--stream_trials', '3', '--update_every', '20'],
 )
 # A reduced comparison that fits a shared 2-core CPU in about half an hour: the short-delay DMS preset (100 ms
 # delay, 100 GIF neurons, 310 steps) for 4 epochs of 50 batches, its stream for 100 trials, the image stand-ins
@@ -70,6 +85,8 @@ REDUCED = dict(
     image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '100', '--epochs', '1',
            '--batches_per_epoch', '10', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
     synth=dict(nmnist=(2000, 500), shd=(2000, 500)),
+    caps={},
+    credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '50'],
 )
 # each rule's own flags (the ES-D-RTRL decay of the README image commands; UORO: step by step)
 RULE_FLAGS = {'expsm_diag': ['--etrace_decay', '0.9'], 'ottt': ['--etrace_decay', '0.9'],
@@ -79,12 +96,59 @@ RULE_FLAGS = {'expsm_diag': ['--etrace_decay', '0.9'], 'ottt': ['--etrace_decay'
 def flags_for(task, rule, seed, cfg, data_dir):
     common = ['--method', rule, '--seed', str(seed), '--no_progress']
     own = RULE_FLAGS.get(rule, []) if task in ('nmnist', 'shd') else (['--trace_chunk', '1'] if rule == 'uoro' else [])
+    cap = cfg['caps'].get((rule, 'image' if task in ('nmnist', 'shd') else task), [])
     if task == 'dms':
-        return DMS, cfg['dms'] + ['--check_grad'] + common + own
+        return DMS, cfg['dms'] + ['--check_grad'] + common + own + cap
     if task == 'dms-stream':
-        return DMS, cfg['stream'] + common + own
+        return DMS, cfg['stream'] + common + own + cap
+    if task == 'credit':
+        return DMS, cfg['credit'] + common + own + cap
     return IMAGE, cfg['image'] + ['--dataset', task, '--data_dir', os.path.join(data_dir, task),
-                                  '--check_grad'] + common + own
+                                  '--check_grad'] + common + own + cap
+
+
+def cells(tasks, rules, seeds):
+    """(task, rule, seed) in the order they run: seed 0 of every rule on the trial tasks, then the other seeds
+    of DMS (the cheaper rules first), then the streams; the credit task's BPTT (TBPTT), D-RTRL and ES-D-RTRL
+    cells are read from make reproduce-credit's table (CREDIT_FROM), the other rules run here as it runs them."""
+    first, rest = [], []
+    streams = ('dms-stream', 'credit')
+    for task in [t for t in ('dms', 'nmnist', 'shd') + streams if t in tasks]:
+        for rule in methods.ordered(rules):
+            if task in streams and not methods.get(rule).stream or task == 'credit' and rule in CREDIT_FROM.values():
+                continue
+            (first if task not in streams else rest).append((task, rule, seeds[0]))
+            if task == 'dms':
+                rest += [(task, rule, s) for s in seeds[1:]]
+    rest.sort(key=lambda c: (c[0] in streams, c[0] == 'credit', c[2], BY_COST.index(c[1]) if c[1] in BY_COST else 99))
+    return first + rest
+
+
+CREDIT_FROM = {'TBPTT': 'bptt', 'D-RTRL': 'diag', 'ES-D-RTRL (0.99)': 'expsm_diag'}   # its method -> our rule
+
+
+def credit_rows(rules, credit_table):
+    """The credit task's cells from make reproduce-credit's table.csv (its headline delay, the stream; TBPTT in
+    BPTT's row at the best learning rate's seeds), the rules it does not run marked so."""
+    have, name_of, rows = read_csv(credit_table), CREDIT_FROM, []
+    for rule in methods.ordered(r for r in rules if r in CREDIT_FROM.values()):
+        mine = [r for r in have if name_of.get(r['method']) == rule and r['delay_ms'] == '1000'
+                and r.get('window_ms') in ('500', '1000', '1000.0', '500.0')]
+        if rule == 'bptt' and mine:   # the learning rate that the seeds were run at
+            lrs = {}
+            for r in mine:
+                lrs.setdefault(r['lr'], []).append(r)
+            mine = max(lrs.values(), key=len)
+        for r in mine:
+            s1000 = float(r['s_per_1000_steps']) if r['s_per_1000_steps'] else None
+            rows.append(dict(rule=rule, task='credit', seed=int(r['seed']), final_test_acc=float(r['final_test_acc']),
+                             best_test_acc=float(r['best_test_acc']), s_per_batch=s1000 and s1000 * 500 / 1000.,
+                             step_memory_mb=float(r['update_memory_mb']), budget='150 trials / stream',
+                             stopped='make reproduce-credit' + (f' (TBPTT(500, {r["window_ms"]}) lr {r["lr"]})'
+                                                               if rule == 'bptt' else '')))
+        if not mine:
+            rows.append(dict(rule=rule, task='credit', seed=0, stopped=f'not run: no finished run in {credit_table}'))
+    return rows
 
 
 def ensure_data(data_dir, cfg):
@@ -188,8 +252,10 @@ def row_for(task, rule, seed, run_dir, summary, acc):
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     row = dict(rule=rule, task=task, seed=seed, final_test_acc=summary.get('test_acc'),
                best_test_acc=summary.get('best_test_acc'), batches=batches_to(run_dir, acc),
-               stopped=summary.get('stopped_because'))
-    if task == 'dms-stream':
+               stopped=summary.get('stopped_because'),
+               budget=(f'{config.get("stream_trials")} trials / stream' if task in ('dms-stream', 'credit') else
+                       f'{int(config["epochs"]) * int(config["batches_per_epoch"])} batches'))
+    if task in ('dms-stream', 'credit'):
         steps = summary.get('chunk_steps') or 1
         s1000 = summary.get('s_per_1000_steps')
         row.update(s_per_batch=s1000 * steps / 1000. if s1000 else None, step_memory_mb=summary.get('update_memory_mb'),
@@ -215,7 +281,37 @@ def fmt(v):
     return str(v)
 
 
+def mean_se(values):
+    """'mean +- standard error (n)' of the values, or the one value."""
+    v = [float(x) for x in values]
+    if not v:
+        return ''
+    m = sum(v) / len(v)
+    if len(v) == 1:
+        return f'{m:.3f}'
+    se = (sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5
+    return f'{m:.3f} +- {se:.3f} ({len(v)})'
+
+
+def write_summary(out, rows, tasks):
+    """summary.md: one line per rule, per task the held-out accuracy at the end (the mean over seeds +- its
+    standard error, with n, where there are several) and the step memory (MB), blank where not run."""
+    tasks = [t for t in TASKS if t in tasks]
+    with open(os.path.join(out, 'summary.md'), 'w') as f:
+        f.write('| rule | ' + ' | '.join(f'{t}: acc | {t}: MB' for t in tasks) + ' |\n|---|' + '---|---|' * len(tasks) + '\n')
+        for rule in methods.ordered({r['rule'] for r in rows}):
+            cells = []
+            for t in tasks:
+                done = [r for r in rows if r['rule'] == rule and r['task'] == t and r.get('final_test_acc') is not None]
+                mem = [float(r['step_memory_mb']) for r in done if r.get('step_memory_mb')]
+                cells += [mean_se(r['final_test_acc'] for r in done) or 'not run',
+                          f'{sum(mem) / len(mem):.3g}' if mem else '']
+            f.write(f'| {methods.title(rule)} | ' + ' | '.join(cells) + ' |\n')
+
+
 def write_outputs(out, rows, tasks):
+    order = list(methods.names())
+    rows = sorted(rows, key=lambda r: (TASKS.index(r['task']), order.index(r['rule']), r['seed']))
     with open(os.path.join(out, 'table.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -225,6 +321,7 @@ def write_outputs(out, rows, tasks):
         f.write('| ' + ' | '.join(COLUMNS) + ' |\n|' + '---|' * len(COLUMNS) + '\n')
         for r in rows:
             f.write('| ' + ' | '.join(methods.title(r[k]) if k == 'rule' else fmt(r.get(k)) for k in COLUMNS) + ' |\n')
+    write_summary(out, rows, tasks)
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -255,7 +352,12 @@ def main(argv=None) -> int:
                                                           '(about half an hour on 2 CPU cores)')
     p.add_argument('--rules', default=','.join(methods.names()))
     p.add_argument('--tasks', default=','.join(TASKS))
-    p.add_argument('--seeds', default='0')
+    p.add_argument('--seeds', default=None, help='the DMS trials run every seed, the other tasks the first '
+                                                 '(default 0,1,2; with --tiny or --reduced 0)')
+    p.add_argument('--budget_min', type=float, default=None,
+                   help='start no run after this many minutes (the rest marked not run); run again to go on')
+    p.add_argument('--credit_table', default=os.path.join(ROOT, 'results', 'dms', 'credit', 'table.csv'),
+                   help="make reproduce-credit's table.csv, the source of the credit task's cells")
     p.add_argument('--acc', type=float, default=0.9, help='the accuracy threshold of the batches column')
     p.add_argument('--data_dir', default=None, help='the synthetic N-MNIST / SHD (default OUT/data)')
     args = p.parse_args(argv)
@@ -271,24 +373,26 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or os.path.join(args.out, 'data')
     if any(t in ('nmnist', 'shd') for t in tasks):
         ensure_data(data_dir, cfg)
-    rows = []
-    for task in tasks:
-        for rule in methods.ordered(rules):
-            if task == 'dms-stream' and not methods.get(rule).stream:
-                continue
-            for seed in [int(s) for s in args.seeds.split(',')]:
-                run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
-                script, flags = flags_for(task, rule, seed, cfg, data_dir)
-                state = run_folder_state(run_dir)
-                if state == 'finished':
-                    summary = run_folder.read_summary(run_dir)
-                else:
-                    argv_run = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else \
-                        flags + ['--out_dir', run_dir]
-                    summary = run_task(script, argv_run, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
-                                       ROOT)
-                rows.append(row_for(task, rule, seed, run_dir, summary, args.acc))
-                write_outputs(args.out, rows, tasks)  # after every run: a stopped comparison keeps its table
+    rows, t0 = [], time.time()
+    seeds = [int(x) for x in (args.seeds or ('0' if args.tiny or args.reduced else '0,1,2')).split(',')]
+    for task, rule, seed in cells(tasks, rules, seeds):
+        run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
+        script, flags = flags_for(task, rule, seed, cfg, data_dir)
+        state = run_folder_state(run_dir)
+        if state == 'finished':
+            summary = run_folder.read_summary(run_dir)
+        elif args.budget_min is not None and time.time() - t0 > 60 * args.budget_min:
+            rows.append(dict(rule=rule, task=task, seed=seed, stopped=f'not run: the budget (--budget_min '
+                             f'{args.budget_min:g}) was spent; run again to go on'))
+            continue
+        else:
+            argv_run = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else flags + ['--out_dir', run_dir]
+            summary = run_task(script, argv_run, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
+                               ROOT)
+        rows.append(row_for(task, rule, seed, run_dir, summary, args.acc))
+        write_outputs(args.out, rows, tasks)  # after every run: a stopped comparison keeps its table
+    if 'credit' in tasks:
+        rows += credit_rows(rules, args.credit_table)
     write_outputs(args.out, rows, tasks)
     print(f'wrote {os.path.join(args.out, "table.md")}')
     return 0

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import shlex
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import utils  # noqa: E402
 from rsnn import methods  # noqa: E402
-from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_or_resume  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
@@ -39,10 +36,10 @@ FULL = dict(
             '--eval_every_trials', '25', '--no_progress'],
     trials=['--preset', 'credit', '--n_test_trials', '512', '--no_progress'],
     stream_trials=150, delays=[500, 1000, 2000, 4000], headline=1000, seeds=[0, 1, 2],
-    k1=500, k2=1000, lrs=[1e-3, 3e-4, 1e-4], lr=1e-3,
+    k1=500, k2=1000, k2_long=2000, lrs=[1e-3, 3e-4, 1e-4], lr=1e-3,
     online=[('expsm_diag', ['--etrace_decay', '0.99']), ('expsm_diag', ['--etrace_decay', '0.999']),
             ('diag', [])],
-    control_epochs=8,   # x 25 batches of 32 trials
+    control_epochs=(8, 40),   # x 25 batches of 32 trials: readout only; BPTT (1000 batches, no accuracy stop)
     horizon=[],         # scripts/credit_horizon.py at its defaults
 )
 TINY = dict(
@@ -52,8 +49,8 @@ TINY = dict(
     trials=['--preset', 'credit', '--t_fixation', '5', '--t_sample', '20', '--t_test', '20', '--n_rec', '12',
             '--n_memory', '3', '--batch_size', '4', '--batches_per_epoch', '2', '--n_test_trials', '8', '--t_delay', '20',
             '--no_progress'],
-    stream_trials=3, delays=[20, 40], headline=20, seeds=[0], k1=20, k2=40, lrs=[1e-3], lr=1e-3,
-    online=[('expsm_diag', ['--etrace_decay', '0.99']), ('diag', [])], control_epochs=1,
+    stream_trials=3, delays=[20, 40], headline=20, seeds=[0], k1=20, k2=40, k2_long=60, lrs=[1e-3], lr=1e-3,
+    online=[('expsm_diag', ['--etrace_decay', '0.99']), ('diag', [])], control_epochs=(1, 2),
     horizon=['--tiny'],
 )
 TABLE = ['method', 'delay_ms', 'window_ms', 'seed', 'lr', 'final_test_acc', 'best_test_acc', 'update_memory_mb',
@@ -75,11 +72,20 @@ def stream_runs(P, best_lr=None) -> list:
     runs += [online(H, P['seeds'][0], m, more) for m, more in P['online']]
     runs += [tbptt(H, P['seeds'][0], lr) for lr in P['lrs']]
     if best_lr is not None:
-        runs += [online(H, s, m, more) for s in P['seeds'][1:] for m, more in P['online']]
-        runs += [tbptt(H, s, best_lr) for s in P['seeds'][1:]]
-        for d in P['delays']:
+        # the seeds of the methods that learn first (ES-D-RTRL at decay 0.999 stayed at chance at seed 0), then the
+        # control a window longer than sample + delay (TBPTT(k1, k2_long)), then the rest, then the other delays
+        first = [(m, more) for m, more in P['online'] if m != 'expsm_diag' or '0.99' in more]
+        runs += [online(H, s, m, more) for s in P['seeds'][1:] for m, more in first]
+        # TBPTT's seeds and the long window at the best rate and at the lowest (where it stays stable: at 1e-3 both
+        # windows blew up on the full-size stream, docs/stream.md)
+        tbptt_lrs = [best_lr] + [lr for lr in P['lrs'][-1:] if lr != best_lr]
+        runs += [tbptt(H, s, lr) for lr in tbptt_lrs for s in P['seeds'][1:]]
+        runs += [('tbptt', 'bptt', H, P['seeds'][0], lr, ['--tbptt_window', str(P['k1']), '--tbptt_k2', str(P['k2_long'])])
+                 for lr in tbptt_lrs]
+        runs += [online(H, s, m, more) for s in P['seeds'][1:] for m, more in P['online'] if (m, more) not in first]
+        for d in P['delays']:   # ES-D-RTRL at 0.999 (at chance at the headline delay) left out of the sweep
             if d != H:
-                runs += [online(d, P['seeds'][0], m, more) for m, more in P['online']]
+                runs += [online(d, P['seeds'][0], m, more) for m, more in first]
                 runs.append(tbptt(d, P['seeds'][0], best_lr))
     return runs
 
@@ -90,15 +96,7 @@ def run_dir_of(out, name, method, delay, seed, lr, flags) -> str:
 
 
 def launch(run_dir: str, argv: list, log_path: str) -> dict:
-    state = run_folder_state(run_dir)
-    if state == 'finished':
-        with open(os.path.join(run_dir, 'summary.json')) as f:
-            return json.load(f)
-    args = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else argv + ['--out_dir', run_dir]
-    summary = run_task(SCRIPT, args, run_dir, log_path, ROOT)
-    summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in argv)
-    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
-    return summary
+    return run_or_resume(SCRIPT, argv, run_dir, log_path, ROOT)
 
 
 def write_table(rows, columns, stem, title, csv_columns=None):
@@ -113,30 +111,64 @@ def write_table(rows, columns, stem, title, csv_columns=None):
             f.write('| ' + ' | '.join(fmt(r.get(c)) for c in columns) + ' |\n')
 
 
+def plot_stream(rows, out, headline):
+    """OUT/accuracy.png: held-out accuracy against trials per stream at the headline delay, one line per run
+    (the method's color, one line style per TBPTT window), from each run's metrics.csv."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    color = {'TBPTT': methods.color('bptt'), 'D-RTRL': methods.color('diag')}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    seen, tbptt_lrs = set(), [r['lr'] for r in rows if r['method'] == 'TBPTT' and r['delay_ms'] == headline]
+    main_lr = max(set(tbptt_lrs), key=tbptt_lrs.count) if tbptt_lrs else None
+    for r in rows:
+        if r['delay_ms'] != headline or not os.path.exists(os.path.join(r['run_dir'], 'metrics.csv')):
+            continue
+        with open(os.path.join(r['run_dir'], 'metrics.csv')) as f:
+            m = list(csv.DictReader(f))
+        name = r['method'] + (f' ({r["window_ms"]} ms, lr {r["lr"]:g})' if r['method'] == 'TBPTT' else '')
+        c = color.get(r['method'], methods.color('expsm_diag') if '0.99)' in r['method'] else 'tab:olive')
+        ax.plot([float(x['trials_per_stream']) for x in m], [float(x['test_acc']) for x in m], color=c,
+                ls='--' if r['method'] == 'TBPTT' and r['window_ms'] > 1000 else ':' if r['method'] == 'TBPTT'
+                and r['lr'] != main_lr else '-', alpha=0.8, label=None if name in seen else name)
+        seen.add(name)
+    ax.axhline(0.5, color='k', lw=0.6)
+    ax.set_xlabel('trials per stream (32 streams)')
+    ax.set_ylabel('held-out accuracy')
+    ax.set_title(f'The credit task on a stream, {headline} ms delay')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'accuracy.png'), dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'dms', 'credit'))
     p.add_argument('--tiny', action='store_true')
     p.add_argument('--budget_min', type=float, default=None, help='start no run after this many minutes')
-    p.add_argument('--skip_horizon', action='store_true')
+    p.add_argument('--skip_horizon', action='store_true', help='do not compute horizon/ (scripts/credit_horizon.py)')
+    p.add_argument('--table_only', action='store_true',
+                   help='start nothing: the tables and figure of the runs already finished')
     a = p.parse_args(argv)
     P = TINY if a.tiny else FULL
     out = os.path.abspath(a.out)
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     t0 = time.time()
-    over = lambda: a.budget_min is not None and time.time() - t0 > 60 * a.budget_min
+    over = lambda: a.table_only or (a.budget_min is not None and time.time() - t0 > 60 * a.budget_min)
     log = lambda d: os.path.join(d + '.log')
 
-    if not a.skip_horizon and not os.path.exists(os.path.join(out, 'horizon', 'horizon.csv')):
+    if not (a.skip_horizon or a.table_only) and not os.path.exists(os.path.join(out, 'horizon', 'horizon.csv')):
         import credit_horizon
         credit_horizon.main(['--out', os.path.join(out, 'horizon')] + P['horizon'])
 
     controls = []
-    for name, more in (('readout only (--freeze_rec 1), BPTT', ['--freeze_rec', '1']), ('BPTT', [])):
-        if over():
-            break
-        argv_ = P['trials'] + ['--method', 'bptt', '--epochs', str(P['control_epochs'])] + more
-        d = os.path.join(out, 'runs', 'trials-bptt' + ('-readout' if more else ''))
+    for (name, more), epochs in zip((('readout only (--freeze_rec 1), BPTT', ['--freeze_rec', '1']),
+                                     ('BPTT, no accuracy stop', ['--acc_th', '2'])), P['control_epochs']):
+        argv_ = P['trials'] + ['--method', 'bptt', '--epochs', str(epochs)] + more
+        d = os.path.join(out, 'runs', 'trials-bptt' + ('-readout' if '--freeze_rec' in more else '-1000-batches'))
+        if over() and run_folder_state(d) != 'finished':
+            continue
         s = launch(d, argv_, log(d))
         controls.append(dict(control=name, protocol='trials', delay_ms=P['headline'],
                              batches=s.get('batches_run'), final_test_acc=s.get('test_acc'),
@@ -144,7 +176,7 @@ def main(argv=None) -> int:
     write_table(controls, ['control', 'protocol', 'delay_ms', 'batches', 'final_test_acc', 'best_test_acc',
                            'command'], os.path.join(out, 'controls'), 'Controls of the credit task (trials)')
 
-    rows, done = [], set()
+    rows, done, told = [], set(), False
     for phase in range(2):
         best_lr = None
         if phase == 1:
@@ -153,28 +185,30 @@ def main(argv=None) -> int:
                 break
             best_lr = max(sweep, key=lambda r: r['final_test_acc'])['lr']
         for name, method, delay, seed, lr, flags in stream_runs(P, best_lr):
-            key = (name, delay, seed, lr)
+            key = (name, delay, seed, lr, tuple(flags))
             if key in done:
                 continue
-            if over():
-                print(f'budget of {a.budget_min} min spent; run again to go on', flush=True)
-                break
             argv_ = P['stream'] + ['--method', method, '--t_delay', str(delay), '--seed', str(seed), '--lr', str(lr),
                                    '--stream_trials', str(P['stream_trials'])] + flags
             d = run_dir_of(out, name, method, delay, seed, lr, flags)
+            if over() and run_folder_state(d) != 'finished':
+                if not a.table_only and not told:
+                    print(f'budget of {a.budget_min} min spent; run again to go on', flush=True)
+                told = True
+                continue
             s = launch(d, argv_, log(d))
             done.add(key)
             rows.append(dict(method='TBPTT' if method == 'bptt' else name, delay_ms=delay,
-                             window_ms=(P['k2'] if method == 'bptt' else P['k1']), seed=seed, lr=lr,
+                             window_ms=(int(float(flags[flags.index('--tbptt_k2') + 1])) if method == 'bptt' else P['k1']), seed=seed, lr=lr,
                              final_test_acc=s.get('test_acc'), best_test_acc=s.get('best_test_acc'),
                              update_memory_mb=s.get('update_memory_mb'), s_per_1000_steps=s.get('s_per_1000_steps'),
-                             command=s.get('command')))
+                             command=s.get('command'), run_dir=d))
             write_table(rows, TABLE + ['command'], os.path.join(out, 'table'), csv_columns=TABLE, title=
                         f'The credit task on a stream ({P["stream_trials"]} trials per stream), held-out accuracy '
                         f'on {P["stream"][P["stream"].index("--n_test_trials") + 1]} trials (one burn-in trial per '
                         f'stream not scored); TBPTT(k1 = {P["k1"]}, k2 = {P["k2"]}), online methods every {P["k1"]} ms')
-        if over():
-            break
+    if rows:
+        plot_stream(rows, out, P['headline'])
     print(f'wrote {out}/table.csv ({len(rows)} runs), controls.csv, horizon/', flush=True)
     return 0
 

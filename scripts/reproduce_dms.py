@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402  (utils imports no jax at import time)
 from rsnn import run_folder  # noqa: E402  (no jax at import time either)
-from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+from rsnn.child_runs import run_or_resume  # noqa: E402
 from rsnn import methods  # noqa: E402
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
@@ -69,14 +69,7 @@ TINY = dict(
 
 def launch(run_dir: str, flags: list, log_path: str) -> dict:
     """Run the task script once (or resume it); returns its summary plus the process's peak RSS."""
-    state = run_folder_state(run_dir)
-    if state == 'finished':
-        return run_folder.read_summary(run_dir)
-    argv = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else flags + ['--out_dir', run_dir]
-    summary = run_task(SCRIPT, argv, run_dir, log_path, ROOT)
-    summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in argv)
-    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
-    return summary
+    return run_or_resume(SCRIPT, flags, run_dir, log_path, ROOT)
 
 
 def read_metrics(run_dir: str) -> list:

@@ -19,7 +19,7 @@ def test_compare_rules_tiny(tmp_path):
     rows = list(csv.DictReader(open(os.path.join(out, 'table.csv'))))
     assert list(rows[0]) == ['rule', 'task', 'seed', 'final_test_acc', 'best_test_acc', 'batches', 's_per_batch',
                              'step_memory_mb', 'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb',
-                             'stopped']
+                             'budget', 'stopped']
     assert sorted((r['task'], r['rule']) for r in rows) == sorted(
         (t, m) for t in ('dms', 'dms-stream', 'shd') for m in ('bptt', 'ottt', 'uoro'))
     for r in rows:

@@ -158,10 +158,12 @@ def test_reproduce_credit_tiny_end_to_end(tmp_path):
     assert list(rows[0]) == repro.TABLE
     assert [(r['method'], r['delay_ms'], r['window_ms']) for r in rows] == [
         ('ES-D-RTRL (0.99)', '20', '20'), ('D-RTRL', '20', '20'), ('TBPTT', '20', '40'),
+        ('TBPTT', '20', '60'),   # the control: a window longer than sample + delay
         ('ES-D-RTRL (0.99)', '40', '20'), ('D-RTRL', '40', '20'), ('TBPTT', '40', '40')]
+    assert os.path.getsize(os.path.join(out, 'accuracy.png')) > 0
     assert all(float(r['update_memory_mb']) > 0 and float(r['s_per_1000_steps']) > 0 for r in rows)
     controls = utils.read_csv(os.path.join(out, 'controls.csv'))
-    assert [c['control'].split(' ')[0] for c in controls] == ['readout', 'BPTT']
+    assert [c['control'].split(' ')[0].rstrip(',') for c in controls] == ['readout', 'BPTT']
     run = [d for d in os.listdir(os.path.join(out, 'runs')) if d.startswith('bptt-') and not d.endswith('.log')][0]
     m = utils.read_csv(os.path.join(out, 'runs', run, 'metrics.csv'))[-1]
     for k in ('grad_norm_median', 'grad_norm_max', 'clipped_frac', 'w_rec_norm', 'test_rate_hz'):
