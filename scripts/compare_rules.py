@@ -346,12 +346,17 @@ def write_outputs(out, rows, tasks):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'compare-rules'))
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'compare-rules'),
+                   help='the comparison folder: table.csv, table.md, summary.md, figures, runs/ (default '
+                        'results/compare-rules)')
     p.add_argument('--tiny', action='store_true', help='toy sizes (seconds per run): the code path, for CI')
     p.add_argument('--reduced', action='store_true', help='the short-delay DMS preset and short image runs '
                                                           '(about half an hour on 2 CPU cores)')
-    p.add_argument('--rules', default=','.join(methods.names()))
-    p.add_argument('--tasks', default=','.join(TASKS))
+    p.add_argument('--rules', default=','.join(methods.names()),
+                   help='comma-separated --method names (default: every rule of rsnn/methods.py); the table '
+                        'then holds only these rules, so run the default again to rebuild the whole table')
+    p.add_argument('--tasks', default=','.join(TASKS),
+                   help=f"comma-separated tasks from {','.join(TASKS)} (default: all)")
     p.add_argument('--seeds', default=None, help='the DMS trials run every seed, the other tasks the first '
                                                  '(default 0,1,2; with --tiny or --reduced 0)')
     p.add_argument('--budget_min', type=float, default=None,

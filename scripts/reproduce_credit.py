@@ -144,8 +144,9 @@ def plot_stream(rows, out, headline):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'dms', 'credit'))
-    p.add_argument('--tiny', action='store_true')
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'dms', 'credit'),
+                   help='the reproduction folder: table.csv, table.md, figures, runs (default results/dms/credit)')
+    p.add_argument('--tiny', action='store_true', help='toy sizes (seconds per run): the code path, for CI')
     p.add_argument('--budget_min', type=float, default=None, help='start no run after this many minutes')
     p.add_argument('--skip_horizon', action='store_true', help='do not compute horizon/ (scripts/credit_horizon.py)')
     p.add_argument('--table_only', action='store_true',

@@ -506,11 +506,11 @@ def write_shd(out: str, samples, params: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--dataset', choices=('nmnist', 'shd'), required=True)
+    p.add_argument('--dataset', choices=('nmnist', 'shd'), required=True, help='which recordings to imitate')
     p.add_argument('--out', required=True, help='data folder; NMNIST/ or SHD/ is written inside it')
-    p.add_argument('--n_train', type=int, default=6000)
-    p.add_argument('--n_test', type=int, default=1000)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--n_train', type=int, default=6000, help='training samples to write')
+    p.add_argument('--n_test', type=int, default=1000, help='test samples to write')
+    p.add_argument('--seed', type=int, default=0, help='seed of the train / test split and the samples (SHD words and speakers are fixed)')
     p.add_argument('--no_baselines', action='store_true', help='skip the classifier baselines')
     args = p.parse_args(argv)
     t0 = time.time()
