@@ -309,6 +309,15 @@ def write_summary(out, rows, tasks):
             f.write(f'| {methods.title(rule)} | ' + ' | '.join(cells) + ' |\n')
 
 
+BLANK_CELLS = '''
+Blank cells: `batches`, the held-out accuracy never reached the threshold (--acc) at an evaluation;
+`grad_cosine_*`, BPTT is the reference, and the streams (dms-stream, credit) have no --check_grad (the stream
+protocol carries its states across updates, so no trial starts from the states BPTT's gradient would start
+from); `step_memory_formula_mb` of the credit rows read from make reproduce-credit's table (it has no formula
+column); every other blank row says in `stopped` why it was not run.
+'''
+
+
 def write_outputs(out, rows, tasks):
     order = list(methods.names())
     rows = sorted(rows, key=lambda r: (TASKS.index(r['task']), order.index(r['rule']), r['seed']))
@@ -321,6 +330,7 @@ def write_outputs(out, rows, tasks):
         f.write('| ' + ' | '.join(COLUMNS) + ' |\n|' + '---|' * len(COLUMNS) + '\n')
         for r in rows:
             f.write('| ' + ' | '.join(methods.title(r[k]) if k == 'rule' else fmt(r.get(k)) for k in COLUMNS) + ' |\n')
+        f.write(BLANK_CELLS)
     write_summary(out, rows, tasks)
     import matplotlib
     matplotlib.use('Agg')
