@@ -60,3 +60,20 @@ results-table: $(VENV)/.installed
 .PHONY: accelerator-check
 accelerator-check:
 	bash scripts/accelerator-check.sh
+
+# Issue #25: our rules' gradients against braintrace 0.2.6's EProp, SnAp-1, UORO, D_RTRL and pp_prop on a tiny LIF
+# network (docs/online-rules.md, "Cross-check against braintrace 0.2.6"). Not in CI: it builds a second
+# environment, .venv-braintrace, from requirements-braintrace.txt with Python 3.11 (PYTHON311).
+PYTHON311 ?= python3.11
+BT_VENV ?= .venv-braintrace
+BT_OUT ?= results/braintrace-crosscheck
+$(BT_VENV)/.installed: requirements-braintrace.txt
+	$(PYTHON311) -m venv $(BT_VENV)
+	$(BT_VENV)/bin/python -m pip install -r requirements-braintrace.txt
+	touch $@
+
+.PHONY: braintrace-crosscheck
+braintrace-crosscheck: $(VENV)/.installed $(BT_VENV)/.installed
+	mkdir -p $(BT_OUT)
+	$(PY) scripts/braintrace_crosscheck.py --export $(BT_OUT)/export.npz
+	$(BT_VENV)/bin/python scripts/braintrace_crosscheck.py --braintrace $(BT_OUT)/export.npz --out $(BT_OUT)
