@@ -36,8 +36,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
-from rsnn import methods, run_folder  # noqa: E402
-from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
+from rsnn import methods  # noqa: E402
+from rsnn.child_runs import run_folder_state, run_or_resume  # noqa: E402
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 IMAGE = os.path.join(ROOT, 'task-image-classification.py')
@@ -393,17 +393,13 @@ def main(argv=None) -> int:
     for task, rule, seed in cells(tasks, rules, seeds):
         run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
         script, flags = flags_for(task, rule, seed, cfg, data_dir)
-        state = run_folder_state(run_dir)
-        if state == 'finished':
-            summary = run_folder.read_summary(run_dir)
-        elif args.budget_min is not None and time.time() - t0 > 60 * args.budget_min:
+        if (args.budget_min is not None and time.time() - t0 > 60 * args.budget_min
+                and run_folder_state(run_dir) != 'finished'):
             rows.append(dict(rule=rule, task=task, seed=seed, stopped=f'not run: the budget (--budget_min '
                              f'{args.budget_min:g}) was spent; run again to go on'))
             continue
-        else:
-            argv_run = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else flags + ['--out_dir', run_dir]
-            summary = run_task(script, argv_run, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
-                               ROOT)
+        summary = run_or_resume(script, flags, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
+                                ROOT)
         rows.append(row_for(task, rule, seed, run_dir, summary, args.acc))
         write_outputs(args.out, rows, tasks)  # after every run: a stopped comparison keeps its table
     if 'credit' in tasks:
