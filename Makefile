@@ -31,10 +31,12 @@ reproduce-credit: $(VENV)/.installed
 
 # Every rule of rsnn/methods.py on the DMS trials (make demo's settings), the DMS stream and the N-MNIST/SHD
 # stand-ins at 3 x 128: table.csv, table.md and a figure per task in results/compare-rules/ (docs/online-rules.md).
+# JOBS runs side by side, one per CPU core (default 2: the 2-core machine this was sized for).
 # TINY=1: toy sizes; REDUCED=1: the short-delay DMS preset and short image runs.
 .PHONY: compare-rules
+JOBS ?= 2
 compare-rules: $(VENV)/.installed
-	$(PY) scripts/compare_rules.py $(if $(TINY),--tiny --out results/compare-rules-tiny,)$(if $(REDUCED),--reduced --out results/compare-rules-reduced,)
+	$(PY) scripts/compare_rules.py --jobs $(JOBS) $(if $(TINY),--tiny --out results/compare-rules-tiny,)$(if $(REDUCED),--reduced --out results/compare-rules-reduced,)
 
 # The CI suite (CPU, tiny networks), in TEST_WORKERS processes (pytest-xdist; a test file stays in one process,
 # so its module fixtures are built once); `make test-all` adds the tests marked slow (the accelerator check's script).

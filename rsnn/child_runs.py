@@ -32,7 +32,8 @@ def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> 
     """Run `script argv` (its output appended to log_path), wait for it, and return the summary.json it
     wrote into run_dir with the child's peak RSS ('peak_rss_mb', from wait4) added."""
     cmd = [sys.executable, script] + argv
-    print('$', ' '.join(shlex.quote(c) for c in cmd[1:]), flush=True)
+    sys.stdout.write('$ ' + ' '.join(shlex.quote(c) for c in cmd[1:]) + '\n')  # one write: runs side by side
+    sys.stdout.flush()                                                          # do not interleave their lines
     with open(log_path, 'a') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)

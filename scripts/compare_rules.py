@@ -1,6 +1,6 @@
 """Every learning rule of rsnn/methods.py on the same tasks (make compare-rules; docs/online-rules.md):
 
-    python scripts/compare_rules.py                      # the full comparison (hours on 2 CPU cores)
+    python scripts/compare_rules.py --jobs 2             # the full comparison (make compare-rules; see FULL)
     python scripts/compare_rules.py --tiny               # the same code path at toy sizes (CI)
     python scripts/compare_rules.py --reduced            # short-delay DMS, short image runs
     python scripts/compare_rules.py --rules ottt,eprop --tasks dms --seeds 0
@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,8 @@ TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'credit')
 # the order in which rules get the extra DMS seeds: the cheaper first, so that a spent budget leaves the dearest out
 BY_COST = ('bptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
 
-# Sized for one 2-core CPU in about 90 minutes of one core (make compare-rules ran beside make reproduce-credit):
+# Sized for one 2-core CPU: 46 runs whose training time summed to 179 minutes of one core each (measured on the
+# 2026-12-03 runs), so about 100 minutes with --jobs 2 once the memory analysis of each row is added:
 # the DMS trials get 250 updates (make demo's settings otherwise, its accuracy stop included), the stream 150
 # trials per stream; UORO, step by step, 50 updates on DMS and 40 on the images (its budget column says so).
 # the credit task as make reproduce-credit runs it (scripts/reproduce_credit.py), an update every 500 ms
@@ -354,6 +356,51 @@ def write_outputs(out, rows, tasks):
         plt.close(fig)
 
 
+def run_cells(todo, args, cfg, data_dir, tasks):
+    """Run (or reuse) every cell, --jobs at a time, each job pinned to its own CPU core where the machine has
+    as many (a child process inherits the affinity of the thread that starts it), so that a run's seconds
+    per batch are one core's; the table is rewritten after every run, so a stopped comparison keeps it."""
+    rows, failed, t0, lock, queue = [], [], time.time(), threading.Lock(), iter(todo)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+
+    def worker(index):
+        if args.jobs > 1 and len(cores) >= args.jobs:
+            os.sched_setaffinity(0, {cores[index]})
+        while True:
+            with lock:
+                cell = next(queue, None)
+            if cell is None:
+                return
+            task, rule, seed = cell
+            run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
+            script, flags = flags_for(task, rule, seed, cfg, data_dir)
+            if (args.budget_min is not None and time.time() - t0 > 60 * args.budget_min
+                    and run_folder_state(run_dir) != 'finished'):
+                row = dict(rule=rule, task=task, seed=seed, stopped=f'not run: the budget (--budget_min '
+                           f'{args.budget_min:g}) was spent; run again to go on')
+            else:
+                try:
+                    summary = run_or_resume(script, flags, run_dir,
+                                            os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'), ROOT)
+                except RuntimeError as e:  # the other runs go on; main() says which failed
+                    with lock:
+                        failed.append(f'{task}-{rule}-s{seed}: {e}')
+                    continue
+                row = None
+            with lock:  # row_for compiles in this process (brainstate's settings are global): one at a time
+                rows.append(row or row_for(task, rule, seed, run_dir, summary, args.acc))
+                write_outputs(args.out, rows, tasks)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise RuntimeError('; '.join(failed) + ' (the table holds the runs that finished)')
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'compare-rules'),
@@ -373,6 +420,8 @@ def main(argv=None) -> int:
                    help='start no run after this many minutes (the rest marked not run); run again to go on')
     p.add_argument('--credit_table', default=os.path.join(ROOT, 'results', 'dms', 'credit', 'table.csv'),
                    help="make reproduce-credit's table.csv, the source of the credit task's cells")
+    p.add_argument('--jobs', type=int, default=1,
+                   help='runs side by side, each pinned to its own CPU core (make compare-rules: 2)')
     p.add_argument('--acc', type=float, default=0.9, help='the accuracy threshold of the batches column')
     p.add_argument('--data_dir', default=None, help='the synthetic N-MNIST / SHD (default OUT/data)')
     args = p.parse_args(argv)
@@ -383,25 +432,15 @@ def main(argv=None) -> int:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         p.error(f'unknown task(s) {bad}; choose from {TASKS}')
+    if args.jobs < 1:
+        p.error(f'--jobs must be at least 1, got {args.jobs}')
     cfg = TINY if args.tiny else REDUCED if args.reduced else FULL
     os.makedirs(os.path.join(args.out, 'runs'), exist_ok=True)
     data_dir = args.data_dir or os.path.join(args.out, 'data')
     if any(t in ('nmnist', 'shd') for t in tasks):
         ensure_data(data_dir, cfg)
-    rows, t0 = [], time.time()
     seeds = [int(x) for x in (args.seeds or ('0' if args.tiny or args.reduced else '0,1,2')).split(',')]
-    for task, rule, seed in cells(tasks, rules, seeds):
-        run_dir = os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}')
-        script, flags = flags_for(task, rule, seed, cfg, data_dir)
-        if (args.budget_min is not None and time.time() - t0 > 60 * args.budget_min
-                and run_folder_state(run_dir) != 'finished'):
-            rows.append(dict(rule=rule, task=task, seed=seed, stopped=f'not run: the budget (--budget_min '
-                             f'{args.budget_min:g}) was spent; run again to go on'))
-            continue
-        summary = run_or_resume(script, flags, run_dir, os.path.join(args.out, 'runs', f'{task}-{rule}-s{seed}.log'),
-                                ROOT)
-        rows.append(row_for(task, rule, seed, run_dir, summary, args.acc))
-        write_outputs(args.out, rows, tasks)  # after every run: a stopped comparison keeps its table
+    rows = run_cells(cells(tasks, rules, seeds), args, cfg, data_dir, tasks)
     if 'credit' in tasks:
         rows += credit_rows(rules, args.credit_table)
     write_outputs(args.out, rows, tasks)

@@ -13,7 +13,7 @@ from conftest import ROOT
 def test_compare_rules_tiny(tmp_path):
     out = str(tmp_path / 'cmp')
     cmd = [sys.executable, 'scripts/compare_rules.py', '--tiny', '--rules', 'bptt,ottt,uoro',
-           '--tasks', 'dms,dms-stream,shd', '--out', out]
+           '--tasks', 'dms,dms-stream,shd', '--out', out, '--jobs', '2']   # two runs side by side, as make runs it
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(os.path.join(out, 'table.csv'))))
