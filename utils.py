@@ -134,6 +134,7 @@ def rule_options(args) -> dict:
     """The rules' own options (rsnn/rules/base.py RuleOptions.extra) from the parsed flags."""
     return dict(eprop_kappa=getattr(args, 'eprop_kappa', None),
                 eprop_feedback=getattr(args, 'eprop_feedback', None) or 'symmetric',
+                fptt_alpha=getattr(args, 'fptt_alpha', None), fptt_window=getattr(args, 'fptt_window', None),
                 seed=int(getattr(args, 'seed', 0) or 0))
 
 
@@ -162,6 +163,10 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--eprop_feedback', choices=('symmetric', 'random'), default='symmetric',
                    help="e-prop: the readout error reaches the neurons through the readout weight (symmetric) "
                         "or a fixed random matrix of its shape and scale (random)")
+    g.add_argument('--fptt_alpha', type=nonneg_float, default=0.1,
+                   help='FPTT: alpha of the dynamic regulariser (alpha/2)|theta - theta_bar|^2 - <theta, lambda> (0: plain windowed TBPTT)')
+    g.add_argument('--fptt_window', type=positive_int, default=methods.FPTT_WINDOW, metavar='K',
+                   help='FPTT on trials: steps per window, one update per window, states carried (on a stream: --update_every)')
     g.add_argument('--optimizer', choices=('adam', 'sgd', 'momentum'), default='adam',
                    help='optax optimizer (standard Adam; momentum = SGD with momentum 0.9)')
     g.add_argument('--lr', type=positive_float, default=1e-3, help='learning rate')

@@ -30,6 +30,11 @@ class GradientCheck:
             print(f'note: --check_grad compares an online method with BPTT; with --method {settings.method} there is nothing to '
                   'compare (no grad_fidelity.csv)', file=sys.stderr, flush=True)
             return None
+        if not methods.get(settings.method).estimator:
+            print(f'note: --check_grad compares a gradient with BPTT\'s; {methods.title(settings.method)} is not a '
+                  'gradient estimator (windowed BPTT plus a regulariser, several updates per sequence): nothing to '
+                  'compare (no grad_fidelity.csv)', file=sys.stderr, flush=True)
+            return None
         return cls(trainer, test_batches, step_weights, os.path.join(run_dir, GRAD_FIDELITY_FILE))
 
     def __call__(self, epoch: int):

@@ -49,6 +49,7 @@ class Method:
     stream: bool = True        # runs on --protocol stream
     online: bool = True        # a forward-in-time rule (False: BPTT, which differentiates through the sequence)
     several_devices: bool = True  # runs with the batch split over several devices (--devices 0,1)
+    estimator: bool = True     # its update is a gradient that --check_grad compares with BPTT's (False: FPTT)
     note: str = ''             # one line for the comparison tables
 
 
@@ -126,6 +127,22 @@ register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
                 carries='a rank-1 estimate of the RTRL influence: one copy of the weights and of the states',
                 memory_order='O(P + B n S)', several_devices=False, memory=_uoro_memory, chunked=False,
                 note='Tallec & Ollivier 2018; unbiased, high variance; step by step (JVP + VJP per step)'))
+
+
+FPTT_WINDOW = 100  # FPTT's default window on trials (--fptt_window, steps): the steps of one of its updates
+
+
+def _fptt_memory(s: Sizes) -> float:
+    # BPTT's tape over one window (the default --fptt_window, or T where shorter: the memory sweep and the
+    # comparison run with the default) plus lambda and theta_bar, a copy of the weights each
+    return _bptt_memory(dataclasses.replace(s, T=min(s.T, FPTT_WINDOW))) + 2. * s.weights
+
+
+register(Method('fptt', 'FPTT', 'tab:olive', 'rsnn.rules.fptt:FPTT',
+                carries='nothing between windows but the states (detached); lambda and theta_bar with the optimizer',
+                memory_order='O(K B n S) + 2 |theta|', several_devices=False, memory=_fptt_memory, estimator=False,
+                note='Yin et al. 2023; TBPTT windows of K steps (--fptt_window; a stream: --update_every), each an '
+                     'update with the dynamic regulariser (--fptt_alpha); not a gradient estimator'))
 
 
 # the rules of the paper: what the memory command and the reproductions run by default

@@ -301,7 +301,8 @@ class quiet_orbax:
 
 
 class Checkpoints:
-    """Orbax checkpoints of {params, opt_state, epoch, rng_key} + JSON meta in RUN_DIR/checkpoints/{last,best}.
+    """Orbax checkpoints of {params, opt_state, epoch, rng_key} (+ rule_state where the rule keeps state with the
+    optimizer: FPTT) + JSON meta in RUN_DIR/checkpoints/{last,best}.
 
     Orbax writes each step to a temporary folder and renames it when complete, and `last` keeps the two
     newest steps, so a process killed while saving still leaves a usable earlier checkpoint.
@@ -329,6 +330,10 @@ class Checkpoints:
                  # brainstate's global key (weight init, any stochastic layer); the data streams are
                  # seeded by (seed, epoch, batch) and need nothing else to continue identically
                  'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        # what the rule keeps with the optimizer (FPTT's lambda, theta_bar): absent for the other rules
+        rule_state = getattr(trainer, 'rule_state_values', dict)()
+        if rule_state:
+            state['rule_state'] = rule_state
         if extra is not None:
             state['extra'] = extra
         if not values_finite(trainer.param_values()):
@@ -375,6 +380,8 @@ class Checkpoints:
         self.set_aside(damaged, step)
         trainer.set_param_values(restored['state']['params'])
         trainer.opt_state = restored['state']['opt_state']
+        if 'rule_state' in restored['state']:
+            trainer.set_rule_state_values(restored['state']['rule_state'])
         trainer.place()  # on the devices of this run, whichever devices saved it
         brainstate.random.DEFAULT.value = rng_key_like(restored['state']['rng_key'], brainstate.random.DEFAULT.value)
         if extra is not None:
@@ -390,6 +397,9 @@ class Checkpoints:
         target = {'params': trainer.param_values(), 'opt_state': trainer.opt_state,
                   'epoch': np.asarray(0, np.int32),
                   'rng_key': np.asarray(rng_key_data(brainstate.random.DEFAULT.value))}
+        rule_state = getattr(trainer, 'rule_state_values', dict)()
+        if rule_state:
+            target['rule_state'] = rule_state
         if extra is not None:
             target['extra'] = extra
         # restored onto this run's devices (replicated there), whichever devices saved the checkpoint

@@ -262,6 +262,7 @@ class TrialSource:
     def __init__(self, trainer, train_batches, test_batches, step_weights):
         self.trainer, self.train_batches, self.test_batches = trainer, train_batches, test_batches
         self.step_weights = step_weights
+        self.per_batch = None  # optimizer updates per batch where the rule updates within it (FPTT), else None
 
     # -- the periods
     def last_period(self, settings) -> int:
@@ -272,6 +273,8 @@ class TrialSource:
 
     def train(self, batch) -> dict:
         xs, labels = batch
+        if self.per_batch is None and getattr(self.trainer, 'in_sequence_updates', lambda: False)():
+            self.per_batch = self.trainer.updates_per_batch(np.shape(xs)[0], self.step_weights)
         loss, acc, gnorm = self.trainer.train_step(np.asarray(xs), np.asarray(labels), self.step_weights)
         return dict(loss=loss, acc=acc, grad_norm=gnorm)
 
@@ -281,12 +284,18 @@ class TrialSource:
         ep.sizes.append(np.shape(batch[1])[0])  # real samples (a short batch is padded and masked)
         ep.gnorms.append(result['grad_norm'])
         progress.recent = (progress.recent + [result['acc']])[-smooth:]
-        return dict(batch=progress.batches_done, loss=result['loss'], acc=result['acc'],
-                    grad_norm=result['grad_norm'])
+        row = dict(batch=progress.batches_done, loss=result['loss'], acc=result['acc'],
+                   grad_norm=result['grad_norm'])
+        if self.per_batch:  # FPTT: batch counts trial batches; updates the optimizer steps (batches x windows)
+            row['updates'] = progress.batches_done * self.per_batch
+        return row
 
     # -- evaluation and checkpoints
     def evaluation_row(self, epoch: int, ep: EpochStats, progress: Progress, seconds: float, total: float) -> dict:
-        return epoch_row(self.trainer, self.test_batches, self.step_weights, epoch, ep, progress, seconds)
+        row = epoch_row(self.trainer, self.test_batches, self.step_weights, epoch, ep, progress, seconds)
+        if self.per_batch:
+            row['updates'] = row['batches'] * self.per_batch
+        return row
 
     @staticmethod
     def is_best(test_acc: float, best: float) -> bool:
@@ -328,9 +337,11 @@ class TrialSource:
     def figure_title(settings) -> str:
         return f'{settings.experiment} {methods.title(settings.method)}'
 
-    @staticmethod
-    def summary(settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
-        return run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
+    def summary(self, settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
+        summary = run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
+        if self.per_batch:  # batches_run counts trial batches; the optimizer took updates_per_batch per batch
+            summary.update(updates_per_batch=self.per_batch, updates=summary['batches_run'] * self.per_batch)
+        return summary
 
 
 def epoch_row(trainer, test_batches, step_weights, epoch: int, ep: EpochStats, progress: Progress,

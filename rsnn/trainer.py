@@ -2,7 +2,8 @@
 protocols: the optimizer, the learning-rate schedules and the Trainer.
 
 - trials (`protocol='trials'`): a batch is xs (T, B, n_in), labels (B,), sample_mask (B,) and step weights
-  (T,). Every update starts from zero states and traces. The loss is sum_t w_t * mean_b CE(readout_t,
+  (T,). Every batch starts from zero states and traces; one update per batch, or (a rule with
+  `update_window()`: FPTT) one per window of the batch, the states carried from window to window. The loss is sum_t w_t * mean_b CE(readout_t,
   label) (samples with mask 0 are padding); accuracy is the argmax of the w-weighted average readout.
 - stream (`protocol='stream'`): B endless streams cut into chunks (rsnn/dms_stream.py); one update per
   chunk, the neuron states and the rule's traces carried from one chunk to the next (never reset, unless
@@ -27,7 +28,7 @@ import optax
 from rsnn import methods, recurrence
 from rsnn.devices import Placement
 from rsnn.rules import chunks
-from rsnn.rules.base import Objective, RuleOptions
+from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
 from utils import UserError
 
 PROTOCOLS = ('trials', 'stream')
@@ -56,10 +57,6 @@ def step_schedule(lr: float, milestones: Iterable[int], batches_per_epoch: int, 
 def cosine_schedule(lr: float, total_steps: int, final_fraction: float = 0.01):
     """lr decaying along a half cosine to lr * final_fraction after total_steps updates."""
     return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=final_fraction)
-
-
-def path_key(path) -> str:
-    return '/'.join(str(p) for p in path)
 
 
 def trial_objective(labels, mask, loss: str) -> Objective:
@@ -169,9 +166,18 @@ class Trainer:
         """Every state, weight and optimizer leaf as a committed, strongly typed jax array: the form a
         compiled update returns them in, so that a stream's second update does not compile again."""
         strong = lambda v: jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v
-        for s in list(self.params.values()) + self.sample_states():
+        for s in list(self.params.values()) + self.sample_states() + list(self.rule.optimizer_states().values()):
             s.value = jax.tree.map(strong, s.value)
         self.opt_state = jax.tree.map(strong, self.opt_state)
+
+    def rule_state_values(self) -> dict:
+        """name -> value of what the rule keeps with the optimizer (FPTT's lambda, theta_bar; {} for the
+        others): saved in every checkpoint beside the optimizer state, restored by --resume."""
+        return {k: s.value for k, s in self.rule.optimizer_states().items()}
+
+    def set_rule_state_values(self, values: dict):
+        for k, s in self.rule.optimizer_states().items():
+            s.value = values[k]
 
     # -- several devices ----------------------------------------------------------------------------
     def weights_sharding(self):
@@ -223,6 +229,7 @@ class Trainer:
 
     def _apply_update(self, opt_state, grads, loss, apply=True):
         values = self.param_values()
+        grads = self.rule.adjust_gradients(grads, values)  # FPTT: + its regulariser's gradient; else as is
         if self.weight_L2:
             grads = jax.tree.map(lambda g, p: g + self.weight_L2 * p, grads, values)
         grad_norm = optax.global_norm(grads)
@@ -238,6 +245,7 @@ class Trainer:
         applied = finite & apply
         keep = lambda new, old: jnp.where(applied, new, old)
         self.set_param_values(jax.tree.map(keep, new_values, values))
+        self.rule.after_update(self.param_values(), applied)  # FPTT: lambda and theta_bar; else nothing
         return jax.tree.map(keep, new_opt_state, opt_state), grad_norm, finite, applied
 
     # -- trials -------------------------------------------------------------------------------------
@@ -249,9 +257,52 @@ class Trainer:
         return result.grads, result.loss, accuracy(result.wout, labels, mask)
 
     def _train_step(self, opt_state, xs, labels, mask, ws):
+        K = self.rule.update_window()
+        if K is not None and K < xs.shape[0]:
+            return self._windowed_train_step(opt_state, xs, labels, mask, ws, K)
         grads, loss, acc = self._loss_and_grads(xs, labels, mask, ws)
         opt_state, grad_norm, finite, _ = self._apply_update(opt_state, grads, loss)
         return opt_state, loss, acc, grad_norm, finite
+
+    def _windowed_train_step(self, opt_state, xs, labels, mask, ws, K: int):
+        """In-sequence updates (FPTT on trials): the batch's T steps cut into windows of K (the last one
+        shorter where K does not divide T), one update per window, the states carried from window to window
+        (reset before the batch); a window without any loss weight is no update, as a stream's chunk without a
+        test step. Returns the sums of the windows' losses, the accuracy of their summed readouts, the mean
+        gradient norm of the windows updated and whether every window was finite."""
+        T = xs.shape[0]
+        self.reset(xs.shape[1])
+        objective = trial_objective(labels, mask, self.loss)
+
+        def window(opt_state, x, w):
+            result = self.rule_gradients(x.astype(jnp.float32), w, objective)
+            opt_state, grad_norm, finite, applied = self._apply_update(opt_state, result.grads, result.loss,
+                                                                        apply=jnp.sum(w) > 0)
+            return opt_state, (result.loss, result.wout, grad_norm, finite, applied)
+
+        n = T // K
+        opt_state, outs = brainstate.transform.scan(
+            lambda o, inp: window(o, *inp), opt_state,
+            (xs[:n * K].reshape((n, K) + xs.shape[1:]), ws[:n * K].reshape((n, K) + ws.shape[1:])))
+        if n * K < T:
+            opt_state, last = window(opt_state, xs[n * K:], ws[n * K:])
+            outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), outs, last)
+        losses, wouts, grad_norms, finite, applied = outs
+        grad_norm = jnp.sum(jnp.where(applied, grad_norms, 0.)) / jnp.maximum(jnp.sum(applied), 1)
+        return opt_state, losses.sum(), accuracy(wouts.sum(0), labels, mask), grad_norm, jnp.all(finite)
+
+    def in_sequence_updates(self) -> bool:
+        """Several optimizer updates per batch of trials (FPTT's windows): batches.csv and the summary count them."""
+        return self.rule.update_window() is not None
+
+    def updates_per_batch(self, T: int, ws) -> int:
+        """Optimizer updates of one batch of T trial steps with step weights ws: 1, or with in-sequence
+        updates (FPTT) the windows of the batch that hold a loss weight."""
+        K = self.rule.update_window()
+        if K is None or K >= T:
+            return 1
+        w = np.asarray(ws, np.float64).reshape(T, -1).sum(1)
+        return int(sum(w[s:s + K].sum() > 0 for s in range(0, T, K)))
 
     def _forward(self, xs, targets, objective, hook_inputs=None, mask=None):
         """Forward only: per step the loss, the weighted readout, the readout and each layer's firing rate

@@ -46,7 +46,7 @@ COLUMNS = ['rule', 'task', 'seed', 'final_test_acc', 'best_test_acc', 'batches',
            'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb', 'budget', 'stopped']
 TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'credit')
 # the order in which rules get the extra DMS seeds: the cheaper first, so that a spent budget leaves the dearest out
-BY_COST = ('bptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
+BY_COST = ('bptt', 'fptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
 
 # Sized for one 2-core CPU: 46 runs whose training time summed to 179 minutes of one core each (measured on the
 # 2026-12-03 runs), so about 100 minutes with --jobs 2 once the memory analysis of each row is added:
@@ -90,7 +90,9 @@ REDUCED = dict(
     caps={},
     credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '50'],
 )
-# each rule's own flags (the ES-D-RTRL decay of the README image commands; UORO: step by step)
+# each rule's own flags (the ES-D-RTRL decay of the README image commands; UORO: step by step). FPTT runs with
+# its defaults: --fptt_window 100 steps on trials (the 2010-step DMS trial: 21 windows, the 400-bin images: 4;
+# the tiny trials are shorter than one window: one update per batch), --update_every on the streams.
 RULE_FLAGS = {'expsm_diag': ['--etrace_decay', '0.9'], 'ottt': ['--etrace_decay', '0.9'],
               'uoro': ['--trace_chunk', '1']}
 
@@ -270,7 +272,7 @@ def row_for(task, rule, seed, run_dir, summary, acc):
     else:
         row['s_per_batch'] = summary.get('step_s_per_batch')
         row['step_memory_mb'], row['step_memory_formula_mb'] = trial_step_memory(task, rule, config)
-        if rule != 'bptt':
+        if rule != 'bptt' and methods.get(rule).estimator:  # FPTT: not a gradient estimator, no check
             row['grad_cosine_init'], row['grad_cosine_trained'] = grad_cosines(run_dir)
     return row
 
@@ -313,9 +315,9 @@ def write_summary(out, rows, tasks):
 
 BLANK_CELLS = '''
 Blank cells: `batches`, the held-out accuracy never reached the threshold (--acc) at an evaluation;
-`grad_cosine_*`, BPTT is the reference, and the streams (dms-stream, credit) have no --check_grad (the stream
-protocol carries its states across updates, so no trial starts from the states BPTT's gradient would start
-from); `step_memory_formula_mb` of the credit rows read from make reproduce-credit's table (it has no formula
+`grad_cosine_*`, BPTT is the reference, FPTT is not a gradient estimator (--check_grad skips it), and the
+streams (dms-stream, credit) have no --check_grad (the stream protocol carries its states across updates, so
+no trial starts from the states BPTT's gradient would start from); `step_memory_formula_mb` of the credit rows read from make reproduce-credit's table (it has no formula
 column); every other blank row says in `stopped` why it was not run.
 '''
 

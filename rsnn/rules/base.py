@@ -15,6 +15,13 @@ It returns a `Result`. What the rule carries from one update to the next besides
 eligibility traces) are brainstate states that `carried_states()` names: the trainer zeroes them with
 `reset()` before each batch of trials, carries them on a stream and saves them in the stream's checkpoints
 by those names.
+
+A rule that updates the weights within a sequence and keeps state with the optimizer (FPTT, rsnn/rules/fptt.py)
+says so through four hooks whose defaults do nothing: `update_window()` (steps per optimizer update within a
+batch of trials; None: one update per batch), `adjust_gradients(grads, values)` (what the optimizer is given,
+from the rule's gradient: a regulariser's gradient added), `after_update(values, applied)` (called after every
+optimizer update with the new weights) and `optimizer_states()` (states never reset, saved in every checkpoint
+and restored by --resume, like the optimizer's).
 """
 from __future__ import annotations
 
@@ -77,6 +84,30 @@ class Rule:
 
     def gradients(self, xs, targets, objective: Objective, step_hook=None, keep_outputs=False) -> Result:
         raise NotImplementedError
+
+    # -- the optimizer hooks (module docstring); the defaults leave every rule but FPTT as it was
+    def update_window(self) -> Optional[int]:
+        """Steps per optimizer update within a batch of trials (the states carried from one window to the
+        next within the batch); None: one update per batch."""
+        return None
+
+    def optimizer_states(self) -> dict:
+        """name -> brainstate state kept with the optimizer: never reset, saved in every checkpoint."""
+        return {}
+
+    def adjust_gradients(self, grads: dict, values: dict) -> dict:
+        """The gradient the optimizer is given, from the rule's summed gradient (both keyed like `values`,
+        the weights by path_key)."""
+        return grads
+
+    def after_update(self, values: dict, applied):
+        """After each optimizer update: `values` the weights now, `applied` whether the update was applied
+        (a traced bool: a refused or skipped update leaves them as they were)."""
+
+
+def path_key(path) -> str:
+    """A weight's name: its path in the model joined by '/' (the key of the trainer's gradient dicts)."""
+    return '/'.join(str(p) for p in path)
 
 
 def zero_grads(params: dict) -> dict:
