@@ -241,6 +241,25 @@ def trial_step_memory(task, rule, config):
     return measured, formula
 
 
+def cached_step_memory(run_dir, task, rule, config):
+    """trial_step_memory, kept in OUT/step-memory.json under the run's name and its config (compiling each row's
+    update again took most of a rebuilt table's 10 minutes); a changed config.json is measured again."""
+    path = os.path.join(os.path.dirname(os.path.dirname(run_dir)), 'step-memory.json')
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):  # none yet, or damaged: measured again
+        cache = {}
+    key = os.path.basename(run_dir)
+    stamp = json.dumps(config, sort_keys=True, default=str)
+    if key in cache and cache[key].get('config') == stamp:
+        return tuple(cache[key]['mb'])
+    mb = trial_step_memory(task, rule, config)
+    cache[key] = dict(config=stamp, mb=list(mb))
+    utils.write_json(path, cache)
+    return mb
+
+
 def stream_formula(rule, config):
     import datasets
     c = config
@@ -271,7 +290,7 @@ def row_for(task, rule, seed, run_dir, summary, acc):
                 break
     else:
         row['s_per_batch'] = summary.get('step_s_per_batch')
-        row['step_memory_mb'], row['step_memory_formula_mb'] = trial_step_memory(task, rule, config)
+        row['step_memory_mb'], row['step_memory_formula_mb'] = cached_step_memory(run_dir, task, rule, config)
         if rule != 'bptt' and methods.get(rule).estimator:  # FPTT: not a gradient estimator, no check
             row['grad_cosine_init'], row['grad_cosine_trained'] = grad_cosines(run_dir)
     return row
