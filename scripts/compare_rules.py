@@ -48,7 +48,7 @@ TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'credit')
 # the order in which rules get the extra DMS seeds: the cheaper first, so that a spent budget leaves the dearest out
 BY_COST = ('bptt', 'fptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
 
-# Sized for one 2-core CPU: 46 runs whose training time summed to 179 minutes of one core each (measured on the
+# Sized for one 2-core CPU: 53 runs whose training time summed to 186 minutes of one core each (measured on the
 # 2026-12-03 runs), so about 100 minutes with --jobs 2 once the memory analysis of each row is added:
 # the DMS trials get 250 updates (make demo's settings otherwise, its accuracy stop included), the stream 150
 # trials per stream; UORO, step by step, 50 updates on DMS and 40 on the images (its budget column says so).
