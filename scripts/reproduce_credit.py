@@ -82,6 +82,9 @@ def stream_runs(P, best_lr=None) -> list:
         runs += [tbptt(H, s, lr) for lr in tbptt_lrs for s in P['seeds'][1:]]
         runs += [('tbptt', 'bptt', H, P['seeds'][0], lr, ['--tbptt_window', str(P['k1']), '--tbptt_k2', str(P['k2_long'])])
                  for lr in tbptt_lrs]
+        # and the short window, TBPTT(k1, k1): no path back to the sample at all (it learned: docs/stream.md)
+        runs += [('tbptt', 'bptt', H, s, best_lr, ['--tbptt_window', str(P['k1']), '--tbptt_k2', str(P['k1'])])
+                 for s in P['seeds']]
         runs += [online(H, s, m, more) for s in P['seeds'][1:] for m, more in P['online'] if (m, more) not in first]
         for d in P['delays']:   # ES-D-RTRL at 0.999 (at chance at the headline delay) left out of the sweep
             if d != H:
@@ -121,6 +124,8 @@ def plot_stream(rows, out, headline):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     seen, tbptt_lrs = set(), [r['lr'] for r in rows if r['method'] == 'TBPTT' and r['delay_ms'] == headline]
     main_lr = max(set(tbptt_lrs), key=tbptt_lrs.count) if tbptt_lrs else None
+    windows = [r['window_ms'] for r in rows if r['method'] == 'TBPTT' and r['delay_ms'] == headline]
+    main_window = max(set(windows), key=windows.count) if windows else None
     for r in rows:
         if r['delay_ms'] != headline or not os.path.exists(os.path.join(r['run_dir'], 'metrics.csv')):
             continue
@@ -129,8 +134,9 @@ def plot_stream(rows, out, headline):
         name = r['method'] + (f' ({r["window_ms"]} ms, lr {r["lr"]:g})' if r['method'] == 'TBPTT' else '')
         c = color.get(r['method'], methods.color('expsm_diag') if '0.99)' in r['method'] else 'tab:olive')
         ax.plot([float(x['trials_per_stream']) for x in m], [float(x['test_acc']) for x in m], color=c,
-                ls='--' if r['method'] == 'TBPTT' and r['window_ms'] > 1000 else ':' if r['method'] == 'TBPTT'
-                and r['lr'] != main_lr else '-', alpha=0.8, label=None if name in seen else name)
+                ls='-' if r['method'] != 'TBPTT' else '--' if r['window_ms'] > main_window else
+                '-.' if r['window_ms'] < main_window else ':' if r['lr'] != main_lr else '-',
+                alpha=0.8, label=None if name in seen else name)
         seen.add(name)
     ax.axhline(0.5, color='k', lw=0.6)
     ax.set_xlabel('trials per stream (32 streams)')

@@ -159,6 +159,7 @@ def test_reproduce_credit_tiny_end_to_end(tmp_path):
     assert [(r['method'], r['delay_ms'], r['window_ms']) for r in rows] == [
         ('ES-D-RTRL (0.99)', '20', '20'), ('D-RTRL', '20', '20'), ('TBPTT', '20', '40'),
         ('TBPTT', '20', '60'),   # the control: a window longer than sample + delay
+        ('TBPTT', '20', '20'),   # and the short window TBPTT(k1, k1)
         ('ES-D-RTRL (0.99)', '40', '20'), ('D-RTRL', '40', '20'), ('TBPTT', '40', '40')]
     assert os.path.getsize(os.path.join(out, 'accuracy.png')) > 0
     assert all(float(r['update_memory_mb']) > 0 and float(r['s_per_1000_steps']) > 0 for r in rows)
