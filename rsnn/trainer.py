@@ -170,6 +170,15 @@ class Trainer:
             s.value = jax.tree.map(strong, s.value)
         self.opt_state = jax.tree.map(strong, self.opt_state)
 
+    def use_rule(self, rule):
+        """Put `rule` (an instance built on this trainer's model and params: a reference form of a rule, in the
+        tests and the braintrace cross-check) in the place of the trainer's own; the compiled gradients are
+        dropped, so the next call compiles the new rule's (also after changing its attributes)."""
+        self.rule = rule
+        self._rules = {self.method: rule}
+        self._grads_jit = {}
+        return self
+
     def rule_state_values(self) -> dict:
         """name -> value of what the rule keeps with the optimizer (FPTT's lambda, theta_bar; {} for the
         others): saved in every checkpoint beside the optimizer state, restored by --resume."""

@@ -66,14 +66,41 @@ def split(layer_w, layer_b, out_w, out_b, n_in=N_IN):
 ALL_OURS = ('bptt', 'diag', 'eprop', 'eprop_k0', 'snap1', 'expsm_diag', 'expsm_diag_btcorr', 'uoro')
 
 
+def es_braintrace_correction():
+    """ES-D-RTRL's recursion with braintrace's warm-up correction c_t = 1 - a^(t+1) in place of brainscale's
+    1 - (1 - a)^(t+1), as a rule class (OTTT's chunk driver with ES-D-RTRL's two decays; the same recursion as
+    tests/test_online_rules.py's ESReference, which equals brainscale's ES-D-RTRL with brainscale's correction).
+    Built here, not at import: this file's other half runs where rsnn cannot be imported."""
+    import jax.numpy as jnp
+    from rsnn.rules import chunks, ottt
+
+    class ESBraintraceCorrection(ottt.OTTT):
+        a = b = ES_DECAY
+
+        def zero_traces(self):
+            return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S)))
+                    for n_in, n_out, S in chunks.relation_shapes(self.model)]
+
+        def chunk_update(self, key, rel, trace, t0):
+            xhat, fhat = trace
+            dW, db = 0., 0.
+            for t in range(rel['x'].shape[0]):
+                xhat = self.a * xhat + rel['x'][t]
+                fhat = self.b * jnp.sum(rel['D'][t] * fhat[..., None, :], -1) + (1 - self.b) * rel['df'][t]
+                n = jnp.asarray(t0 + t, jnp.float32)
+                c = jnp.where(n < 1000, jnp.maximum(1. - self.b ** (n + 1.), 1e-8), 1.)
+                G = jnp.sum(fhat / c * rel['L'][t], -1)
+                dW, db = dW + xhat.T @ G, db + G.sum(0)
+            return {'weight': dW, 'bias': db}, (xhat, fhat)
+
+    return ESBraintraceCorrection
+
+
 def export(path: str, uoro_seeds: int = 256, T_: int = T, rules=ALL_OURS):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [root]
     import brainstate
-    import jax
-    import jax.numpy as jnp
     import models
-    from rsnn.rules import ottt
     from rsnn.trainer import Trainer
 
     def network():
@@ -122,34 +149,11 @@ def export(path: str, uoro_seeds: int = 256, T_: int = T, rules=ALL_OURS):
     if want('expsm_diag'):
         grads['expsm_diag'] = run('expsm_diag', 1)[1]          # brainscale's IODimVjpAlgorithm step by step
 
-    # ES-D-RTRL's recursion with braintrace's warm-up correction c_t = 1 - a^(t+1) in place of brainscale's
-    # 1 - (1 - a)^(t+1) (OTTT's chunk driver with ES-D-RTRL's two decays; tests/test_online_rules.py's
-    # ESReference, which equals brainscale's ES-D-RTRL with brainscale's correction)
-    class ESBraintraceCorrection(ottt.OTTT):
-        a = b = ES_DECAY
-
-        def zero_traces(self):
-            from rsnn.rules import chunks
-            return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S)))
-                    for n_in, n_out, S in chunks.relation_shapes(self.model)]
-
-        def chunk_update(self, key, rel, trace, t0):
-            xhat, fhat = trace
-            dW, db = 0., 0.
-            for t in range(rel['x'].shape[0]):
-                xhat = self.a * xhat + rel['x'][t]
-                fhat = self.b * jnp.sum(rel['D'][t] * fhat[..., None, :], -1) + (1 - self.b) * rel['df'][t]
-                n = jnp.asarray(t0 + t, jnp.float32)
-                c = jnp.where(n < 1000, jnp.maximum(1. - self.b ** (n + 1.), 1e-8), 1.)
-                G = jnp.sum(fhat / c * rel['L'][t], -1)
-                dW, db = dW + xhat.T @ G, db + G.sum(0)
-            return {'weight': dW, 'bias': db}, (xhat, fhat)
-
     if want('expsm_diag_btcorr'):
         tr = Trainer(network(), 'ottt', N_IN, B, etrace_decay=ES_DECAY, trace_chunk=1)
-        rule = ESBraintraceCorrection(tr.model, tr.params, tr.rule_options)
+        rule = es_braintrace_correction()(tr.model, tr.params, tr.rule_options)
         rule.trace_chunk = T_
-        tr.rule, tr._rules, tr._grads_jit = rule, {tr.method: rule}, {}
+        tr.use_rule(rule)
         grads['expsm_diag_btcorr'] = blocks(tr.gradients(xs, labels, ws))
 
     # UORO: one seed, and the mean over uoro_seeds seeds (the rule's key advances at every call)
@@ -194,23 +198,15 @@ LABELS = {
 }
 
 
-def braintrace_half(path: str, out_dir: str):
+def braintrace_network(d: dict):
+    """The export's network (models.SpikingStack, one LIF layer and the leaky readout) rebuilt in brainstate 0.5 /
+    braintrace from the exported arrays `d`; returns its class."""
     import brainstate
     import braintools
     import braintrace
     import jax
     import jax.numpy as jnp
 
-    d = dict(np.load(path))
-    meta = json.loads(str(d['meta']))
-    xs, labels, ws = jnp.asarray(d['xs']), jnp.asarray(d['labels']), jnp.asarray(d['ws'])
-    T_, B_ = xs.shape[:2]
-    n_in = xs.shape[2]
-    ours = {}
-    for k in d:
-        if k.startswith('g/'):
-            _, rule, w = k.split('/')
-            ours.setdefault(rule, {})[w] = d[k]
     brainstate.environ.set(dt=1.)
     spk = braintools.surrogate.ReluGrad(alpha=float(d['surrogate_alpha']), width=float(d['surrogate_width']))
     V_th = float(d['V_th'])
@@ -270,6 +266,27 @@ def braintrace_half(path: str, out_dir: str):
 
         def update(self, x):
             return self.out(self.layer(x))
+
+    return Net
+
+
+def braintrace_half(path: str, out_dir: str):
+    import brainstate
+    import braintrace
+    import jax
+    import jax.numpy as jnp
+
+    d = dict(np.load(path))
+    meta = json.loads(str(d['meta']))
+    xs, labels, ws = jnp.asarray(d['xs']), jnp.asarray(d['labels']), jnp.asarray(d['ws'])
+    T_, B_ = xs.shape[:2]
+    n_in = xs.shape[2]
+    ours = {}
+    for k in d:
+        if k.startswith('g/'):
+            _, rule, w = k.split('/')
+            ours.setdefault(rule, {})[w] = d[k]
+    Net = braintrace_network(d)
 
     def step_loss(out, w):  # rsnn/trainer.py's trial objective with all samples real: w_t mean_b CE
         ce = -jnp.take_along_axis(jax.nn.log_softmax(out, -1), labels[:, None], -1)[:, 0]
