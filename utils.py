@@ -84,16 +84,34 @@ def finite_float(text: str) -> float:
 
 
 def decay_or_rank(text: str):
-    """--etrace_decay: a float in (0, 1) is a decay; an integer >= 1 is a rank r (decay (r-1)/(r+1))."""
+    """--etrace_decay: a float in (0, 1) is a decay; an integer >= 2 is a rank r (decay (r-1)/(r+1)). Rank 1
+    would be decay 0 (no smoothing: the traces vanish every step) and 1 (or 1.0) reads as rank 1: both are
+    refused, as is any value that is not a decay strictly between 0 and 1 once converted."""
+    expected = f'expected a decay strictly between 0 and 1 (such as 0.9) or an integer rank >= 2, got {text!r}'
     try:
         value = finite_float(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f'expected a decay in (0, 1) or an integer rank >= 1, got {text!r}')
-    if value >= 1 and value == int(value):
+        raise argparse.ArgumentTypeError(expected)
+    if value == 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is rank 1, which is decay 0 (the traces forgotten every step); '
+                                         f'{expected[0].lower() + expected[1:]}')
+    if value >= 2 and value == int(value):
         return int(value)
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f'expected a decay in (0, 1) or an integer rank >= 1, got {text!r}')
+        raise argparse.ArgumentTypeError(expected)
     return value
+
+
+def exp_name_arg(text: str) -> str:
+    """--exp_name: a folder name under results/<experiment>/; one that leads out of it ('..', '../../x') is
+    refused, an absolute path is taken as given."""
+    text = str(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError('expected a name, got an empty one')
+    if not os.path.isabs(text) and os.path.normpath(text).split(os.sep)[0] == '..':
+        raise argparse.ArgumentTypeError(f"{text!r} leads out of results/<experiment>/ ('..'); give a name "
+                                         f'without .., or an absolute --out_dir')
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -147,7 +165,7 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help='the learning rule (rsnn/methods.py): ' + '; '.join(
                        f'{m.name} = {m.title} ({m.memory_order})' for m in methods.TABLE.values()))
     g.add_argument('--etrace_decay', type=decay_or_rank, default=0.99,
-                   help='ES-D-RTRL smoothing: a decay in (0,1), or an integer rank r (decay (r-1)/(r+1))')
+                   help='ES-D-RTRL smoothing: a decay strictly in (0,1), or an integer rank r >= 2 (decay (r-1)/(r+1))')
     g.add_argument('--vjp_time', choices=sorted(VJP_METHODS), default='t',
                    help="online VJP: t = brainscale 'single-step', t_minus_1 = 'multi-step'")
     g.add_argument('--trace_chunk', type=trace_chunk_arg, default=None, metavar='K',
@@ -187,7 +205,8 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                         'JAX_NUM_PROCESSES, JAX_PROCESS_ID); use with --devices all')
     g.add_argument('--n_data_worker', type=nonneg_int, default=0,
                    help='torch DataLoader worker processes preparing batches (0 = in the main process)')
-    g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
+    g.add_argument('--exp_name', type=exp_name_arg, default='default',
+                   help="experiment name; part of the run folder (a name that leads out of results/ with '..' is refused)")
     g.add_argument('--out_dir', default=None,
                    help=f'run folder (default results/{experiment}/<exp_name>/<method>-<timestamp>): a new or empty '
                         'folder, or a run of this repository stopped before its first checkpoint')
@@ -237,15 +256,21 @@ def check_memory(parts: list):
 
 
 def cli_main(main: Callable[[list], int]):
-    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM
+    stop it (rsnn/interrupts.py) with the one line the script set (interrupts.set_describe: the run folder and
+    what it keeps) and exit code 130 / 143."""
+    import signal
+    from rsnn import interrupts
+    interrupts.install()
     try:
         code = main(sys.argv[1:])
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print('interrupted: the last checkpoint is kept; continue with --resume RUN_DIR', file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        print(interrupts.describe(signum), file=sys.stderr, flush=True)
+        code = interrupts.exit_code(signum)
     sys.exit(code)
 
 

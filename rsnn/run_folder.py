@@ -64,7 +64,10 @@ def prepare_run_dir(args) -> str:
     """The run folder, locked by this process until it ends. A fresh start refuses a folder that holds a
     run (resume it instead) or files this repository did not write; a run of ours stopped before its
     first checkpoint is started over: only its RUN_FILES and checkpoints/ are deleted."""
-    run_dir = args.resume or args.out_dir or default_run_dir(args)
+    run_dir = args.resume or args.out_dir or claim_default_run_dir(args)
+    check_inside_results(args, run_dir)
+    if not os.path.exists(run_dir):
+        _created_here.add(os.path.abspath(run_dir))  # removed again if the run ends having written nothing
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f'--out_dir {run_dir} is a file, not a folder; give a new or empty folder')
     ours = os.path.isdir(run_dir) and is_run_folder(run_dir)
@@ -92,6 +95,8 @@ def prepare_run_dir(args) -> str:
             written_by='BrainScale experiments (this repository); marks a run folder that its scripts may '
                        'resume and clean', experiment=getattr(args, 'experiment', None),
             created=datetime.datetime.now().isoformat(timespec='seconds')))
+    from rsnn import interrupts
+    interrupts.set_describe(lambda signum: interruption_message(run_dir, signum))
     return run_dir
 
 
@@ -129,8 +134,10 @@ def lock_run_dir(run_dir: str):
 def release_run_dir():
     global _held_lock
     if _held_lock is not None:
+        path = os.path.dirname(_held_lock.name)
         _held_lock.close()  # closing the file releases the flock
         _held_lock = None
+        remove_if_unused(path)
 
 
 
@@ -138,6 +145,87 @@ def release_run_dir():
 def default_run_dir(args) -> str:
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     return os.path.join('results', args.experiment, args.exp_name, f'{args.method}-{stamp}')
+
+
+# --------------------------------------------------------------------------------------------
+# Where a run may be, and what is left when it ends having written nothing
+# --------------------------------------------------------------------------------------------
+
+_created_here = set()  # absolute paths of the run folders this process created
+
+
+def claim_default_run_dir(args) -> str:
+    """default_run_dir, made by this process alone: two runs started in the same second get two folders
+    (`<method>-<timestamp>`, then `-2`, `-3`, ...; os.mkdir fails for the second of two that race)."""
+    base = default_run_dir(args)
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create {os.path.dirname(base)}: {e.strerror or e}; give a writable --out_dir')
+    for n in range(1, 1000):
+        candidate = base if n == 1 else f'{base}-{n}'
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f'cannot create the run folder {candidate}: {e.strerror or e}; give a writable --out_dir')
+        _created_here.add(os.path.abspath(candidate))
+        return candidate
+    raise UserError(f'{base} and 998 more folders of that name exist; give --out_dir')
+
+
+def escapes(path: str) -> bool:
+    """A relative path that leads out of the folder it is relative to ('..', 'a/../../b')."""
+    return not os.path.isabs(path) and os.path.normpath(path).split(os.sep)[0] == '..'
+
+
+def check_inside_results(args, run_dir: str):
+    """An --out_dir that climbs out of the current folder with '..' is refused (an absolute path says where
+    it means to go, and is taken as given); --exp_name is checked by its flag (utils.exp_name_arg)."""
+    out_dir = getattr(args, 'out_dir', None)
+    if out_dir and not args.resume and escapes(out_dir):
+        raise UserError(f"--out_dir {out_dir} leads out of the current folder ('..'); give it as an absolute path "
+                        f'({os.path.abspath(out_dir)}) if that is where the run belongs')
+
+
+def remove_if_unused(run_dir: str):
+    """Remove a run folder this process created when it holds nothing but the marker and the lock (the run
+    was refused, or interrupted, before writing anything): no empty run folders are left behind."""
+    path = os.path.abspath(run_dir)
+    if path not in _created_here or not os.path.isdir(path):
+        return
+    if not set(listdir(path)) <= {RUN_MARKER, RUN_LOCK, RUN_MARKER + '.tmp'}:
+        return
+    try:
+        for name in listdir(path):
+            os.remove(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        return
+    _created_here.discard(path)
+
+
+def newest_checkpoint(run_dir: str) -> Optional[int]:
+    last = os.path.join(run_dir, 'checkpoints', 'last')
+    steps = [int(n) for n in listdir(last) if n.isdigit()]
+    return max(steps) if steps else None
+
+
+def interruption_message(run_dir: str, signum: int) -> str:
+    """The one line of a run stopped by SIGINT / SIGTERM: the real run folder and what it keeps."""
+    import signal
+    name = signal.Signals(signum).name
+    step = newest_checkpoint(run_dir)
+    if not os.path.isdir(run_dir):
+        return f'interrupted ({name}) before the run wrote anything; nothing was kept (its empty folder {run_dir} was removed)'
+    if step is not None:
+        return f'interrupted ({name}): {run_dir} keeps its checkpoint of epoch {step}; continue with --resume {run_dir}'
+    if os.path.exists(os.path.join(run_dir, 'config.json')):
+        return (f'interrupted ({name}) before the first checkpoint of {run_dir}: nothing trained was kept; '
+                f'--resume {run_dir} starts it over with its configuration')
+    return (f'interrupted ({name}) before {run_dir} had a configuration or a checkpoint: nothing was kept; start it '
+            f'again with its flags and --out_dir {run_dir}')
 
 
 def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = None) -> argparse.Namespace:

@@ -195,7 +195,7 @@ class StreamSource:
                    train_loss=sum(ep.losses) / max(len(ep.losses), 1), train_acc=sum(ep.accs) / max(len(ep.accs), 1),
                    test_loss=test_loss, test_acc=test_acc,
                    grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'), seconds=total,
-                   step_s_per_batch=ep.step_s / ep.timed_steps if ep.timed_steps else float('nan'))
+                   step_s_per_batch=ep.step_s_per_batch())
         row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
         row.update(update_stats(ep.gnorms, self.args.grad_clip), **weight_norms(self.trainer))
         row['test_rate_hz'] = 1000. / train.cfg.dt * float(np.mean(rates)) if rates else float('nan')

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from rsnn import methods
+from rsnn import interrupts, methods
 from rsnn.grad_check import GradientCheck
 from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity, read_summary,
                              values_finite, write_grad_fidelity)
@@ -67,6 +67,7 @@ class Progress:
     batches_done: int = 0                  # optimizer updates so far (kept across a resume)
     recent: list = dataclasses.field(default_factory=list)  # the last batch accuracies (acc_th)
     first_step_s: Optional[float] = None   # the first step of this process: compilation included
+    step_times: list = dataclasses.field(default_factory=list)  # this process's steady steps (after the first)
 
 
 @dataclasses.dataclass
@@ -80,6 +81,12 @@ class EpochStats:
     wait_s: float = 0.
     step_s: float = 0.
     timed_steps: int = 0
+    step_times: list = dataclasses.field(default_factory=list)  # the steady steps' seconds (not the compiling one)
+
+    def step_s_per_batch(self) -> float:
+        """The median seconds of this period's steady steps (NaN when it had none): a step that compiled
+        or waited on something else does not move it."""
+        return float(np.median(self.step_times)) if self.step_times else float('nan')
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +97,7 @@ class EpochStats:
 def run(settings: LoopSettings, trainer, run_dir: str, source, config: dict) -> dict:
     """Train `source`'s updates period after period, evaluating after each; writes config.json, metrics.csv,
     batches.csv, learning_curves.png, checkpoints and summary.json into run_dir. Returns the summary."""
+    interrupts.reassert()
     log = RunLog(run_dir)
     check = source.gradient_check(settings, run_dir)
     ckpt = None
@@ -161,6 +169,7 @@ def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunL
         ep = train_period(trainer, source, updates, log, progress, epoch=epoch, acc_th=settings.acc_th,
                           smooth=settings.smooth, bar=bar)
         bar.close()
+        interrupts.check()
         stopped = ep.stopped or source.default_stop
         if stopped != 'nan' and not values_finite(trainer.param_values()):
             stopped = 'nan'
@@ -179,7 +188,8 @@ def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunL
                     seconds=state.seconds_before + time.time() - t0, config=config,
                     stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs,
                     batches_done=progress.batches_done, **source.meta())
-        ckpt.save(trainer, epoch, meta, best=is_best, extra=source.checkpoint_extra())
+        with interrupts.deferred():  # a signal during the write stops the run once the checkpoint is complete
+            ckpt.save(trainer, epoch, meta, best=is_best, extra=source.checkpoint_extra())
         print(source.describe(row), flush=True)
         if stopped == 'acc_th':
             print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {settings.acc_th}: stopping')
@@ -195,6 +205,7 @@ def train_period(trainer, source, updates: Iterable, log: RunLog, progress: Prog
     ep = EpochStats()
     it = iter(updates)
     while True:
+        interrupts.check()  # a Ctrl-C whose KeyboardInterrupt was lost (raised inside a gc callback) stops here
         tw = time.time()
         try:
             item = next(it)
@@ -208,6 +219,8 @@ def train_period(trainer, source, updates: Iterable, log: RunLog, progress: Prog
         else:
             ep.step_s += time.time() - ts
             ep.timed_steps += 1
+            ep.step_times.append(time.time() - ts)
+            progress.step_times.append(ep.step_times[-1])
         if not math.isfinite(result['loss']) or not getattr(trainer, 'last_update_finite', True):
             ep.stopped = 'nan'
             break
@@ -358,7 +371,7 @@ def epoch_row(trainer, test_batches, step_weights, epoch: int, ep: EpochStats, p
                test_loss=test_loss, test_acc=test_acc,
                grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'),
                seconds=seconds, data_wait_s_per_batch=ep.wait_s / n_batches,
-               step_s_per_batch=ep.step_s / ep.timed_steps if ep.timed_steps else float('nan'),
+               step_s_per_batch=ep.step_s_per_batch(),
                **{f'rate_layer{i}': r for i, r in enumerate(rates)})
     if epoch == 1:
         warning = silence_warning(rates, ep.losses, getattr(getattr(trainer.model, 'out', None), 'n_out', 0),
@@ -378,7 +391,17 @@ def run_summary(method: str, metrics: list, state: RunState, progress: Progress,
                 smoothed_train_acc=float(np.mean(progress.recent)) if progress.recent else None,
                 stopped_because=stopped, seconds=seconds,
                 compile_and_first_step_s=progress.first_step_s,
-                step_s_per_batch=last.get('step_s_per_batch'), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
+                step_s_per_batch=steady_step_s(progress, metrics), peak_rss_mb=peak_rss_mb(), run_dir=run_dir)
+
+
+def steady_step_s(progress: Progress, metrics: list) -> Optional[float]:
+    """summary.json's step_s_per_batch: the median over this process's steady steps (the compiling first
+    step left out); a process that trained no step (a resume that only writes the summary) takes the median
+    of the periods' rows."""
+    if progress.step_times:
+        return float(np.median(progress.step_times))
+    rows = [r['step_s_per_batch'] for r in metrics if math.isfinite(r.get('step_s_per_batch', float('nan')))]
+    return float(np.median(rows)) if rows else None
 
 
 SILENT_RATE = 1e-3

@@ -117,8 +117,10 @@ class Trainer:
         self.update_fn = brainstate.transform.jit(self._train_step)  # the compiled update (the memory script lowers it)
         self._grads_jit = {}  # method -> compiled gradient of one batch
         self._eval = brainstate.transform.jit(self._eval_step)
+        # the first call's arguments in the form the compiled update returns them (strongly typed): else
+        # the first update compiles the step for weak-typed values and the second compiles it again
+        self._canonicalize()
         if protocol == 'stream':
-            self._canonicalize()
             self.update_fn = brainstate.transform.jit(self._stream_step)
             self._eval = brainstate.transform.jit(self._stream_eval)
         self.last_update_finite = True
@@ -164,7 +166,8 @@ class Trainer:
 
     def _canonicalize(self):
         """Every state, weight and optimizer leaf as a committed, strongly typed jax array: the form a
-        compiled update returns them in, so that a stream's second update does not compile again."""
+        compiled update returns them in, so that the second update (of trials or of a stream) does not
+        compile the step again."""
         strong = lambda v: jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v
         for s in list(self.params.values()) + self.sample_states() + list(self.rule.optimizer_states().values()):
             s.value = jax.tree.map(strong, s.value)
