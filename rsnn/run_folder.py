@@ -78,6 +78,10 @@ def prepare_run_dir(args) -> str:
         os.makedirs(run_dir, exist_ok=True)
         lock_run_dir(run_dir)
     except OSError as e:
+        if args.resume:  # a resumed run stays in its folder: --out_dir is no way out
+            raise UserError(f'cannot write the run folder {run_dir}: {e.strerror or e}; nothing was changed: a '
+                            f'resumed run writes in its own folder: make it writable, or copy it to a writable '
+                            f'place and --resume the copy')
         raise UserError(f'cannot write the run folder {run_dir}: {e.strerror or e}; give a writable --out_dir')
     if not args.resume and has_checkpoint(run_dir):
         raise UserError(f'{run_dir} already holds a run; continue it with --resume {run_dir} '
@@ -206,6 +210,36 @@ def remove_if_unused(run_dir: str):
     _created_here.discard(path)
 
 
+# what the operating system says when a write fails for want of space or permission (as OSError, or inside
+# the text of orbax's and tensorstore's errors, which carry os_error_code)
+WRITE_FAILURES = ('No space left', 'File too large', 'Read-only file system', 'Permission denied',
+                  'Disk quota exceeded', 'os_error_code')
+
+
+def write_failure(error: BaseException) -> Optional[str]:
+    """The operating system's reason when `error` is a failed write (disk full, read-only, permission), else
+    None."""
+    import re
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return next((w for w in WRITE_FAILURES if w in text), None)
+
+
+def write_failure_message(run_dir: str, error: BaseException, what: str) -> str:
+    """One line for a write that failed in the middle of a run: the path, the reason, what is kept, what to do."""
+    path = getattr(error, 'filename', None) or what
+    step = newest_checkpoint(run_dir)
+    kept = (f'{run_dir} keeps its checkpoint of epoch {step} (and the log rows up to it); free space or make '
+            f'it writable, then --resume {run_dir}' if step is not None else
+            f'no checkpoint was complete yet, nothing trained was kept; free space or make it writable, then '
+            f'--resume {run_dir} starts it over')
+    return f'cannot write {path}: {write_failure(error)}; {kept}'
+
+
 def newest_checkpoint(run_dir: str) -> Optional[int]:
     last = os.path.join(run_dir, 'checkpoints', 'last')
     steps = [int(n) for n in listdir(last) if n.isdigit()]
@@ -292,6 +326,16 @@ def args_from_checkpoint(run_dir: str, parser: Optional[argparse.ArgumentParser]
     if not is_run_folder(run_dir):
         raise UserError(f'--resume {run_dir}: not a run folder of this repository (no {RUN_MARKER} and no '
                         f'checkpoint of ours); nothing there was changed')
+    if not os.path.exists(path) and checkpoint_config(run_dir) is not None:
+        step, saved = checkpoint_config(run_dir)
+        if parser is not None:
+            check_saved_values(saved, parser, f'{run_dir}/checkpoints/last/{step}')
+        print(f'note: {path} is missing; the configuration is taken from checkpoint last/{step} (it is written '
+              f'back there when the run goes on)', file=sys.stderr, flush=True)
+        return saved
+    if not os.path.exists(path) and has_checkpoint(run_dir):
+        raise UserError(f'--resume {run_dir}: config.json is missing and no checkpoint there holds a readable '
+                        f'configuration; the run cannot be resumed: start a new run with another --out_dir')
     if not os.path.exists(path):
         if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
             raise UserError(f'--resume {run_dir}: no checkpoint and no config.json there (stopped while '
@@ -308,7 +352,44 @@ def args_from_checkpoint(run_dir: str, parser: Optional[argparse.ArgumentParser]
         raise UserError(f'--resume {run_dir}: {path} holds no configuration (a JSON object); repair it')
     if parser is not None:
         check_saved_values(saved, parser, path)
+        check_config_matches_checkpoint(saved, run_dir, parser)
     return saved
+
+
+def checkpoint_config(run_dir: str):
+    """(step, config) of the newest step of checkpoints/last whose JSON meta is readable and holds the
+    configuration the step was written under; None when there is none. Reads the meta file orbax writes
+    (<step>/meta/metadata) directly: no jax."""
+    last = os.path.join(run_dir, 'checkpoints', 'last')
+    for step in sorted((int(n) for n in listdir(last) if n.isdigit()), reverse=True):
+        try:
+            with open(os.path.join(last, str(step), 'meta', 'metadata')) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get('config'), dict):
+            return step, meta['config']
+    return None
+
+
+def check_config_matches_checkpoint(saved: dict, run_dir: str, parser: argparse.ArgumentParser):
+    """config.json against the configuration its newest checkpoint was written under: a flag that shapes
+    the state (method, sizes, model, data, seed, optimizer: everything a resume may not change) that differs
+    means config.json was edited, and is refused in one line naming the field and both values; the run is
+    never continued as another run."""
+    found = checkpoint_config(run_dir)
+    if found is None:
+        return
+    step, written = found
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    for key, flag in flags.items():
+        if key in RESUME_MAY_CHANGE or key in ('resume', 'out_dir', 'help') or key not in written:
+            continue
+        if json_value(saved.get(key)) != json_value(written[key]):
+            raise UserError(f'--resume {run_dir}: config.json has {key} = {json.dumps(saved.get(key))} but checkpoint '
+                            f'last/{step} was trained with {json.dumps(written[key])}; config.json was changed after '
+                            f'the run: set "{key}": {json.dumps(written[key])} there again (or delete config.json: '
+                            f'it is then recovered from the checkpoint), or start a new run for another {flag}')
 
 
 def check_saved_values(saved: dict, parser: argparse.ArgumentParser, path: str):
@@ -431,10 +512,35 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                        meta=ocp.args.JsonSave(meta))
         managers = [self.last] + ([self.best] if best else [])
-        for m in managers:
-            m.save(epoch, args=args, force=True)
-        for m in managers:
-            m.wait_until_finished()
+        import contextlib
+        import io
+        held = io.StringIO()  # what orbax's and tensorstore's threads print while writing (nothing, unless it fails)
+        try:
+            with quiet_orbax(), contextlib.redirect_stderr(held):
+                try:
+                    for m in managers:
+                        m.save(epoch, args=args, force=True)
+                    for m in managers:
+                        m.wait_until_finished()
+                except Exception as e:
+                    if write_failure(e) is None:
+                        raise
+                    # the run ends here: orbax's other writer threads fail the same way and would log it at exit
+                    logging.getLogger('absl').setLevel(logging.CRITICAL)
+                    for m in managers:
+                        try:
+                            m.wait_until_finished()
+                        except Exception:
+                            pass
+                    run_dir = os.path.dirname(os.path.dirname(str(self.last.directory)))
+                    raise UserError(write_failure_message(run_dir, e, f'the checkpoint of epoch {epoch} in '
+                                                                      f'{os.path.dirname(str(self.last.directory))}'))
+        except UserError:
+            raise
+        except BaseException:
+            sys.stderr.write(held.getvalue())
+            raise
+        sys.stderr.write(held.getvalue())
 
     def restore(self, trainer, which: str = 'last', extra: dict = None):
         """Load params and optimizer state into `trainer` from the newest step that restores and matches
@@ -527,8 +633,9 @@ class Checkpoints:
             manager.reload()
 
     def close(self):
-        self.last.close()
-        self.best.close()
+        with quiet_orbax():  # after a failed write orbax logs each thread's traceback again: ours is one line
+            self.last.close()
+            self.best.close()
 
 
 class RunLog:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from rsnn import interrupts, methods
 from rsnn.grad_check import GradientCheck
 from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity, read_summary,
-                             values_finite, write_grad_fidelity)
-from utils import peak_rss_mb
+                             values_finite, write_failure, write_failure_message, write_grad_fidelity)
+from utils import UserError, peak_rss_mb
 
 
 @dataclasses.dataclass
@@ -112,9 +112,17 @@ def run(settings: LoopSettings, trainer, run_dir: str, source, config: dict) -> 
         if check and state.start_epoch == 1:
             check(0)  # the initial weights
         return run_periods(settings, trainer, run_dir, source, log, ckpt, state, config, check)
+    except OSError as e:  # a full disk, a read-only or forbidden file: one line, what is kept, what to do
+        if write_failure(e) is None:
+            raise
+        raise UserError(write_failure_message(run_dir, e, f'a file in {run_dir}')) from None
     finally:
         if ckpt is not None:
-            ckpt.close()
+            try:
+                ckpt.close()
+            except Exception as e:  # closing waits for writes that failed: the error above says it
+                if write_failure(e) is None:
+                    raise
 
 
 def resume(ckpt: Checkpoints, trainer, log: RunLog, settings: LoopSettings, run_dir: str, source):
