@@ -26,7 +26,7 @@ from utils import UserError
 # the cache through np.memmap and rebuilds dense float32 frames per batch, time-major (T, B, n_in).
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: recordings validated while framing (empty, times, coordinates), N-MNIST files keyed by size and mtime
 
 
 class FrameToSparse:
@@ -41,13 +41,40 @@ class FrameToSparse:
         self.index_dtype = np.int32 if self.n_time_bins * self.n_in < 2 ** 31 else np.int64
 
     def __call__(self, events):
+        """A recording that would frame to something other than its events is refused (ValueError, named
+        with its file by build_frame_cache): no events, times not finite or going backwards, an event off
+        the sensor, or events that all vanish in framing."""
         if len(events) == 0:
-            return np.zeros(0, self.index_dtype), np.zeros(0, np.int16)
+            raise ValueError('the recording holds no events (an empty or cut file): it would train as a blank sample')
+        self.check_times(events)
         self.check_coordinates(events)
         frames = np.asarray(self.to_frame(events))        # (T, p, y, x) int16 counts
         flat = frames.reshape(-1)
         idx = np.flatnonzero(flat)
+        if len(idx) == 0:
+            t = np.asarray(events['t'])
+            raise ValueError(f'none of its {len(events)} events survives framing into {self.n_time_bins} bins (they '
+                             f'span {int(t[-1] - t[0])} us; tonic ToFrame drops the last event and needs a span of at '
+                             f'least {self.n_time_bins} us)')
         return idx.astype(self.index_dtype), flat[idx].astype(np.int16)
+
+    @staticmethod
+    def check_times(events):
+        """Times finite, >= 0 and in order (ToFrame bins them from the first to the last: times out of order
+        give an empty or wrong frame). A non-finite float time that tonic cast to int shows as negative."""
+        if 't' not in (events.dtype.names or ()):
+            return
+        t = np.asarray(events['t'])
+        if t.dtype.kind == 'f' and not np.all(np.isfinite(t)):
+            raise ValueError(f'event {int(np.flatnonzero(~np.isfinite(t))[0])} has the time {t[~np.isfinite(t)][0]}')
+        if np.any(t < 0):
+            k = int(np.flatnonzero(t < 0)[0])
+            raise ValueError(f'event {k} has a negative (or non-finite) time {t[k]}')
+        back = np.flatnonzero(np.diff(t) < 0)
+        if len(back):
+            k = int(back[0]) + 1
+            raise ValueError(f'the event times go backwards at event {k} ({t[k]} us after {t[k - 1]} us): tonic '
+                             f'ToFrame needs them in order')
 
 
     def check_coordinates(self, events):
@@ -74,8 +101,9 @@ def _source_fingerprint(ds) -> str:
     h = hashlib.sha256()
     loc = ds.location_on_system
     if getattr(ds, 'data', None):
-        for p in ds.data:
-            h.update(os.path.relpath(p, loc).encode())
+        for p in ds.data:  # each file's size and modification time: a file changed or restored is framed again
+            st = os.stat(p)
+            h.update(f'{os.path.relpath(p, loc)}:{st.st_size}:{st.st_mtime_ns}'.encode())
             h.update(b'\0')
     if hasattr(ds, 'data_filename'):
         st = os.stat(os.path.join(loc, ds.data_filename))
@@ -264,10 +292,20 @@ def load_framed_split(info: EventDataset, data_dir: str, train: bool, n_time_bin
         ds.transform = transform
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or os.path.join(data_dir, 'cache')))
     try:
+        check_label_lengths(ds)
         key, params = frame_cache_key(info, train, n_time_bins, ds)
     except (IndexError, KeyError, ValueError, TypeError, OSError) as e:  # e.g. an HDF5 file without labels
         raise UserError(f'{sample_source(ds)} cannot be read: {error_text(e)}; replace it with an intact copy')
     folder = os.path.join(cache_dir, key)
+    for path in (cache_dir, folder):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f'{path} is a file where the frame cache keeps a folder; move it away or give another '
+                            f'--cache_dir')
+    if not os.path.isfile(os.path.join(folder, 'meta.json')):
+        stale = older_cache(cache_dir, key, params)
+        if stale:
+            print(f'note: the {info.title} {params["split"]} files changed since the frame cache {stale} was built '
+                  f'(sizes or modification times); framing them again into {folder}', flush=True)
     for attempt in range(2):
         if not os.path.isfile(os.path.join(folder, 'meta.json')):
             frame_split(info, ds, transform, train, n_time_bins, cache_dir, key, params, n_workers, progress)
@@ -280,6 +318,38 @@ def load_framed_split(info: EventDataset, data_dir: str, train: bool, n_time_bin
         print(f'warning: the frame cache {folder} is damaged ({problem}); building it again', flush=True)
         with _FileLock(os.path.join(cache_dir, key + '.lock')):
             shutil.rmtree(folder, ignore_errors=True)  # this repository's own cache files
+
+
+def check_label_lengths(ds):
+    """An HDF5 file (SHD) whose labels are not as many as its spike trains: tonic counts the samples by the
+    labels, so shorter labels would drop samples without a word (and longer ones fail at the end)."""
+    name = getattr(ds, 'data_filename', None)
+    if not name:
+        return
+    import h5py
+    with h5py.File(os.path.join(ds.location_on_system, name), 'r') as f:
+        n_labels, n_times, n_units = len(f['labels']), len(f['spikes/times']), len(f['spikes/units'])
+    if not n_labels == n_times == n_units:
+        raise ValueError(f'labels holds {n_labels} entries, spikes/times {n_times} and spikes/units {n_units}: '
+                         f'every sample needs one label and one spike train (a damaged or edited file)')
+
+
+def older_cache(cache_dir: str, key: str, params: dict) -> Optional[str]:
+    """A frame-cache folder of the same dataset, split and framing whose source files were different (so
+    the new one is built because files changed), or None."""
+    prefix = key.rsplit('-', 1)[0] + '-'
+    for name in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+        if not name.startswith(prefix) or name == key or '.' in name:
+            continue
+        try:
+            with open(os.path.join(cache_dir, name, 'meta.json')) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        same = all(meta.get(k) == v for k, v in params.items() if k != 'source')
+        if same and meta.get('source') != params['source']:
+            return os.path.join(cache_dir, name)
+    return None
 
 
 def frame_split(info: EventDataset, ds, transform, train: bool, n_time_bins: int, cache_dir: str, key: str,
