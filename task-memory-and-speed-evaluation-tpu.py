@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -496,6 +497,10 @@ def run_sweep(args, out_dir: str) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise utils.UserError(f'cannot create --out_dir {out_dir}: {e.strerror or e}; give a writable folder')
+    from rsnn import interrupts
+    interrupts.set_describe(lambda signum: f'interrupted ({signal.Signals(signum).name}): the rows measured so far are in '
+                                           f'{out_dir}/results.csv; a sweep has no --resume: run it again with another '
+                                           f'--out_dir (or fewer --lengths / --methods)')
     probe_info, failure = run_child('--_probe', dict(devices=args.devices), args.timeout, args.devices)
     if probe_info is None:
         raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")

@@ -197,6 +197,12 @@ def open_tonic_dataset(info: EventDataset, data_dir: str, train: bool, transform
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f'{info.title} in {location} could not be read ({type(e).__name__}: {e}); '
                               f'replace the files with the official ones ({info.homepage})')
+    if info.tonic_class == 'SHD':
+        h5, archive = (os.path.join(location, f) for f in (info.train_files if train else info.test_files))
+        if os.path.isfile(h5) and not os.path.exists(archive):
+            raise UserError(f'{h5} is there but not {os.path.basename(archive)} beside it, which tonic\'s existence '
+                            f'check also requires (it reads only the .h5): put the downloaded archive back, or '
+                            f'create an empty one: touch {archive}')
     created = _missing_ancestors(location)
     before = _snapshot(location)
     print(f'{info.title} ({"train" if train else "test"}) not found in {location}: trying to download it '

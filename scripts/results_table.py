@@ -4,7 +4,8 @@
 
 One row per run folder (a folder holding summary.json; its config.json gives the sizes), from either
 training script: experiment, dataset, method, ES-D-RTRL decay, sizes, epochs run, why it stopped, best
-and final test accuracy, seconds, seconds per batch, peak RSS and the run folder.
+and final test accuracy, seconds, the training step's seconds per batch (summary.json's step_s_per_batch:
+the median of the steady steps, the compiling first step left out), peak RSS and the run folder.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ COLUMNS = ['experiment', 'dataset', 'method', 'etrace_decay', 'n_rec', 'n_layer'
            'epochs_run', 'stopped_because', 'best_test_acc', 'test_acc', 'seconds', 's_per_batch',
            'peak_rss_mb', 'run_dir']
 HEADERS = ['experiment', 'dataset', 'method', 'etrace decay', 'n_rec', 'n_layer', 'T', 'batch', 'epochs run',
-           'stopped because', 'best test acc', 'final test acc', 'seconds', 's / batch', 'peak RSS (MB)',
+           'stopped because', 'best test acc', 'final test acc', 'seconds', 'step s / batch', 'peak RSS (MB)',
            'run folder']
 
 
