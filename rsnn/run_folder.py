@@ -326,6 +326,7 @@ def args_from_checkpoint(run_dir: str, parser: Optional[argparse.ArgumentParser]
     if not is_run_folder(run_dir):
         raise UserError(f'--resume {run_dir}: not a run folder of this repository (no {RUN_MARKER} and no '
                         f'checkpoint of ours); nothing there was changed')
+    check_no_stray_steps(os.path.join(run_dir, 'checkpoints'), run_dir)
     if not os.path.exists(path) and checkpoint_config(run_dir) is not None:
         step, saved = checkpoint_config(run_dir)
         if parser is not None:
@@ -479,6 +480,7 @@ class Checkpoints:
 
     def __init__(self, run_dir: str):
         root = os.path.abspath(os.path.join(run_dir, 'checkpoints'))
+        check_no_stray_steps(root, run_dir)
         with quiet_orbax():
             self._open(root)
 
@@ -636,6 +638,19 @@ class Checkpoints:
         with quiet_orbax():  # after a failed write orbax logs each thread's traceback again: ours is one line
             self.last.close()
             self.best.close()
+
+
+def check_no_stray_steps(root: str, run_dir: str):
+    """A file named like a checkpoint step (checkpoints/last/3 that is not a folder) was not written by a run:
+    orbax would take it for a step, overwrite it or set it aside. Refused in one line before anything is read
+    or written."""
+    for which in ('last', 'best'):
+        folder = os.path.join(root, which)
+        for name in sorted(listdir(folder)):
+            if name.isdigit() and not os.path.isdir(os.path.join(folder, name)):
+                raise UserError(f'{os.path.join(folder, name)} is named like a checkpoint but is not one (a file, '
+                                f'not a step folder); nothing was changed: move it out of {folder}, then start '
+                                f'again (--resume {run_dir})')
 
 
 class RunLog:

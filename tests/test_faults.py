@@ -84,6 +84,17 @@ def test_a_missing_config_json_is_recovered_from_the_checkpoint(dms_script, fini
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2] and batch_numbers(run_dir) == list(range(1, 7))
 
 
+def test_a_stray_file_named_like_a_checkpoint_is_left_alone(dms_script, finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    stray = os.path.join(run_dir, 'checkpoints', 'last', '2')
+    open(stray, 'w').write('notes of the user')
+    before = snapshot(run_dir)
+    with pytest.raises(utils.UserError, match=f'{stray} is named like a checkpoint but is not one') as e:
+        dms_script.main(['--resume', run_dir, '--epochs', '2'])
+    one_line(str(e.value))
+    assert snapshot(run_dir) == before
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Event data checked before it is trained on
 # --------------------------------------------------------------------------------------------
