@@ -218,6 +218,7 @@ def check_sizes(args):
 
 
 def main(argv) -> int:
+    utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
     args = run_folder.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     check_sizes(args)
