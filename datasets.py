@@ -178,12 +178,34 @@ class EpochSampler:
 
 def worker_loader(dataset, n_workers: int, **kwargs):
     """A torch DataLoader whose workers are spawned, not forked: a fork of a process running JAX's
-    threads can deadlock."""
-    import torch.utils.data
+    threads can deadlock. Without torch and with no workers (--n_data_worker 0), the same items read in
+    this process (InProcessLoader): a machine with jax alone runs the DMS task."""
+    try:
+        import torch.utils.data
+    except ImportError:
+        if n_workers == 0 and kwargs.get('batch_size', 1) is None:
+            return InProcessLoader(dataset, kwargs.get('sampler'), kwargs.get('collate_fn'))
+        raise
     if n_workers > 0:
         kwargs.update(num_workers=n_workers, multiprocessing_context='spawn', persistent_workers=True,
                       prefetch_factor=2)
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+class InProcessLoader:
+    """Items dataset[i] for i of the sampler (else 0 .. len - 1), collate_fn applied: what a torch
+    DataLoader with batch_size=None and no workers yields, without torch."""
+
+    def __init__(self, dataset, sampler=None, collate_fn=None):
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
+
+    def __len__(self):
+        return len(self.sampler if self.sampler is not None else self.dataset)
+
+    def __iter__(self):
+        for i in (self.sampler if self.sampler is not None else range(len(self.dataset))):
+            item = self.dataset[i]
+            yield self.collate_fn(item) if self.collate_fn else item
 
 
 class AsNumpy:

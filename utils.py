@@ -184,7 +184,9 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--distributed', action='store_true',
                    help='several hosts: call jax.distributed.initialize() first (a TPU pod slice or a '
                         'SLURM/Open MPI cluster detect themselves; else set JAX_COORDINATOR_ADDRESS, '
-                        'JAX_NUM_PROCESSES, JAX_PROCESS_ID); use with --devices all')
+                        'JAX_NUM_PROCESSES, JAX_PROCESS_ID); use with --devices all and one --out_dir every '
+                        'host reaches (process 0 writes it). Not saved with the run: a resume runs on one '
+                        'process unless given again (docs/devices.md)')
     g.add_argument('--n_data_worker', type=nonneg_int, default=0,
                    help='torch DataLoader worker processes preparing batches (0 = in the main process)')
     g.add_argument('--exp_name', default='default', help='experiment name; part of the run folder')
