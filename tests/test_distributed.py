@@ -109,3 +109,21 @@ def test_slurm_one_task_per_node_sees_every_gpu_of_its_node(environ, ids):
     assert got == ids
     if environ.get('SLURM_NTASKS_PER_NODE') == '8':
         assert 'uses GPU 3 of its node' in note
+
+
+@pytest.mark.parametrize('rows', [slice(0, 4), slice(4, 8), slice(3, 5), slice(7, 8)])
+def test_a_process_generates_only_its_rows_of_the_batch_equal_to_the_whole(rows):
+    """Each process of a --distributed run draws only its own trials' spikes (dms_trials(..., rows)): they
+    equal those rows of the whole batch, the other rows stay 0, and the generator ends where the whole
+    draw leaves it."""
+    import numpy as np
+    import datasets
+    cfg = datasets.DMSConfig(t_fixation=5, t_sample=20, t_delay=20, t_test=20, n_input=7)  # odd: half draws
+    for batch in range(4):
+        whole_rng, part_rng = datasets.dms_batch_rng(3, 1, batch), datasets.dms_batch_rng(3, 1, batch)
+        x, y, _, _ = datasets.dms_trials(cfg, 8, whole_rng)
+        xp, yp, _, _ = datasets.dms_trials(cfg, 8, part_rng, rows)
+        assert np.array_equal(xp[:, rows], x[:, rows]) and x[:, rows].any()
+        assert not xp[:, :rows.start].any() and not xp[:, rows.stop:].any()
+        assert np.array_equal(y, yp)
+        assert part_rng.random() == whole_rng.random()
