@@ -365,8 +365,9 @@ class Checkpoints:
         meta = dict(meta, state_sha256=state_checksum(state))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                        meta=ocp.args.JsonSave(meta))
-        # one after the other: on several processes orbax names its barriers by the step, and `last` and
-        # `best` saving the same step at once meet in one barrier ("... is already ongoing")
+        # one after the other, never sharing a barrier: on several processes, `last` and `best` saving the
+        # same step at once stopped orbax with "Barrier _async_write_complete.1 is already ongoing"
+        # (docs/devices.md, "Several hosts")
         for m in [self.last] + ([self.best] if best else []):
             m.save(epoch, args=args, force=True)
             m.wait_until_finished()
