@@ -56,12 +56,14 @@ RESULTS ?= results
 results-table: $(VENV)/.installed
 	$(PY) scripts/results_table.py $(RESULTS)
 
-# For a machine with a GPU/TPU, once: environment, test suite, paper-size memory sweep (T = 100, 400, 1000)
-# and the README's DMS BPTT / ES-D-RTRL commands, capped (about 10 min of device time after the install);
-# everything in results/accelerator-check-<timestamp>/ (docs/accelerator-check.md). TINY=1: toy sizes.
+# For a machine with a GPU/TPU, once, in at most 10 minutes on paper (docs/accelerator-check.md): the jax that
+# is there (no install where jax imports), a handful of exactness tests, the paper-size memory sweep (T = 100,
+# 250, 500, 1000, the methods interleaved, a cap per row) and the README's three DMS commands for a fixed number
+# of batches; everything in results/accelerator-check-<timestamp>/. TINY=1: toy sizes on the CPU (CI).
+# PY: the python to use (default .venv/bin/python where it exists, else python3).
 .PHONY: accelerator-check
 accelerator-check:
-	bash scripts/accelerator-check.sh
+	$(if $(TINY),TINY=1 ,)$(if $(OUT),OUT=$(OUT) ,)bash scripts/accelerator-check.sh
 
 # Issue #25: our rules' gradients against braintrace 0.2.6's EProp, SnAp-1, UORO, D_RTRL and pp_prop on a tiny LIF
 # network (docs/online-rules.md, "Cross-check against braintrace 0.2.6"). Not in CI: it builds a second

@@ -104,11 +104,13 @@ def dms_tuning(cfg: DMSConfig, directions: np.ndarray) -> np.ndarray:
     return np.exp(cfg.kappa * (np.cos(theta[:, None] - preferred[None, :]) - 1.))
 
 
-def dms_trials(cfg: DMSConfig, batch_size: int, rng: np.random.Generator):
+def dms_trials(cfg: DMSConfig, batch_size: int, rng: np.random.Generator, rows: slice = None):
     """One batch of DMS trials.
 
     Returns spikes (T, batch, n_input) uint8, labels (batch,) int32 (1 = match), and the sample and test
-    directions (batch,) for inspection.
+    directions (batch,) for inspection. `rows` (a slice of the batch): only those trials' spikes are drawn
+    (the others stay 0), equal to the whole batch's (uniform_f32_rows): the part of one process of a
+    --distributed run.
     """
     match = rng.random(batch_size) < 0.5
     sample = rng.integers(0, cfg.n_direction, batch_size)
@@ -119,11 +121,49 @@ def dms_trials(cfg: DMSConfig, batch_size: int, rng: np.random.Generator):
     p_bg = cfg.rate_background * cfg.dt / 1000.
     p_stim = cfg.rate_stimulus * cfg.dt / 1000.
     T = cfg.n_steps
-    prob = np.full((T, batch_size, cfg.n_input), p_bg, np.float32)
-    prob[cfg.sample_start:cfg.delay_start] += (p_stim * dms_tuning(cfg, sample)).astype(np.float32)
-    prob[cfg.test_start:] += (p_stim * dms_tuning(cfg, test)).astype(np.float32)
-    spikes = (rng.random(prob.shape, dtype=np.float32) < prob).astype(np.uint8)
+    part = slice(0, batch_size) if rows is None else rows
+    prob = np.full((T, part.stop - part.start, cfg.n_input), p_bg, np.float32)
+    prob[cfg.sample_start:cfg.delay_start] += (p_stim * dms_tuning(cfg, sample[part])).astype(np.float32)
+    prob[cfg.test_start:] += (p_stim * dms_tuning(cfg, test[part])).astype(np.float32)
+    if rows is None:
+        return (rng.random(prob.shape, dtype=np.float32) < prob).astype(np.uint8), match.astype(np.int32), sample, test
+    spikes = np.zeros((T, batch_size, cfg.n_input), np.uint8)
+    spikes[:, rows] = uniform_f32_rows(rng, (T, batch_size, cfg.n_input), rows) < prob
     return spikes, match.astype(np.int32), sample, test
+
+
+def uniform_f32_rows(rng: np.random.Generator, shape: tuple, rows: slice) -> np.ndarray:
+    """rng.random(shape, dtype=np.float32)[:, rows] without drawing the other rows, and rng left where that
+    whole draw leaves it. numpy draws float32 from 32-bit halves of PCG64's 64-bit outputs, in C order, so
+    each time step's rows are a run of draws reached by jumping (PCG64.advance). Another bit generator:
+    the whole draw, sliced."""
+    bg = rng.bit_generator
+    if not isinstance(bg, np.random.PCG64):
+        return rng.random(shape, dtype=np.float32)[:, rows]
+    T, B = shape[:2]
+    per_row = int(np.prod(shape[2:]))
+    start = bg.state
+    out = np.empty((T, rows.stop - rows.start) + tuple(shape[2:]), np.float32)
+    for t in range(T):
+        _skip_uint32(bg, start, (t * B + rows.start) * per_row)
+        out[t] = rng.random(out.shape[1:], dtype=np.float32)
+    _skip_uint32(bg, start, T * B * per_row)
+    return out
+
+
+def _skip_uint32(bg, start: dict, k: int):
+    """PCG64 `bg` set to the state `start`, then k 32-bit draws on (the buffered high half of the last 64-bit
+    output first, then two per output; advance() clears the buffer, so an odd k buffers one by hand)."""
+    bg.state = start
+    if k == 0:
+        return
+    if start['has_uint32']:
+        k -= 1
+        bg.state = dict(bg.state, has_uint32=0, uinteger=0)
+    bg.advance(k // 2)
+    if k % 2:
+        high = int(bg.random_raw()) >> 32  # drawn before the state is read
+        bg.state = dict(bg.state, has_uint32=1, uinteger=high)
 
 
 def dms_batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
@@ -150,15 +190,16 @@ def dms_test_set(cfg: DMSConfig, n_trials: int, batch_size: int, seed: int):
 class DMSBatches:
     """Map-style dataset: global index i -> batch (i mod batches_per_epoch) of epoch (i div batches_per_epoch)."""
 
-    def __init__(self, cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int):
+    def __init__(self, cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int, rows: slice = None):
         self.cfg, self.batch_size, self.batches_per_epoch, self.seed = cfg, batch_size, batches_per_epoch, seed
+        self.rows = rows  # this process's trials (the others' stay 0), or None: all
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, index: int):
         epoch, batch = divmod(int(index), self.batches_per_epoch)
-        x, y, _, _ = dms_trials(self.cfg, self.batch_size, dms_batch_rng(self.seed, epoch, batch))
+        x, y, _, _ = dms_trials(self.cfg, self.batch_size, dms_batch_rng(self.seed, epoch, batch), self.rows)
         return x, y
 
 
@@ -178,12 +219,34 @@ class EpochSampler:
 
 def worker_loader(dataset, n_workers: int, **kwargs):
     """A torch DataLoader whose workers are spawned, not forked: a fork of a process running JAX's
-    threads can deadlock."""
-    import torch.utils.data
+    threads can deadlock. Without torch and with no workers (--n_data_worker 0), the same items read in
+    this process (InProcessLoader): a machine with jax alone runs the DMS task."""
+    try:
+        import torch.utils.data
+    except ImportError:
+        if n_workers == 0 and kwargs.get('batch_size', 1) is None:
+            return InProcessLoader(dataset, kwargs.get('sampler'), kwargs.get('collate_fn'))
+        raise
     if n_workers > 0:
         kwargs.update(num_workers=n_workers, multiprocessing_context='spawn', persistent_workers=True,
                       prefetch_factor=2)
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+class InProcessLoader:
+    """Items dataset[i] for i of the sampler (else 0 .. len - 1), collate_fn applied: what a torch
+    DataLoader with batch_size=None and no workers yields, without torch."""
+
+    def __init__(self, dataset, sampler=None, collate_fn=None):
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
+
+    def __len__(self):
+        return len(self.sampler if self.sampler is not None else self.dataset)
+
+    def __iter__(self):
+        for i in (self.sampler if self.sampler is not None else range(len(self.dataset))):
+            item = self.dataset[i]
+            yield self.collate_fn(item) if self.collate_fn else item
 
 
 class AsNumpy:
@@ -200,10 +263,12 @@ class AsNumpy:
             yield np.asarray(x), np.asarray(y)
 
 
-def dms_train_loader(cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int, n_workers: int):
-    """Returns train_batches(epoch) -> iterable of numpy (xs uint8 (T, B, n_in), labels (B,))."""
+def dms_train_loader(cfg: DMSConfig, batch_size: int, batches_per_epoch: int, seed: int, n_workers: int,
+                     rows: slice = None):
+    """Returns train_batches(epoch) -> iterable of numpy (xs uint8 (T, B, n_in), labels (B,)); with `rows`
+    only those trials' spikes are generated (the part of the batch this process's devices hold)."""
     sampler = EpochSampler(batches_per_epoch)
-    loader = worker_loader(DMSBatches(cfg, batch_size, batches_per_epoch, seed), n_workers,
+    loader = worker_loader(DMSBatches(cfg, batch_size, batches_per_epoch, seed, rows), n_workers,
                            batch_size=None, sampler=sampler)
 
     def train_batches(epoch: int):

@@ -199,6 +199,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
 
 
 def main(argv) -> int:
+    utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
     args = run_folder.parse_args(build_parser(), argv)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written

@@ -147,6 +147,9 @@ def build_parser():
                    help='treat a step whose compiled footprint (arguments incl. input, outputs, temporaries) '
                         'exceeds this as OOM without running it (emulates a smaller device)')
     p.add_argument('--seed', type=int, default=0, help='seed of the weights and of the input spikes')
+    p.add_argument('--input_on_device', action='store_true',
+                   help='draw the input spikes on the device (jax.random) instead of the host (numpy): an input '
+                        'of the paper size at T = 1000 is 16.8 GB of float32')
     p.add_argument('--no_plot', action='store_true', help='skip memory_and_time.png')
     p.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     p.add_argument('--_probe', default=None, help=argparse.SUPPRESS)
@@ -321,6 +324,36 @@ def analyse(cfg: dict) -> dict:
     return row
 
 
+def step_arguments(cfg: dict, trainer, device) -> tuple:
+    """(optimizer state, xs, labels, mask, ws) of one training step on the run's devices. The input spikes
+    (T, B, n_in) are drawn on the host (numpy), or with --input_on_device by jax.random.bernoulli on the
+    device itself (an input of the paper's size at T = 1000 is 16.8 GB of float32: never on the host)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    T, B, n_in = cfg['T'], cfg['batch_size'], cfg['n_in']
+    rng = np.random.default_rng(cfg['seed'] + 1)
+    if cfg.get('input_on_device'):
+        where = (trainer.placement.sharding(None, 'batch') if trainer.mesh is not None
+                 else jax.sharding.SingleDeviceSharding(device))
+        draw = jax.jit(lambda key: jax.random.bernoulli(key, cfg['density'], (T, B, n_in)).astype(jnp.float32),
+                       out_shardings=where)
+        xs = draw(jax.random.PRNGKey(cfg['seed'] + 1))
+    else:
+        xs = (rng.random((T, B, n_in), dtype=np.float32) < cfg['density']).astype(np.float32)
+    labels = rng.integers(0, cfg['n_out'], B).astype(np.int32)
+    mask = np.ones(B, np.float32)
+    ws = np.full(T, 1. / T, np.float32)
+    if trainer.mesh is None:
+        return (jax.device_put(trainer.opt_state, device), jax.device_put(xs, device),
+                *jax.device_put((labels, mask, ws), device))
+    if cfg.get('input_on_device'):  # several devices: the batch split across them, weights replicated
+        placement = trainer.placement
+        return (trainer.opt_state, xs, placement.put(labels, placement.sharding('batch')),
+                placement.put(mask, placement.sharding('batch')), placement.put(ws, placement.sharding()))
+    return (trainer.opt_state, *trainer.device_batch(xs, labels, mask, ws))
+
+
 def measure(cfg: dict) -> dict:
     """Build, compile and time one training step of `Trainer`; returns a result row."""
     if cfg.get('analysis_only'):
@@ -346,16 +379,7 @@ def measure(cfg: dict) -> dict:
     row['trace_chunk'] = min(trainer.trace_chunk, T)
     row['setup_s'] = time.perf_counter() - t0
 
-    rng = np.random.default_rng(cfg['seed'] + 1)
-    xs = (rng.random((T, B, cfg['n_in']), dtype=np.float32) < cfg['density']).astype(np.float32)
-    labels = rng.integers(0, cfg['n_out'], B).astype(np.int32)
-    mask = np.ones(B, np.float32)
-    ws = np.full(T, 1. / T, np.float32)
-    if trainer.mesh is None:
-        args = jax.device_put((trainer.opt_state, xs, labels, mask, ws), device)
-    else:  # several devices: the batch split across them, weights replicated (as Trainer.train_step)
-        args = (trainer.opt_state, *trainer.device_batch(xs, labels, mask, ws))
-    del xs
+    args = step_arguments(cfg, trainer, device)
     # the input spikes and per-step loss weights (per device: memory_analysis is per device)
     row['input_mb'] = (args[1].nbytes / len(devices) + args[4].nbytes) / MB
 
@@ -472,6 +496,7 @@ def resolve_config(args, platform: str) -> dict:
         cfg[key] = getattr(args, key)
     cfg.update(density=args.density, etrace_decay=args.etrace_decay, model=args.model, seed=args.seed,
                trace_chunks=args.trace_chunk, analysis_only=bool(args.analysis_only),
+               input_on_device=bool(args.input_on_device),
                devices=resolve_devices(args.devices, platform), timeout=args.timeout,
                memory_limit_mb=args.memory_limit_mb)
     return cfg

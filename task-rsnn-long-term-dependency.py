@@ -176,7 +176,7 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
           f'{models.count_params(model)} weights, {methods.title(args.method)} on {utils.devices_name(devices)}; run folder {run_dir}')
     train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
-                                              args.n_data_worker)
+                                              args.n_data_worker, rows=trainer.placement.local_rows())
     test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
     settings = train_loop.LoopSettings.from_args(args, acc_th=args.acc_th, smooth=args.acc_th_window)
     config = dict(vars(args), run_dir=run_dir, n_steps=cfg.n_steps, test_start=cfg.test_start,
@@ -218,6 +218,7 @@ def check_sizes(args):
 
 
 def main(argv) -> int:
+    utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
     args = run_folder.parse_args(build_parser(), argv, PRESETS)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     check_sizes(args)

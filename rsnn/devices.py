@@ -19,6 +19,18 @@ class Placement:
                 raise UserError(batch_error(batch_size, len(devices), devices_name(devices)))
             self.mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
 
+    def local_rows(self):
+        """The rows of the batch that this process's devices hold, as a slice, where that is a part of the
+        batch (several processes); None where this process holds it all."""
+        if self.mesh is None or jax.process_count() == 1:
+            return None
+        devices = list(self.mesh.devices.flat)
+        mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+        if mine != list(range(mine[0], mine[-1] + 1)):
+            return None  # not one run of rows: generate the whole batch
+        per = self.batch_size // len(devices)
+        return slice(mine[0] * per, (mine[-1] + 1) * per)
+
     def sharding(self, *spec):
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from rsnn import methods
 from rsnn.run_folder import GRAD_FIDELITY_FILE, write_grad_fidelity
+from utils import is_main_process
 
 
 class GradientCheck:
@@ -43,7 +44,8 @@ class GradientCheck:
         xs, labels = self.batch
         rows = [dict(r, epoch=epoch) for r in
                 grad_fidelity(self.trainer, np.asarray(xs), np.asarray(labels), self.step_weights)]
-        write_grad_fidelity(self.path, rows)
+        if is_main_process():  # a --distributed run: process 0 writes the folder
+            write_grad_fidelity(self.path, rows)
         worst = min(rows, key=lambda r: r['cosine'] if math.isfinite(r['cosine']) else 2.)
         print(f"gradient check, epoch {epoch}: cosine with BPTT {min(r['cosine'] for r in rows):.4f} "
               f"({worst['weight']}) to {max(r['cosine'] for r in rows):.4f}, norm ratio "

@@ -25,7 +25,8 @@ import numpy as np
 
 from datasets import DATASETS
 from rsnn import methods
-from utils import UserError, append_csv_row, json_value, read_csv, write_json
+from utils import (UserError, append_csv_row, distributed_started, is_main_process, json_value, read_csv,
+                   sync_processes, write_json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +65,24 @@ def prepare_run_dir(args) -> str:
     """The run folder, locked by this process until it ends. A fresh start refuses a folder that holds a
     run (resume it instead) or files this repository did not write; a run of ours stopped before its
     first checkpoint is started over: only its RUN_FILES and checkpoints/ are deleted."""
+    if distributed_started():
+        return prepare_shared_run_dir(args)
+    return prepare_own_run_dir(args)
+
+
+def prepare_shared_run_dir(args) -> str:
+    """A --distributed run: one folder for every process, named by --out_dir (or --resume); process 0
+    alone prepares, locks and writes it, the others wait until it has."""
+    run_dir = args.resume or args.out_dir
+    if not run_dir:
+        raise UserError('--distributed needs --out_dir: one run folder, on a file system every host reaches')
+    if is_main_process():
+        prepare_own_run_dir(args)
+    sync_processes('run folder prepared')
+    return run_dir
+
+
+def prepare_own_run_dir(args) -> str:
     run_dir = args.resume or args.out_dir or claim_default_run_dir(args)
     check_inside_results(args, run_dir)
     if not os.path.exists(run_dir):
@@ -279,7 +298,7 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
     saved = {}
     if run_dir:
         saved = args_from_checkpoint(run_dir, parser)
-        defaults.update({k: v for k, v in saved.items() if k in vars(args) and k != 'resume'})
+        defaults.update({k: v for k, v in saved.items() if k in vars(args) and k not in NOT_FROM_SAVED})
     if defaults:
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
@@ -291,6 +310,10 @@ def parse_args(parser: argparse.ArgumentParser, argv, presets: Optional[dict] = 
             args.resume, args.out_dir = None, run_dir  # over in place with its saved configuration
     return args
 
+
+# Flags a resume never takes from the saved config.json: how this start is launched, not what the run is
+# (a run trained with --distributed resumes on one process unless --distributed is given again).
+NOT_FROM_SAVED = {'resume', 'distributed'}
 
 # What a --resume may change: how long and where it trains (--stream_trials: a stream run goes on), how it shows progress, the learning-rate
 # schedule and the batching. Everything else (method, network, task, data, seed, optimizer) is part of
@@ -520,9 +543,11 @@ class Checkpoints:
         try:
             with quiet_orbax(), contextlib.redirect_stderr(held):
                 try:
+                    # one after the other, never sharing a barrier: on several processes, `last` and `best`
+                    # saving the same step at once stopped orbax with "Barrier _async_write_complete.1 is
+                    # already ongoing" (docs/devices.md, "Several hosts")
                     for m in managers:
                         m.save(epoch, args=args, force=True)
-                    for m in managers:
                         m.wait_until_finished()
                 except Exception as e:
                     if write_failure(e) is None:
@@ -620,6 +645,13 @@ class Checkpoints:
         """Move damaged steps to checkpoints/damaged/ (kept for inspection, never read again) and delete
         the steps newer than the restored one in last/ and best/ (this run's own files: their epochs are
         trained again)."""
+        if is_main_process():
+            self._set_aside(damaged, restored_step)
+        sync_processes('checkpoints set aside')
+        for manager in (self.last, self.best):
+            manager.reload()
+
+    def _set_aside(self, damaged: list, restored_step: int):
         import shutil
         root = os.path.dirname(str(self.last.directory))
         for step in damaged:
@@ -632,7 +664,6 @@ class Checkpoints:
             for step in manager.all_steps():
                 if step > restored_step and os.path.isdir(os.path.join(str(manager.directory), str(step))):
                     shutil.rmtree(os.path.join(str(manager.directory), str(step)))
-            manager.reload()
 
     def close(self):
         with quiet_orbax():  # after a failed write orbax logs each thread's traceback again: ours is one line
@@ -693,6 +724,38 @@ class RunLog:
 
     def write_summary(self, summary: dict):
         write_json(os.path.join(self.run_dir, 'summary.json'), summary)
+
+
+class OtherProcessRunLog(RunLog):
+    """The run log of a process other than 0 in a --distributed run: it writes nothing (process 0 writes
+    the folder) and reads back only the rows it was given, never the files process 0 is writing."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir)
+        self.rows = []
+
+    def write_config(self, config: dict):
+        pass
+
+    def read_metrics(self) -> list:
+        return list(self.rows)
+
+    def truncate_after(self, epoch: int):
+        pass
+
+    def append_batch(self, row: dict):
+        pass
+
+    def append(self, row: dict):
+        self.rows.append(dict(row))
+
+    def write_summary(self, summary: dict):
+        pass
+
+
+def run_log(run_dir: str) -> RunLog:
+    """The run log this process keeps: process 0 (or the only one) writes the folder."""
+    return RunLog(run_dir) if is_main_process() else OtherProcessRunLog(run_dir)
 
 
 def epoch_of(row: dict) -> Optional[int]:
@@ -791,11 +854,14 @@ def write_grad_fidelity(path: str, rows: list, append: bool = True):
 def state_checksum(state) -> Optional[str]:
     import jax
     """sha256 of every array of a checkpoint's state (dtype, shape and bytes, in tree order); None where an
-    array is not all on this host (a multi-host run: orbax checks its own files there)."""
+    array is split across hosts (orbax checks its own files there). A replicated array is read from this
+    host's copy: the checksum of a run on several hosts is the one a single process computes."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
+            if not leaf.is_fully_replicated:
+                return None
+            leaf = leaf.addressable_data(0)
         a = np.ascontiguousarray(np.asarray(leaf))
         digest.update(f'{a.dtype}{a.shape}'.encode())
         digest.update(a.tobytes())

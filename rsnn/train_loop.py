@@ -24,8 +24,8 @@ from tqdm import tqdm
 from rsnn import interrupts, methods
 from rsnn.grad_check import GradientCheck
 from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity, read_summary,
-                             values_finite, write_failure, write_failure_message, write_grad_fidelity)
-from utils import UserError, peak_rss_mb
+                             run_log, values_finite, write_failure, write_failure_message, write_grad_fidelity)
+from utils import UserError, is_main_process, peak_rss_mb
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def run(settings: LoopSettings, trainer, run_dir: str, source, config: dict) -> 
     """Train `source`'s updates period after period, evaluating after each; writes config.json, metrics.csv,
     batches.csv, learning_curves.png, checkpoints and summary.json into run_dir. Returns the summary."""
     interrupts.reassert()
-    log = RunLog(run_dir)
+    log = run_log(run_dir)  # process 0 alone writes the folder (a --distributed run)
     check = source.gradient_check(settings, run_dir)
     ckpt = None
     try:
@@ -134,7 +134,7 @@ def resume(ckpt: Checkpoints, trainer, log: RunLog, settings: LoopSettings, run_
     log.truncate_after(done)  # the rows of periods after the checkpoint are trained again
     fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
     kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
-    if kept or os.path.exists(fidelity_path):
+    if is_main_process() and (kept or os.path.exists(fidelity_path)):
         write_grad_fidelity(fidelity_path, kept, append=False)
     state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
                      recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.),
@@ -251,8 +251,8 @@ def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunStat
     """The learning curves and summary.json of a run that has stopped (also written by a resume that finds
     them missing)."""
     metrics = log.read_metrics()
-    plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'),
-                         source.figure_title(settings))
+    if is_main_process():
+        plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'), source.figure_title(settings))
     summary = source.summary(settings, metrics, state, progress, stopped, seconds, run_dir)
     if metrics and not math.isfinite(metrics[-1]['test_acc']):
         print('warning: test_acc is not a number (no test sample was evaluated); summary.json holds null',
