@@ -87,16 +87,20 @@ register(Method('bptt', 'BPTT', 'tab:red', 'rsnn.rules.bptt:BPTT',
 register(Method('diag', 'D-RTRL', 'tab:green', 'rsnn.rules.d_rtrl:DRTRL',
                 carries='the eligibility trace of each weight, per sample and state',
                 memory_order='O(B P S)', memory=_drtrl_memory, chunked=True,
-                note="brainscale's ParamDimVjpAlgorithm; exact for a diagonal hidden Jacobian"))
+                note="brainscale's ParamDimVjpAlgorithm; exact for a diagonal hidden Jacobian and a memoryless "
+                     "readout: drops the path through a leaky readout (0.14 of BPTT's norm on one LIF layer; "
+                     "--drtrl_readout_filter 1 adds it, 2x the layer traces)"))
 register(Method('expsm_diag', 'ES-D-RTRL', 'tab:blue', 'rsnn.rules.es_d_rtrl:ESDRTRL',
                 carries='an input trace per weight matrix input and an output trace per neuron and state',
                 memory_order='O(B (I + n S))', memory=_es_drtrl_memory, chunked=True,
-                note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay)"))
+                note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay); drops the "
+                     "path through a leaky readout as D-RTRL does"))
 
 
 def _eprop_memory(s: Sizes) -> float:
-    # D-RTRL's trace and its kappa-filtered copy for every layer weight; the readout's D-RTRL trace
-    return float(s.batch * (sum(2 * S * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
+    # per layer weight and sample the eligibility vector (S floats) and the filtered trace e~ (1 float);
+    # the readout's D-RTRL trace
+    return float(s.batch * (sum((S + 1) * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
                             + s.readout[1]))
 
 
@@ -111,10 +115,12 @@ def _uoro_memory(s: Sizes) -> float:
 
 
 register(Method('eprop', 'e-prop', 'tab:orange', 'rsnn.rules.eprop:EProp',
-                carries="D-RTRL's trace of each weight and its kappa-filtered copy, per sample and state",
-                memory_order='O(2 B P S)', several_devices=False, memory=_eprop_memory, chunked=True,
-                note='Bellec et al. 2020; same-step readout error, symmetric or random feedback '
-                     '(--eprop_kappa, --eprop_feedback)'))
+                carries='the eligibility vector of each weight (per sample and state) and its filtered '
+                        'eligibility trace (per sample)',
+                memory_order='O(B P (S + 1))', several_devices=False, memory=_eprop_memory, chunked=True,
+                note='Bellec et al. 2020: psi inside the kappa filter, same-step readout error, symmetric or '
+                     'random feedback (--eprop_kappa, --eprop_feedback); = BPTT for one layer without '
+                     'recurrent weights'))
 register(Method('ottt', 'OTTT', 'tab:purple', 'rsnn.rules.ottt:OTTT',
                 carries='the presynaptic trace of each weight matrix input',
                 memory_order='O(B I)', several_devices=False, memory=_ottt_memory, chunked=True,

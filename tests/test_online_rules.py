@@ -1,7 +1,8 @@
 """The online rules e-prop, OTTT, SnAp-1 and UORO (rsnn/rules/eprop.py, ottt.py, snap1.py, uoro.py) where
 theory gives an exact answer, every gradient over a finite window (T steps from zero states):
 
-- e-prop with kappa = 0 and symmetric feedback is D-RTRL (brainscale's, step by step) for one recurrent layer;
+- e-prop with kappa = 0 and symmetric feedback is D-RTRL (brainscale's, step by step) on LIF and ALIF layers
+  (tests/test_rule_fidelity.py: e-prop = BPTT where Bellec's derivation says so);
 - OTTT is ES-D-RTRL with the output-side decay set to 0 (ES-D-RTRL's recursion written out step by step
   here with separate input and output decays, and checked against brainscale's ES-D-RTRL at equal decays);
 - SnAp-1 is D-RTRL where the recurrent weights' diagonal is 0, and is exact (BPTT's gradient of the layer)
@@ -67,10 +68,13 @@ def set_recurrent(model, fn):
 
 # -- e-prop ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kind', ['dms', 'lif-1'])
-def test_eprop_kappa_0_symmetric_is_drtrl_for_one_layer(kind):
-    model = (lambda: KINDS['dms']()) if kind == 'dms' else one_layer_lif
-    n_out = 2 if kind == 'dms' else 3
+@pytest.mark.parametrize('kind', ['alif-delta', 'lif-1'])
+def test_eprop_kappa_0_symmetric_is_drtrl(kind):
+    """Where brainscale's learning signal L_t is Lz_t psi_t (LIF and ALIF layers, here two ALIF layers with
+    recurrent weights): sum_t Lz_t (psi_t . eps_t) = sum_t L_t . eps_t. Not on the GIF and LIF-exp layers
+    (tests/test_rule_fidelity.py)."""
+    model = KINDS[kind] if kind in KINDS else one_layer_lif
+    n_out = 3
     g_ref = grads_of(make(model(), 'diag', 1), n_out)          # brainscale's D-RTRL, step by step
     for K in (1, 7):
         g = grads_of(make(model(), 'eprop', K, eprop_kappa=0., eprop_feedback='symmetric'), n_out)
