@@ -110,8 +110,11 @@ def _ottt_memory(s: Sizes) -> float:
 
 
 def _uoro_memory(s: Sizes) -> float:
-    # theta~ (one copy of every weight) and s~ (one copy of every state of the batch), plus a 2-word key
-    return float(s.weights + s.batch * (sum(S * n for _, n, S in s.layers) + s.readout[1]) + 2)
+    # the default estimate (--uoro_per_sample 0): theta~ (one copy of the layers' weights), s~ (one copy of every
+    # state of the batch), the readout's exact trace (its input and bias, per sample), plus a 2-word key
+    layer_weights = sum(n_x * n + n for n_x, n, _ in s.layers)
+    return float(layer_weights + s.batch * (sum(S * n for _, n, S in s.layers) + s.readout[1])
+                 + s.batch * (s.readout[0] + 1) + 2)
 
 
 register(Method('eprop', 'e-prop', 'tab:orange', 'rsnn.rules.eprop:EProp',
@@ -130,9 +133,13 @@ register(Method('snap1', 'SnAp-1', 'tab:brown', 'rsnn.rules.snap1:SnAp1',
                 memory_order='O(B P S)', several_devices=False, memory=_drtrl_memory, chunked=True,
                 note="Menick et al. 2021; D-RTRL plus each neuron's own recurrent weight in D"))
 register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
-                carries='a rank-1 estimate of the RTRL influence: one copy of the weights and of the states',
-                memory_order='O(P + B n S)', several_devices=False, memory=_uoro_memory, chunked=False,
-                note='Tallec & Ollivier 2018; unbiased, high variance; step by step (JVP + VJP per step)'))
+                carries="a rank-1 estimate of the layers' RTRL influence (one copy of their weights and of the "
+                        "states; --uoro_per_sample 1: one per sample) and the readout's exact trace",
+                memory_order='O(P + B n S); --uoro_per_sample 1: O(B P + B n S)', several_devices=False,
+                memory=_uoro_memory, chunked=False,
+                note='Tallec & Ollivier 2018; unbiased, high variance; the readout exact; step by step (JVP + VJP '
+                     'per step); default one estimate for the batch (O(P), UORO\'s point; per sample: O(B P), '
+                     'as D-RTRL with S = 1)'))
 
 
 FPTT_WINDOW = 100  # FPTT's default window on trials (--fptt_window, steps): the steps of one of its updates

@@ -65,3 +65,17 @@ def test_drtrl_misses_the_readout_path_and_the_filter_restores_most_of_it():
         assert tr.rule.algo is None and tr.rule.readout_filter == pytest.approx(tr.model.out.decay)
         filtered = fidelity(g_bptt, grads_of(tr, 3))
         assert 0.7 < filtered[key][1] < 1.1 and filtered[key][0] > plain[key][0], (K, filtered, plain)
+
+
+@pytest.mark.parametrize('per_sample', [0, 1])
+def test_uoro_readout_gradient_is_bptts(per_sample):
+    """The readout's weights keep their own exact trace: UORO's readout gradient is BPTT's (two layers, random
+    signs in the layers' estimate), while its layer gradients are a noisy estimate."""
+    from test_chunked_traces import KINDS
+    g_bptt = grads_of(make(KINDS['lif-delta'](), 'bptt'), 3)
+    g = grads_of(make(KINDS['lif-delta'](), 'uoro', 1, uoro_per_sample=per_sample), 3)
+    out = [k for k in g_bptt if k.startswith("['out")]
+    assert out
+    for k in out:
+        np.testing.assert_allclose(g[k], g_bptt[k], rtol=1e-5, atol=1e-7)
+    assert min(cosine(g_bptt[k], g[k]) for k in g_bptt if k not in out) < 0.99
