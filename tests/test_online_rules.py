@@ -289,3 +289,16 @@ def test_eprop_flags_reach_the_rule():
         make(KINDS['dms'](), 'eprop', 7, eprop_kappa=1.5)
     with pytest.raises(utils.UserError, match='step by step only'):
         make(KINDS['dms'](), 'uoro', 8)
+
+
+def test_drtrl_filter_and_uoro_per_sample_flags_reach_the_rules():
+    """--drtrl_readout_filter / --uoro_per_sample through utils.rule_options; off by default."""
+    import utils
+    parse = lambda *a: utils.rule_options(utils.base_parser('t', 'dms').parse_args(list(a)))
+    assert make(KINDS['lif-delta'](), 'diag', 1, **parse()).rule.readout_filter is None
+    tr = make(KINDS['lif-delta'](), 'diag', 1, **parse('--drtrl_readout_filter', '1'))
+    assert tr.rule.readout_filter == pytest.approx(tr.model.out.decay) and tr.rule.algo is None
+    assert tr.rule.traces[0].value[0].shape[-1] == 2            # e and e~ for the LIF layer's one state
+    assert not make(KINDS['lif-delta'](), 'uoro', 1, **parse()).rule.per_sample
+    tr = make(KINDS['lif-delta'](), 'uoro', 1, **parse('--uoro_per_sample', '1'))
+    assert tr.rule.per_sample and jax.tree.leaves(tr.rule.th.value)[0].shape[0] == B
