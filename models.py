@@ -206,6 +206,10 @@ class GIFExpLayer(brainstate.nn.Module):
         V = add('V', V)
         return {'V': V, 'g': g, 'I2': I2}, V
 
+    def output(self, h):
+        """The layer's output as a function of its new states h_t: V."""
+        return h['V']
+
 
 def credit_layout(rng, n_in: int, n_rec: int, tau_I2_max: float, w: np.ndarray, *, n_memory: int,
                   tau_memory: float, tau_fast_min: float, in_scale: float, rec_scale: float):
@@ -336,6 +340,10 @@ class RecurrentLIFLayer(brainstate.nn.Module):
             V = self.mem_decay * h['V'] * (1. - s_reset) + c
         new['V'] = add('V', V)
         return new, self.prev_spike(new)
+
+    def output(self, h):
+        """The layer's output as a function of its new states h_t (the spike; e-prop's psi is its derivative)."""
+        return self.prev_spike(h)
 
 
 class SpikingStack(brainstate.nn.Module):

@@ -152,6 +152,8 @@ def rule_options(args) -> dict:
     """The rules' own options (rsnn/rules/base.py RuleOptions.extra) from the parsed flags."""
     return dict(eprop_kappa=getattr(args, 'eprop_kappa', None),
                 eprop_feedback=getattr(args, 'eprop_feedback', None) or 'symmetric',
+                drtrl_readout_filter=int(getattr(args, 'drtrl_readout_filter', 0) or 0),
+                uoro_per_sample=int(getattr(args, 'uoro_per_sample', 0) or 0),
                 fptt_alpha=getattr(args, 'fptt_alpha', None), fptt_window=getattr(args, 'fptt_window', None),
                 seed=int(getattr(args, 'seed', 0) or 0))
 
@@ -181,6 +183,13 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     g.add_argument('--eprop_feedback', choices=('symmetric', 'random'), default='symmetric',
                    help="e-prop: the readout error reaches the neurons through the readout weight (symmetric) "
                         "or a fixed random matrix of its shape and scale (random)")
+    g.add_argument('--drtrl_readout_filter', type=int, choices=(0, 1), default=0,
+                   help="D-RTRL: 1 = low-pass filter each layer trace with the readout's decay, adding the path "
+                        "through the leaky readout that brainscale's D-RTRL drops (2x the layer traces; chunked "
+                        "path only); 0 = the paper's algorithm")
+    g.add_argument('--uoro_per_sample', type=int, choices=(0, 1), default=0,
+                   help='UORO: 1 = one rank-1 estimate per sample (one theta~ per sample: O(B P) memory, the '
+                        'variance averaged over the batch); 0 = one estimate for the whole batch (O(P))')
     g.add_argument('--fptt_alpha', type=nonneg_float, default=0.1,
                    help='FPTT: alpha of the dynamic regulariser (alpha/2)|theta - theta_bar|^2 - <theta, lambda> (0: plain windowed TBPTT)')
     g.add_argument('--fptt_window', type=positive_int, default=methods.FPTT_WINDOW, metavar='K',

@@ -87,16 +87,20 @@ register(Method('bptt', 'BPTT', 'tab:red', 'rsnn.rules.bptt:BPTT',
 register(Method('diag', 'D-RTRL', 'tab:green', 'rsnn.rules.d_rtrl:DRTRL',
                 carries='the eligibility trace of each weight, per sample and state',
                 memory_order='O(B P S)', memory=_drtrl_memory, chunked=True,
-                note="brainscale's ParamDimVjpAlgorithm; exact for a diagonal hidden Jacobian"))
+                note="brainscale's ParamDimVjpAlgorithm; exact for a diagonal hidden Jacobian and a memoryless "
+                     "readout: drops the path through a leaky readout (0.14 of BPTT's norm on one LIF layer; "
+                     "--drtrl_readout_filter 1 adds it, 2x the layer traces)"))
 register(Method('expsm_diag', 'ES-D-RTRL', 'tab:blue', 'rsnn.rules.es_d_rtrl:ESDRTRL',
                 carries='an input trace per weight matrix input and an output trace per neuron and state',
                 memory_order='O(B (I + n S))', memory=_es_drtrl_memory, chunked=True,
-                note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay)"))
+                note="brainscale's IODimVjpAlgorithm; rank-1, exponentially smoothed (--etrace_decay); drops the "
+                     "path through a leaky readout as D-RTRL does"))
 
 
 def _eprop_memory(s: Sizes) -> float:
-    # D-RTRL's trace and its kappa-filtered copy for every layer weight; the readout's D-RTRL trace
-    return float(s.batch * (sum(2 * S * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
+    # per layer weight and sample the eligibility vector (S floats) and the filtered trace e~ (1 float);
+    # the readout's D-RTRL trace
+    return float(s.batch * (sum((S + 1) * (n_x * n + n) for n_x, n, S in s.layers) + s.readout[0] * s.readout[1]
                             + s.readout[1]))
 
 
@@ -106,15 +110,20 @@ def _ottt_memory(s: Sizes) -> float:
 
 
 def _uoro_memory(s: Sizes) -> float:
-    # theta~ (one copy of every weight) and s~ (one copy of every state of the batch), plus a 2-word key
-    return float(s.weights + s.batch * (sum(S * n for _, n, S in s.layers) + s.readout[1]) + 2)
+    # the default estimate (--uoro_per_sample 0): theta~ (one copy of the layers' weights), s~ (one copy of every
+    # state of the batch), the readout's exact trace (its input and bias, per sample), plus a 2-word key
+    layer_weights = sum(n_x * n + n for n_x, n, _ in s.layers)
+    return float(layer_weights + s.batch * (sum(S * n for _, n, S in s.layers) + s.readout[1])
+                 + s.batch * (s.readout[0] + 1) + 2)
 
 
 register(Method('eprop', 'e-prop', 'tab:orange', 'rsnn.rules.eprop:EProp',
-                carries="D-RTRL's trace of each weight and its kappa-filtered copy, per sample and state",
-                memory_order='O(2 B P S)', several_devices=False, memory=_eprop_memory, chunked=True,
-                note='Bellec et al. 2020; same-step readout error, symmetric or random feedback '
-                     '(--eprop_kappa, --eprop_feedback)'))
+                carries='the eligibility vector of each weight (per sample and state) and its filtered '
+                        'eligibility trace (per sample)',
+                memory_order='O(B P (S + 1))', several_devices=False, memory=_eprop_memory, chunked=True,
+                note='Bellec et al. 2020: psi inside the kappa filter, same-step readout error, symmetric or '
+                     'random feedback (--eprop_kappa, --eprop_feedback); = BPTT for one layer without '
+                     'recurrent weights'))
 register(Method('ottt', 'OTTT', 'tab:purple', 'rsnn.rules.ottt:OTTT',
                 carries='the presynaptic trace of each weight matrix input',
                 memory_order='O(B I)', several_devices=False, memory=_ottt_memory, chunked=True,
@@ -124,9 +133,13 @@ register(Method('snap1', 'SnAp-1', 'tab:brown', 'rsnn.rules.snap1:SnAp1',
                 memory_order='O(B P S)', several_devices=False, memory=_drtrl_memory, chunked=True,
                 note="Menick et al. 2021; D-RTRL plus each neuron's own recurrent weight in D"))
 register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
-                carries='a rank-1 estimate of the RTRL influence: one copy of the weights and of the states',
-                memory_order='O(P + B n S)', several_devices=False, memory=_uoro_memory, chunked=False,
-                note='Tallec & Ollivier 2018; unbiased, high variance; step by step (JVP + VJP per step)'))
+                carries="a rank-1 estimate of the layers' RTRL influence (one copy of their weights and of the "
+                        "states; --uoro_per_sample 1: one per sample) and the readout's exact trace",
+                memory_order='O(P + B n S); --uoro_per_sample 1: O(B P + B n S)', several_devices=False,
+                memory=_uoro_memory, chunked=False,
+                note='Tallec & Ollivier 2018; unbiased, high variance; the readout exact; step by step (JVP + VJP '
+                     'per step); default one estimate for the batch (O(P), UORO\'s point; per sample: O(B P), '
+                     'as D-RTRL with S = 1)'))
 
 
 FPTT_WINDOW = 100  # FPTT's default window on trials (--fptt_window, steps): the steps of one of its updates

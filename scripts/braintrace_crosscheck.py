@@ -6,7 +6,8 @@ Two environments that cannot import each other, so two halves joined by one .npz
       (our environment: brainstate 0.2.3, brainscale 0.1.0) builds the tiny one-layer LIF network of
       models.py (lif-delta, soft reset with the reset spike detached, relu surrogate, leaky readout), draws
       the inputs and targets and saves every array of the network plus OUR gradients of one window (T steps
-      from zero states) for bptt, diag (D-RTRL), eprop (kappa = the readout's decay, and kappa = 0;
+      from zero states) for bptt, diag (D-RTRL; and with --drtrl_readout_filter 1, the pseudo-derivative
+      outside the kappa filter as braintrace's EProp), eprop (kappa = the readout's decay, and kappa = 0;
       symmetric feedback), snap1, uoro (the mean over --uoro_seeds seeds: one seed is noise), expsm_diag,
       and ES-D-RTRL's recursion with braintrace's warm-up correction (see below).
 
@@ -63,7 +64,7 @@ def split(layer_w, layer_b, out_w, out_b, n_in=N_IN):
 # our half (.venv)
 # ------------------------------------------------------------------------------------------------
 
-ALL_OURS = ('bptt', 'diag', 'eprop', 'eprop_k0', 'snap1', 'expsm_diag', 'expsm_diag_btcorr', 'uoro')
+ALL_OURS = ('bptt', 'diag', 'diag_filter', 'eprop', 'eprop_k0', 'snap1', 'expsm_diag', 'expsm_diag_btcorr', 'uoro')
 
 
 def es_braintrace_correction():
@@ -140,6 +141,8 @@ def export(path: str, uoro_seeds: int = 256, T_: int = T, rules=ALL_OURS):
     want = lambda r: r in rules
     if want('diag'):
         grads['diag'] = run('diag', 1)[1]                      # brainscale's ParamDimVjpAlgorithm step by step
+    if want('diag_filter'):   # the trace filtered with the readout decay, psi outside: braintrace's EProp's form
+        grads['diag_filter'] = run('diag', None, drtrl_readout_filter=1)[1]
     if want('eprop'):
         grads['eprop'] = run('eprop', None, eprop_kappa=float(out.decay), eprop_feedback='symmetric')[1]
     if want('eprop_k0'):
@@ -184,6 +187,7 @@ PAIRS = [
     ('diag', 'D_RTRL', {}),
     ('eprop', 'EProp', {'kappa_filter_decay': 'eprop_kappa', 'feedback': 'symmetric'}),
     ('eprop_k0', 'EProp', {'kappa_filter_decay': 0., 'feedback': 'symmetric'}),
+    ('diag_filter', 'EProp', {'kappa_filter_decay': 'eprop_kappa', 'feedback': 'symmetric'}),
     ('snap1', 'SnAp', {'n': 1}),
     ('snap1', 'OSTLRecurrent', {}),
     ('bptt', 'SnAp', {'n': 2}),       # saturated SnAp: full RTRL within each hidden group (UORO's target)
@@ -193,6 +197,7 @@ PAIRS = [
 ]
 LABELS = {
     'diag': 'D-RTRL', 'eprop': 'e-prop (kappa = readout decay)', 'eprop_k0': 'e-prop (kappa 0)',
+    'diag_filter': 'D-RTRL, --drtrl_readout_filter 1',
     'snap1': 'SnAp-1', 'bptt': 'BPTT', 'uoro': 'UORO (mean over seeds)', 'expsm_diag': 'ES-D-RTRL (decay 0.9)',
     'expsm_diag_btcorr': "ES-D-RTRL, braintrace's warm-up correction",
 }

@@ -1,13 +1,15 @@
 """The online rules e-prop, OTTT, SnAp-1 and UORO (rsnn/rules/eprop.py, ottt.py, snap1.py, uoro.py) where
 theory gives an exact answer, every gradient over a finite window (T steps from zero states):
 
-- e-prop with kappa = 0 and symmetric feedback is D-RTRL (brainscale's, step by step) for one recurrent layer;
+- e-prop with kappa = 0 and symmetric feedback is D-RTRL (brainscale's, step by step) on LIF and ALIF layers
+  (tests/test_rule_fidelity.py: e-prop = BPTT where Bellec's derivation says so);
 - OTTT is ES-D-RTRL with the output-side decay set to 0 (ES-D-RTRL's recursion written out step by step
   here with separate input and output decays, and checked against brainscale's ES-D-RTRL at equal decays);
 - SnAp-1 is D-RTRL where the recurrent weights' diagonal is 0, and is exact (BPTT's gradient of the layer)
   for one layer whose recurrent weight is diagonal with a memoryless readout, where D-RTRL is not;
 - UORO's average over many seeds approaches the exact full RTRL gradient of a tiny network (forward-mode
-  jax.jacfwd, which equals BPTT's) with a cosine that rises with the number of seeds;
+  jax.jacfwd, which equals BPTT's) with a cosine that rises with the number of seeds, for both estimates (the
+  batch's and --uoro_per_sample 1); its readout gradient is exact for every seed;
 - each chunked form (K = 7, T) equals its step-by-step form (K = 1 chunks).
 """
 import brainstate
@@ -67,10 +69,13 @@ def set_recurrent(model, fn):
 
 # -- e-prop ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kind', ['dms', 'lif-1'])
-def test_eprop_kappa_0_symmetric_is_drtrl_for_one_layer(kind):
-    model = (lambda: KINDS['dms']()) if kind == 'dms' else one_layer_lif
-    n_out = 2 if kind == 'dms' else 3
+@pytest.mark.parametrize('kind', ['alif-delta', 'lif-1'])
+def test_eprop_kappa_0_symmetric_is_drtrl(kind):
+    """Where brainscale's learning signal L_t is Lz_t psi_t (LIF and ALIF layers, here two ALIF layers with
+    recurrent weights): sum_t Lz_t (psi_t . eps_t) = sum_t L_t . eps_t. Not on the GIF and LIF-exp layers
+    (tests/test_rule_fidelity.py)."""
+    model = KINDS[kind] if kind in KINDS else one_layer_lif
+    n_out = 3
     g_ref = grads_of(make(model(), 'diag', 1), n_out)          # brainscale's D-RTRL, step by step
     for K in (1, 7):
         g = grads_of(make(model(), 'eprop', K, eprop_kappa=0., eprop_feedback='symmetric'), n_out)
@@ -202,10 +207,12 @@ def _with_extra(kind, method, K, extra):
 
 # -- UORO --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('per_sample', [0, 1])
 @pytest.mark.parametrize('kind', ['lif', 'dms'])
-def test_uoro_average_approaches_exact_rtrl(kind):
+def test_uoro_average_approaches_exact_rtrl(kind, per_sample):
     """Tiny network (4 inputs, 4 neurons, T 10, batch 2): the exact RTRL gradient (forward mode) equals BPTT's
-    (the trainer's); the mean of UORO's gradient over n seeds has a cosine to it that rises with n."""
+    (the trainer's); the mean of UORO's gradient of the layers' weights over n seeds has a cosine to it that
+    rises with n, for the batch's estimate and the per-sample one; the readout's is exact for every seed."""
     brainstate.environ.set(dt=1.)
     t_, b_, ni, nr = 10, 2, 4, 4
     if kind == 'lif':
@@ -213,7 +220,7 @@ def test_uoro_average_approaches_exact_rtrl(kind):
     else:
         m = models.DMSNet(ni, nr, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1., ff_scale=6.,
                           rec_scale=2., seed=4)
-    tr = Trainer(m, 'uoro', ni, b_, trace_chunk=1)
+    tr = Trainer(m, 'uoro', ni, b_, trace_chunk=1, rule_options={'uoro_per_sample': per_sample})
     rng = np.random.default_rng(0)
     xs = (rng.random((t_, b_, ni)) < 0.5).astype(np.float32)
     labels, ws = rng.integers(0, 2, b_).astype(np.int32), np.linspace(0.2, 1, t_).astype(np.float32)
@@ -229,13 +236,19 @@ def test_uoro_average_approaches_exact_rtrl(kind):
         for name in v:
             np.testing.assert_allclose(bptt[path_key(key)][name], v[name], rtol=1e-4, atol=1e-6)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    run = jax.jit(jax.vmap(lambda k: uoro.uoro_sequence(net, values, h0, zeros(h0), zeros(values), k,
-                                                        *args[1:])[0]))
+    s0, th0, ro0 = zeros(h0), tr.rule.zero_theta(), tr.rule.zero_readout_trace()
+    run = jax.jit(jax.vmap(lambda k: uoro.uoro_sequence(net, values, h0, s0, th0, ro0, k, *args[1:],
+                                                        per_sample=bool(per_sample))[0]))
     g = run(jax.random.split(jax.random.PRNGKey(1), 2048))
-    G = np.concatenate([np.asarray(l).reshape(2048, -1) for l in jax.tree.leaves(g)], 1)
-    e = np.concatenate([np.ravel(l) for l in jax.tree.leaves(exact)])
+    for name in exact['out']:
+        np.testing.assert_allclose(g['out'][name], np.broadcast_to(exact['out'][name], g['out'][name].shape),
+                                   rtol=1e-4, atol=1e-6)
+    G = np.concatenate([np.asarray(l).reshape(2048, -1) for l in jax.tree.leaves(g['layers'])], 1)
+    e = np.concatenate([np.ravel(l) for l in jax.tree.leaves(exact['layers'])])
     cos = {n: cosine(G[:n].mean(0), e) for n in (4, 64, 2048)}
-    assert cos[4] < cos[64] < cos[2048] and cos[2048] > 0.99, cos
+    # the DMS layer's estimate is noisier: 0.88-0.90 at 4096 seeds, 0.97-0.99 at 16384
+    # (scripts/uoro_seed_average.py)
+    assert cos[4] < cos[64] < cos[2048] and cos[2048] > (0.99 if kind == 'lif' else 0.8), cos
     # the rule through the trainer is the same function (one seed: the key state of the rule)
     assert np.all(np.isfinite(np.concatenate([np.ravel(v) for v in jax.tree.leaves(tr.gradients(xs, labels, ws))])))
 
@@ -258,7 +271,8 @@ def test_new_rules_in_the_table_with_formulas():
     assert methods.memory_floats('snap1', s) == drtrl
     assert drtrl < methods.memory_floats('eprop', s) < 2 * drtrl
     assert methods.memory_floats('ottt', s) < es
-    assert methods.memory_floats('uoro', s) == s.weights + B * (3 * N_REC + 2) + 2
+    layer_weights = (N_IN + N_REC) * N_REC + N_REC
+    assert methods.memory_floats('uoro', s) == layer_weights + B * (3 * N_REC + 2) + B * (N_REC + 1) + 2
     for name in ('eprop', 'ottt', 'snap1', 'uoro'):
         assert methods.get(name).online and methods.get(name).stream and not methods.get(name).several_devices
         assert methods.rule_class(name).__name__
@@ -275,3 +289,16 @@ def test_eprop_flags_reach_the_rule():
         make(KINDS['dms'](), 'eprop', 7, eprop_kappa=1.5)
     with pytest.raises(utils.UserError, match='step by step only'):
         make(KINDS['dms'](), 'uoro', 8)
+
+
+def test_drtrl_filter_and_uoro_per_sample_flags_reach_the_rules():
+    """--drtrl_readout_filter / --uoro_per_sample through utils.rule_options; off by default."""
+    import utils
+    parse = lambda *a: utils.rule_options(utils.base_parser('t', 'dms').parse_args(list(a)))
+    assert make(KINDS['lif-delta'](), 'diag', 1, **parse()).rule.readout_filter is None
+    tr = make(KINDS['lif-delta'](), 'diag', 1, **parse('--drtrl_readout_filter', '1'))
+    assert tr.rule.readout_filter == pytest.approx(tr.model.out.decay) and tr.rule.algo is None
+    assert tr.rule.traces[0].value[0].shape[-1] == 2            # e and e~ for the LIF layer's one state
+    assert not make(KINDS['lif-delta'](), 'uoro', 1, **parse()).rule.per_sample
+    tr = make(KINDS['lif-delta'](), 'uoro', 1, **parse('--uoro_per_sample', '1'))
+    assert tr.rule.per_sample and jax.tree.leaves(tr.rule.th.value)[0].shape[0] == B

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from rsnn import brainscale_adapter
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
-from utils import auto_trace_chunk
+from utils import UserError, auto_trace_chunk
 
 brainscale_adapter.ensure_adapted()  # before any brainscale algorithm is built
 
@@ -25,8 +25,11 @@ class BrainscaleOrChunkedRule(Rule):
     def __init__(self, model, params: dict, options: RuleOptions):
         super().__init__(model, params, options)
         self.trace_chunk = self.choose_chunk(model, options)
-        self.supports_step_hook = self.trace_chunk == 1
-        if self.trace_chunk == 1:
+        if self.chunked_only() and (options.vjp_time != 't' or options.several_devices or options.step_hook):
+            raise UserError(f'{self.chunked_only()} needs the chunked traces: --vjp_time t, one device and '
+                            '--stream_reset 0')
+        self.supports_step_hook = self.trace_chunk == 1 and not self.chunked_only()
+        if self.trace_chunk == 1 and not self.chunked_only():
             self.algo = self.brainscale_algorithm(model, options)
             self.algo.compile_graph(jnp.zeros((options.batch_size, options.n_in), jnp.float32))
         else:
@@ -36,6 +39,11 @@ class BrainscaleOrChunkedRule(Rule):
             zeros = jax.eval_shape(self.zero_traces) if options.extra.get('abstract_traces') else self.zero_traces()
             self.traces = [brainstate.ShortTermState(t) for t in zeros]
             self.t0 = brainstate.ShortTermState(jnp.zeros((), jnp.int32))
+
+    def chunked_only(self) -> str:
+        """The option (its flag) for which the rule runs its chunked update even at K = 1 (brainscale's
+        algorithm does not have it), or ''."""
+        return ''
 
     @staticmethod
     def chunk_refusal():

@@ -70,6 +70,10 @@ class LayerCell:
         each new state where brainscale adds its hidden perturbation (later uses see it)."""
         return self.layer.step(h, y, perturb)
 
+    def output(self, h):
+        """The output (spike, or V) as a function of the new states h_t."""
+        return self.layer.output(h)
+
 
 def network_cells(model):
     """(cells, readout input function) of a supported network, or None."""
@@ -119,6 +123,15 @@ def state_jacobians(cell, prevs, ys):
     return jnp.stack(columns, axis=-1), stacked(t, names)
 
 
+def output_derivatives(cell, hs):
+    """psi (K, B, J, S) = d o_t / d h_t[s] per neuron, o_t the layer's output read from its new states h_t
+    (e-prop's pseudo-derivative; for an ALIF neuron (psi_V, -beta psi_V), for the GIF layer (1, 0, 0))."""
+    names = cell.names
+    zeros = {n: jnp.zeros_like(hs[n]) for n in names}
+    cols = [jax.jvp(cell.output, (hs,), (dict(zeros, **{s: jnp.ones_like(hs[s])}),))[1] for s in names]
+    return jnp.stack(cols, axis=-1)
+
+
 def spike_derivatives(cell, prevs):
     """ds (K, B, J, S) = d s_{t-1} / d h_{t-1}[s] per neuron (the recurrent spike is element-wise in the states)."""
     names = cell.names
@@ -128,7 +141,7 @@ def spike_derivatives(cell, prevs):
 
 
 def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidden, xs, targets, objective,
-                              feedback=None, self_recurrence=False):
+                              feedback=None, self_recurrence=False, output_signals=False):
     """Forward over the chunk and the learning signals. `values`: {'layers': [{'weight', 'bias'}...],
     'out': {...}}; `weights`: prepared_weights(values); `hidden`: ([state dicts], readout r); targets: the
     chunk's slice of the update's targets (leading axis K). Returns (new hidden, relations, loss sum, weighted
@@ -139,7 +152,11 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
     feedback (n_out, n): the matrix that carries the readout error into the last layer's learning signal
     instead of the readout weight transposed (e-prop's random feedback); self_recurrence: each layer's
     relation also gets ds (K, B, J, S) = d s_{t-1} / d h_{t-1} (the recurrent spike's derivative by each
-    state) and w_self (J,) = the diagonal of its recurrent weight (SnAp-1's extra term of D)."""
+    state) and w_self (J,) = the diagonal of its recurrent weight (SnAp-1's extra term of D); output_signals:
+    each layer's relation also gets Lz (K, B, J) = d loss_t / d o_t, the step's error at the layer's output o_t,
+    and psi (K, B, J, S) = d o_t / d h_t (output_derivatives): e-prop's learning signal and pseudo-derivative.
+    L = Lz psi wherever no new state enters another new state within the step (LIF, ALIF); where one does
+    (the GIF layer's g and I2 into V, LIF-exp's I into V) brainscale's L also counts that path."""
     relations, states, layer_data = {}, [], []
     x = xs
     for cell, p, w, h0 in zip(cells, values['layers'], weights, hidden[0]):
@@ -163,6 +180,9 @@ def chunk_forward_and_signals(cells, readout_input, model, values, weights, hidd
         ct_y, signal = back(ct)
         D, df = state_jacobians(cell, prevs, ys)
         relations[i] = dict(x=jnp.concatenate([x_in, s_prev], axis=-1), D=D, df=df, L=stacked(signal, cell.names))
+        if output_signals:
+            hs = {n: jnp.concatenate([prevs[n][1:], states[i][n][None]], axis=0) for n in cell.names}  # h_t
+            relations[i]['Lz'], relations[i]['psi'] = ct, output_derivatives(cell, hs)
         if self_recurrence:
             relations[i]['ds'] = spike_derivatives(cell, prevs)
             relations[i]['w_self'] = jnp.diagonal(weights[i]['rec'])
@@ -239,7 +259,7 @@ def prepared_weights(values, n_in: int) -> list:
 
 
 def chunked_online_gradients(model, update, K: int, xs, targets, objective, traces, t0, keep_outputs=False,
-                             feedback=None, self_recurrence=False):
+                             feedback=None, self_recurrence=False, output_signals=False):
     """An online rule over xs (T, B, n_in), K steps per chunk, from the model's current states and the
     traces `traces` (one per relation: layers..., readout; zeros after a reset). `update(key, relation,
     trace, t0) -> (gradient dict, new trace)` is the rule's trace recursion and gradient read of one chunk
@@ -248,8 +268,8 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
 
     Returns ({param state: gradient}, summed loss, summed weighted readout (B, n_out), per-step readouts
     (T, B, n_out) or None, the traces after the last step, t0 + T); the model's hidden states are left at
-    their values after the last step (as brainscale's step does). feedback, self_recurrence: as in
-    chunk_forward_and_signals (other rules' extras; the defaults change nothing)."""
+    their values after the last step (as brainscale's step does). feedback, self_recurrence, output_signals:
+    as in chunk_forward_and_signals (other rules' extras; the defaults change nothing)."""
     cells, readout_input = network_cells(model)
     states = param_states(model, cells)
     values = {'layers': [s.value for s in states[:-1]], 'out': states[-1].value}
@@ -264,7 +284,7 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
         xs_c, tg_c = inp
         hidden, relations, loss_c, wout_c, outs_c = chunk_forward_and_signals(
             cells, readout_input, model, values, weights, hidden, xs_c.astype(jnp.float32), tg_c, objective,
-            feedback, self_recurrence)
+            feedback, self_recurrence, output_signals)
         new_traces, new_grads = [], []
         for key, trace, g in zip(keys, traces, grads):
             dg, trace = update(key, relations[key], trace, t)

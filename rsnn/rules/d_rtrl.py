@@ -1,6 +1,14 @@
 """D-RTRL (diagonal RTRL, the paper's parameter-dimension algorithm): one eligibility trace per weight, per sample and hidden state, e_t = D_t e_{t-1} + x_t df_t;
 the gradient sum_t L_t e_t. Memory O(B P S), constant in T.
 
+L_t is the loss of step t through the paths within step t only (brainscale's single-step learning signal), so
+the path by which a step's spikes reach later losses through a leaky readout (r_t = a r_{t-1} + ...) is not in
+it: on one LIF layer without recurrent weights D-RTRL's gradient has about 1 - a of BPTT's norm
+(tests/test_rule_fidelity.py). That is brainscale's algorithm as published, and the default. The option
+--drtrl_readout_filter 1 adds that path where it is cheap to: each layer trace is low-pass filtered with the
+readout's decay a, e~_t = a e~_{t-1} + e_t, and read as sum_t L_t e~_t (the layer traces doubled: O(2 B P S));
+it runs on the chunked path only (at --trace_chunk 1 its one-step chunks, not brainscale).
+
 Its step-by-step path is brainscale 0.1.0's `ParamDimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
 its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
 below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
@@ -17,7 +25,7 @@ from rsnn import brainscale_adapter, recurrence
 from rsnn.rules import chunks
 from rsnn.rules.base import RuleOptions
 from rsnn.rules.brainscale_or_chunked import BrainscaleOrChunkedRule
-from utils import VJP_METHODS
+from utils import VJP_METHODS, UserError
 
 
 
@@ -25,6 +33,18 @@ class DRTRL(BrainscaleOrChunkedRule):
     """D-RTRL: brainscale's ParamDimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
     repository's networks (rsnn/rules/chunks.py; the same gradient)."""
     auto_name = 'diag'
+
+    def __init__(self, model, params, options: RuleOptions):
+        self.readout_filter = None
+        if options.extra.get('drtrl_readout_filter'):
+            if not chunks.supports(model):
+                raise UserError('--drtrl_readout_filter 1 needs the chunked traces, which do not know '
+                                f'{type(model).__name__}; use --drtrl_readout_filter 0')
+            self.readout_filter = float(model.out.decay)
+        super().__init__(model, params, options)
+
+    def chunked_only(self) -> str:
+        return '--drtrl_readout_filter 1' if self.readout_filter is not None else ''
 
     @staticmethod
     def chunk_refusal():
@@ -38,10 +58,14 @@ class DRTRL(BrainscaleOrChunkedRule):
                                                vjp_method=VJP_METHODS[options.vjp_time])
 
     def zero_traces(self) -> list:
-        """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout)."""
+        """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout); with the readout filter the
+        layers' S is 2S (e and e~)."""
         B = self.options.batch_size
         out, seen = [], {}
-        for n_in, n_out, S in chunks.relation_shapes(self.model):
+        shapes = chunks.relation_shapes(self.model)
+        if self.readout_filter is not None:
+            shapes = [(n_in, n_out, 2 * S) for n_in, n_out, S in shapes[:-1]] + shapes[-1:]
+        for n_in, n_out, S in shapes:
             # Two relations of the same shape (layers 2 and 3) get +0 and -0: XLA merges equal constants, and
             # two loop carries that start from one zero buffer cost a copy of a whole trace. -0 and +0 give
             # the same sums, exactly.
@@ -49,9 +73,21 @@ class DRTRL(BrainscaleOrChunkedRule):
             out.append((jnp.full((B, n_in, n_out, S), -0. if n % 2 else 0., jnp.float32), jnp.zeros((B, n_out, S))))
         return out
 
-    @staticmethod
-    def chunk_update(key, rel, trace, t0):
+    def chunk_update(self, key, rel, trace, t0):
+        if self.readout_filter is not None and key != 'out':
+            return drtrl_chunk(filtered_relation(rel, self.readout_filter), trace)
         return drtrl_chunk(rel, trace)
+
+
+def filtered_relation(rel, a: float):
+    """The relation of (e, e~ = a e~ + e): D' = [[D, 0], [D, a I]], df' = (df, df), L' = (0, L)."""
+    D, df, L = rel['D'], rel['df'], rel['L']
+    S = D.shape[-1]
+    eye = a * jnp.broadcast_to(jnp.eye(S, dtype=D.dtype), D.shape)
+    top = jnp.concatenate([D, jnp.zeros_like(D)], axis=-1)
+    bottom = jnp.concatenate([D, eye], axis=-1)
+    return dict(x=rel['x'], D=jnp.concatenate([top, bottom], axis=-2), df=jnp.concatenate([df, df], axis=-1),
+                L=jnp.concatenate([jnp.zeros_like(L), L], axis=-1))
 
 
 def drtrl_chunk(rel, trace):

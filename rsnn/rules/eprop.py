@@ -1,18 +1,28 @@
-"""e-prop (Bellec et al. 2020, Nat. Commun. 11:3625): the D-RTRL eligibility trace e_t = D_t e_{t-1} +
-x_t df_t of each weight, low-pass filtered with kappa, e~_t = kappa e~_{t-1} + e_t, read against the
-same-step learning signal: grad = sum_t L_t e~_t. Memory O(2 B P S) (e and e~).
+"""e-prop (Bellec et al. 2020, Nat. Commun. 11:3625) as the paper writes it, per weight W_ji:
 
-The learning signal L_t is the readout error of step t carried back to the neurons within step t: through the
-readout weight (symmetric feedback, --eprop_feedback symmetric: for one recurrent layer exactly the signal D-RTRL
-uses) or through a fixed random matrix of the readout weight's shape and scale (--eprop_feedback random; the
-layers below the last one get it through the upper layers' weights, within the step, as D-RTRL's signal does).
-kappa (--eprop_kappa) defaults to the readout's decay: then e~ carries the path by which the step's spikes
-reach later readouts through the leaky readout (Bellec's derivation). With kappa = 0 and symmetric feedback
-e-prop is D-RTRL (tests/test_online_rules.py). The readout's own weights keep their exact D-RTRL trace
-(for a leaky readout it is the kappa-filtered input, Bellec's output-weight rule).
+    eps_t = D_t eps_{t-1} + x_t df_t          the eligibility vector: one component per state of neuron j
+                                              (D-RTRL's trace without the pseudo-derivative)
+    e_t   = psi_t . eps_t                     the eligibility trace: psi_t = d o_t / d h_t, the output's
+                                              derivative by the states (ALIF: (psi, -beta psi); GIF: (1, 0, 0))
+    e~_t  = kappa e~_{t-1} + e_t              the pseudo-derivative inside the low-pass filter
+    grad  = sum_t Lz_t e~_t                   Lz_t = the readout error of step t at the neuron's output
 
-Chunked: (e, e~) is one trace of 2S states per weight with the transition [[D_t, 0], [D_t, kappa]] and the input
-(df_t, df_t), read against (0, L_t): D-RTRL's chunk update (rsnn/rules/d_rtrl.py) on that augmented relation.
+Memory O(B P (S + 1)): eps (S floats) and e~ (1 float) per weight and sample.
+
+The learning signal Lz_t is the readout error of step t carried to the layer's output within step t: through
+the readout weight (symmetric feedback, --eprop_feedback symmetric) or a fixed random matrix of the readout
+weight's shape and scale (--eprop_feedback random); the layers below the last one get it through the upper
+layers' weights within the step. kappa (--eprop_kappa) defaults to the readout's decay: then e~ carries the
+path by which a step's spikes reach later readouts through the leaky readout, and for one layer without
+recurrent weights and with a detached reset e-prop is BPTT's gradient (tests/test_online_rules.py). With
+kappa = 0 and symmetric feedback it is D-RTRL wherever brainscale's learning signal is Lz_t psi_t (LIF, ALIF
+layers; not where a new state enters another within the step: the GIF and LIF-exp layers, where e-prop is the
+exact one of the two). The readout's own weights keep their exact D-RTRL trace (for a leaky readout: the
+kappa-filtered input, Bellec's output-weight rule).
+
+Chunked and step by step (K = 1 chunks) alike: (eps, e~) is one trace of S + 1 states per weight with the
+transition [[D_t, 0], [psi_t^T D_t, kappa]], the input (df_t, psi_t . df_t) and the signal (0, Lz_t): D-RTRL's
+chunk update (rsnn/rules/d_rtrl.py) on that augmented relation.
 """
 from __future__ import annotations
 
@@ -27,15 +37,17 @@ from utils import UserError
 FEEDBACKS = ('symmetric', 'random')
 
 
-def augmented(rel, kappa: float):
-    """The relation of (e, e~): D' = [[D, 0], [D, kappa I]], df' = (df, df), L' = (0, L)."""
-    D, df, L = rel['D'], rel['df'], rel['L']
+def bellec_relation(rel, kappa: float):
+    """The relation of (eps, e~): D' = [[D, 0], [psi^T D, kappa]], df' = (df, psi . df), L' = (0, Lz)."""
+    D, df, psi, Lz = rel['D'], rel['df'], rel['psi'], rel['Lz']
     S = D.shape[-1]
-    eye = kappa * jnp.broadcast_to(jnp.eye(S, dtype=D.dtype), D.shape)
-    top = jnp.concatenate([D, jnp.zeros_like(D)], axis=-1)
-    bottom = jnp.concatenate([D, eye], axis=-1)
-    return dict(x=rel['x'], D=jnp.concatenate([top, bottom], axis=-2), df=jnp.concatenate([df, df], axis=-1),
-                L=jnp.concatenate([jnp.zeros_like(L), L], axis=-1))
+    top = jnp.concatenate([D, jnp.zeros(D.shape[:-1] + (1,), D.dtype)], axis=-1)          # (..., S, S + 1)
+    psi_D = chunks.apply_transposed(D, psi)                                                # (..., S)
+    bottom = jnp.concatenate([psi_D, jnp.full(psi_D.shape[:-1] + (1,), kappa, D.dtype)], axis=-1)
+    D_aug = jnp.concatenate([top, bottom[..., None, :]], axis=-2)                          # (..., S + 1, S + 1)
+    df_aug = jnp.concatenate([df, jnp.sum(psi * df, axis=-1, keepdims=True)], axis=-1)
+    L_aug = jnp.concatenate([jnp.zeros(Lz.shape + (S,), Lz.dtype), Lz[..., None]], axis=-1)
+    return dict(x=rel['x'], D=D_aug, df=df_aug, L=L_aug)
 
 
 class EProp(ChunkedRule):
@@ -58,17 +70,21 @@ class EProp(ChunkedRule):
         super().__init__(model, params, options)
 
     def extra_kwargs(self) -> dict:
-        return {} if self.feedback is None else {'feedback': self.feedback}
+        out = {'output_signals': True}
+        if self.feedback is not None:
+            out['feedback'] = self.feedback
+        return out
 
     def zero_traces(self) -> list:
-        """(e_W (B, I, J, S'), e_b (B, J, S')) per relation; S' = 2S for the layers (e and e~), 1 for the readout."""
+        """(trace_W (B, I, J, S'), trace_b (B, J, S')) per relation; S' = S + 1 for the layers (eps and e~),
+        1 for the readout."""
         B = self.options.batch_size
         shapes = chunks.relation_shapes(self.model)
-        return [(jnp.zeros((B, n_in, n_out, S if i == len(shapes) - 1 else 2 * S)),
-                 jnp.zeros((B, n_out, S if i == len(shapes) - 1 else 2 * S)))
+        return [(jnp.zeros((B, n_in, n_out, S if i == len(shapes) - 1 else S + 1)),
+                 jnp.zeros((B, n_out, S if i == len(shapes) - 1 else S + 1)))
                 for i, (n_in, n_out, S) in enumerate(shapes)]
 
     def chunk_update(self, key, rel, trace, t0):
         if key == 'out':
             return drtrl_chunk(rel, trace)
-        return drtrl_chunk(augmented(rel, self.kappa), trace)
+        return drtrl_chunk(bellec_relation(rel, self.kappa), trace)

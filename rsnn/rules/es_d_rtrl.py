@@ -1,6 +1,12 @@
 """ES-D-RTRL (exponentially smoothed D-RTRL, the paper's input/output-dimension algorithm): an input trace x^ per weight matrix input and an output trace f^ per neuron and state,
 x^ <- a x^ + x, f^ <- a D f^ + (1 - a) df; the gradient ~ x^ (x) (f^ L). Memory O(B (I + n S)).
 
+As D-RTRL (rsnn/rules/d_rtrl.py) it reads only the same-step learning signal L_t, so the path by which a
+step's spikes reach later losses through a leaky readout is not in it: on one LIF layer without recurrent
+weights its layer gradient has 0.07 of BPTT's norm, and the readout's own weight, also a trace-carrying weight
+here, about 0.5 of its norm at decay 0.9 (scripts/rule_fidelity.py; docs/online-rules.md, "Fidelity").
+brainscale's algorithm as published; no option adds the path (a rank-1 trace has no cheap place for it).
+
 Its step-by-step path is brainscale 0.1.0's `IODimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
 its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
 below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
