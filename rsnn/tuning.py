@@ -132,10 +132,12 @@ def fail_stale(study: optuna.Study, grace_s: float) -> list:
 
 
 def work(study: optuna.Study, storage, objective: Callable, n_trials: int, *, grace_s: float = GRACE_S,
-         heartbeat_s: float = HEARTBEAT_S, poll_s: float = POLL_S, catch=(RuntimeError,), wait: bool = True) -> None:
+         heartbeat_s: float = HEARTBEAT_S, poll_s: float = POLL_S, catch=(RuntimeError,), wait: bool = True,
+         sample: bool = True) -> None:
     """Run trials of `study` until it holds n_trials finished ones (complete or pruned) and nothing queued or
     running: a worker with nothing left to start waits for the others' running trials (one of them may die
-    and be queued again); with wait=False it returns then instead (to start another study's trials). Several workers (processes, machines) may run this on one study; between two
+    and be queued again); with wait=False it returns then instead (to start another study's trials). With
+    sample=False it runs only queued trials (the final runs), and returns when none is queued or running. Several workers (processes, machines) may run this on one study; between two
     workers that start at the same moment the study can get one trial more than n_trials."""
     own_beat = not has_optuna_heartbeat(storage)
 
@@ -158,8 +160,8 @@ def work(study: optuna.Study, storage, objective: Callable, n_trials: int, *, gr
         waiting, running = count[TrialState.WAITING], count[TrialState.RUNNING]
         if done >= n_trials and not waiting and not running:
             return
-        if not waiting and done + running >= n_trials:
-            if not wait:
+        if not waiting and (done + running >= n_trials or not sample):
+            if not wait or not running:
                 return
             time.sleep(poll_s)
             continue

@@ -162,13 +162,23 @@ def final_objective(task, rule, cfg, args):
 def queue_finals(task, rule, cfg, storage, tune_study, worker):
     """The final runs' study of (task, rule): one queued trial per seed at the selected configuration (the best
     complete tuning trial), queued once."""
+    from optuna.trial import TrialState
+    from rsnn.benchmark_report import best_trial
     study = make_study(final_name(task, rule), storage, worker)
-    if not study.get_trials(deepcopy=False):
-        from rsnn.benchmark_report import best_trial
+    trials = study.get_trials(deepcopy=False)
+    if trials:  # the configuration chosen when the first seed was queued
+        config = trials[0].user_attrs['config']
+    else:
         best = best_trial(tune_study)
-        config = dict(best.params) if best else {}
-        for seed in range(cfg['seeds']):
-            study.enqueue_trial({'seed': seed}, user_attrs={'config': config}, skip_if_exists=True)
+        if best is None:  # every tuning trial failed: nothing to run (the table says so)
+            return study
+        config = dict(best.params)
+    # a queued trial holds its seed among Optuna's fixed parameters until it starts
+    live = {t.params.get('seed', t.system_attrs.get('fixed_params', {}).get('seed')) for t in trials
+            if t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)}
+    for seed in range(cfg['seeds']):  # a seed whose run failed is queued again (the next pass or command)
+        if seed not in live:
+            study.enqueue_trial({'seed': seed}, user_attrs={'config': config})
     return study
 
 
@@ -193,7 +203,8 @@ def run_worker(args, table, tasks, rules, worker: int):
         for task, rule in cells:
             cfg = table[task]
             study = queue_finals(task, rule, cfg, storage, make_study(tune_name(task, rule), storage, worker), worker)
-            tuning.work(study, storage, final_objective(task, rule, cfg, args), cfg['seeds'], wait=wait)
+            tuning.work(study, storage, final_objective(task, rule, cfg, args), cfg['seeds'], wait=wait,
+                        sample=False)
 
 
 def pin_to(core):
@@ -220,8 +231,7 @@ def start_workers(argv, jobs):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     p.add_argument('--out', default=None, help='the benchmark folder (default results/benchmark, with --tiny '
                                                'results/benchmark-tiny)')
     p.add_argument('--tiny', action='store_true', help='toy sizes (CI): 2 seeds, 2 rungs of 1-2 epochs')
@@ -230,17 +240,18 @@ def parse(argv):
                         'file (journal:PATH or PATH.journal) on a filesystem every worker sees (default '
                         'sqlite:///OUT/studies.db; SQLite is for one machine)')
     p.add_argument('--rules', default=None, help='comma-separated --method names (default: every rule; '
-                                                 'with --tiny bptt,expsm_diag,eprop); bptt is the reference')
+                                                 'with --tiny bptt,expsm_diag); bptt is the reference')
     p.add_argument('--tasks', default=None, help=f'comma-separated from {",".join(FULL)} (default: all; with '
-                                                 '--tiny dms,dms-stream)')
+                                                 '--tiny dms)')
     p.add_argument('--trials', type=int, default=None,
-                   help='tuning trials (complete or pruned) per study (default 16; with --tiny 3)')
+                   help='tuning trials (complete or pruned) per study (default 16; with --tiny 2)')
     p.add_argument('--seeds', type=int, default=None,
                    help="final runs' seeds per task (default the task's: 5 on the DMS trials, 3 elsewhere; 2 with --tiny)")
     p.add_argument('--pruner', choices=('median', 'halving', 'none'), default='median',
                    help="Optuna's MedianPruner (after 3 trials) or SuccessiveHalvingPruner on the validation accuracy "
                         'at each rung')
-    p.add_argument('--jobs', type=int, default=1, help='local workers, each pinned to its own CPU core')
+    p.add_argument('--jobs', type=int, default=1, help='local workers, each pinned to its own CPU core (default 1; '
+                                                       'make benchmark: JOBS, default 2)')
     p.add_argument('--worker', action='store_true', help='run one worker in this process (another machine, a SLURM '
                                                          'array task); it writes the outputs as far as they go')
     p.add_argument('--worker_index', type=int, default=int(os.environ.get('SLURM_ARRAY_TASK_ID', 0)),
@@ -256,9 +267,9 @@ def parse(argv):
     args.out = os.path.abspath(args.out or os.path.join(ROOT, 'results', 'benchmark-tiny' if args.tiny else 'benchmark'))
     args.storage = args.storage or f'sqlite:///{os.path.join(args.out, "studies.db")}'
     args.data_dir = args.data_dir or os.path.join(args.out, 'data')
-    args.trials = args.trials or (3 if args.tiny else 16)
-    rules = (args.rules or ('bptt,expsm_diag,eprop' if args.tiny else ','.join(methods.names()))).split(',')
-    tasks = (args.tasks or ('dms,dms-stream' if args.tiny else ','.join(FULL))).split(',')
+    args.trials = args.trials or (2 if args.tiny else 16)
+    rules = (args.rules or ('bptt,expsm_diag' if args.tiny else ','.join(methods.names()))).split(',')
+    tasks = (args.tasks or ('dms' if args.tiny else ','.join(FULL))).split(',')
     for r in rules:
         if r not in methods.names():
             p.error(f'unknown rule {r!r}; choose from {",".join(methods.names())}')
