@@ -160,6 +160,9 @@ def work(study: optuna.Study, storage, objective: Callable, n_trials: int, *, gr
         waiting, running = count[TrialState.WAITING], count[TrialState.RUNNING]
         if done >= n_trials and not waiting and not running:
             return
+        if count[TrialState.FAIL] > 2 * n_trials + 3:  # a run that crashes whatever its parameters
+            raise RuntimeError(f'study {study.study_name}: {count[TrialState.FAIL]} failed trials; see the run logs '
+                               f'beside their run folders')
         if not waiting and (done + running >= n_trials or not sample):
             if not wait or not running:
                 return

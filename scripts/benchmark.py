@@ -292,7 +292,11 @@ def main(argv=None) -> int:
         for task, rule in benchmark_cells(tasks, rules, table):
             make_study(tune_name(task, rule), storage, pruner=args.pruner, rungs=table[task]['rungs'])
         if args.worker or args.jobs == 1:
-            run_worker(args, table, tasks, rules, args.worker_index)
+            try:
+                run_worker(args, table, tasks, rules, args.worker_index)
+            except RuntimeError as e:  # a study whose runs crash whatever their parameters: one line
+                from utils import UserError
+                raise UserError(str(e))
         else:
             start_workers(argv, args.jobs)
     note = (f"{'TINY (toy sizes: the code path, no conclusions)' if args.tiny else 'Full size'}; {args.trials} tuning "
