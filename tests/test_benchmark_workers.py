@@ -70,3 +70,39 @@ def test_two_workers_one_killed_no_trial_twice_none_lost(tmp_path, kind):
     assert resumed_victim and resumed_victim[-1] >= 1
     epochs = [int(r.split(',')[0]) for r in lines(os.path.join(victim_dir, 'metrics.csv'))[1:]]
     assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+
+
+def test_final_runs_run_only_their_queued_seeds_and_a_failed_seed_is_queued_again():
+    """The final runs' study (scripts/benchmark.py queue_finals and tuning.work(sample=False)): one queued trial
+    per seed at the tuning study's best configuration, queued once; a seed whose run failed is not replaced by
+    a sampled seed but queued again by the next pass."""
+    import importlib.util
+    sys.path.insert(0, ROOT)
+    from rsnn import tuning
+    spec = importlib.util.spec_from_file_location('benchmark', os.path.join(ROOT, 'scripts', 'benchmark.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    storage = optuna.storages.InMemoryStorage()
+    tune = bench.make_study('tune/dms/bptt', storage)
+    for lr, value in ((1e-3, 0.6), (1e-2, 0.8), (3e-2, 0.7)):
+        tune.enqueue_trial({'lr': lr})
+        t = tune.ask({'lr': optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+        tune.tell(t, value)
+    cfg = dict(seeds=3)
+    final = bench.queue_finals('dms', 'bptt', cfg, storage, tune, 0)
+    bench.queue_finals('dms', 'bptt', cfg, storage, tune, 0)  # again: nothing more queued
+    assert len(final.get_trials()) == 3
+    ran = []
+
+    def objective(trial):
+        seed = trial.suggest_int('seed', 0, 10 ** 6)
+        ran.append((seed, trial.user_attrs['config']['lr']))
+        if seed == 1 and sum(s == 1 for s, _ in ran) == 1:
+            raise RuntimeError('the run crashed')
+        return float(seed)
+    tuning.work(final, storage, objective, 3, sample=False, poll_s=0.01)
+    assert sorted(ran) == [(0, 1e-2), (1, 1e-2), (2, 1e-2)]  # the best configuration; no sampled seed
+    bench.queue_finals('dms', 'bptt', cfg, storage, tune, 0)
+    tuning.work(final, storage, objective, 3, sample=False, poll_s=0.01)
+    done = sorted(t.params['seed'] for t in final.get_trials() if t.state == TrialState.COMPLETE)
+    assert done == [0, 1, 2] and len(ran) == 4
