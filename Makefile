@@ -81,3 +81,11 @@ braintrace-crosscheck: $(VENV)/.installed $(BT_VENV)/.installed
 	mkdir -p $(BT_OUT)
 	$(PY) scripts/braintrace_crosscheck.py --export $(BT_OUT)/export.npz
 	$(BT_VENV)/bin/python scripts/braintrace_crosscheck.py --braintrace $(BT_OUT)/export.npz --out $(BT_OUT)
+
+# Issue #34: every rule tuned on a validation split (Optuna, one study per task and rule), then final runs over
+# seeds at matched budgets, paired statistics against BPTT: results/benchmark/ (docs/benchmark.md). Resumable: run
+# it again after any stop. JOBS local workers, each pinned to a core; STORAGE: an Optuna RDB URL or a journal file
+# that several machines share. TINY=1: toy sizes (CI; results/benchmark-tiny/).
+.PHONY: benchmark
+benchmark: $(VENV)/.installed
+	$(PY) scripts/benchmark.py --jobs $(JOBS) $(if $(TINY),--tiny,)$(if $(STORAGE), --storage $(STORAGE),)

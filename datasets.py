@@ -172,9 +172,13 @@ def dms_batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, batch])
 
 
-def dms_test_set(cfg: DMSConfig, n_trials: int, batch_size: int, seed: int):
-    """A fixed held-out list of batches, drawn from a stream no training batch uses."""
-    rng = np.random.default_rng([seed, 2 ** 31 - 1])
+TEST_KEY, VALIDATION_KEY = 2 ** 31 - 1, 2 ** 31 - 3  # the generator keys of the held-out and validation sets
+
+
+def dms_test_set(cfg: DMSConfig, n_trials: int, batch_size: int, seed: int, key: int = TEST_KEY):
+    """A fixed held-out list of batches, drawn from a stream no training batch uses (key VALIDATION_KEY: the
+    validation set of --validation, from a stream that neither the training batches nor the test set use)."""
+    rng = np.random.default_rng([seed, key])
     batches = []
     for start in range(0, n_trials, batch_size):
         x, y, _, _ = dms_trials(cfg, min(batch_size, n_trials - start), rng)

@@ -54,6 +54,10 @@ def build_parser():
                    help='drop the last short training batch (otherwise it is padded and masked)')
     g.add_argument('--batches_per_epoch', type=utils.positive_int, default=None,
                    help='cap on training batches per epoch (None = the whole training split)')
+    g.add_argument('--validation', type=utils.nonneg_int, default=0, metavar='N',
+                   help='hold N training samples apart (the same N for every seed and rule: rsnn/validation.py) '
+                        'and evaluate on them at every evaluation: val_loss, val_acc in metrics.csv (what '
+                        'scripts/benchmark.py tunes on); the training set is the rest; 0 = none')
     g.add_argument('--eval_batches', type=utils.positive_int, default=None,
                    help='cap on test batches per evaluation (None = the whole test split)')
     g = p.add_argument_group('network')
@@ -156,6 +160,15 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
     ws = step_weights(args.data_length, args.warmup_ratio) if ws is None else ws
     warm = len(ws) - int(np.count_nonzero(ws))  # the steps without loss
     info, splits = framed if framed is not None else frame_data(args, data)
+    val_batches = None
+    if args.validation:
+        from rsnn import validation
+        try:
+            splits[0], val_split = validation.hold_apart(splits[0], args.validation)
+        except ValueError as e:
+            raise utils.UserError(str(e))
+        _, val_batches = event_data.event_loaders(splits[0], val_split, batch_size=args.batch_size, seed=args.seed,
+                                                  n_workers=args.n_data_worker)
     train_batches, test_batches = event_data.event_loaders(
         *splits, batch_size=args.batch_size, seed=args.seed, n_workers=args.n_data_worker,
         drop_last=bool(args.drop_last), batches_per_epoch=args.batches_per_epoch, eval_batches=args.eval_batches)
@@ -193,7 +206,7 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
                   device=utils.devices_name(devices), n_devices=len(devices), ff_factors=ff_factors,
                   init_rates=init_rates, trace_chunk_used=trainer.trace_chunk)
     summary = train_loop.fit(train_loop.LoopSettings.from_args(args), trainer, run_dir, train_batches, test_batches,
-                             ws, config)
+                             ws, config, validation_batches=val_batches)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 
@@ -208,6 +221,9 @@ def main(argv) -> int:
                          'one batch of float32 event frames (and its copy on the device)')])
     utils.check_batch_for_devices(args.batch_size, args.devices)
     framed = frame_data(args)  # a missing or damaged dataset fails before the run folder exists
+    if args.validation and args.validation >= len(framed[1][0]):
+        raise utils.UserError(f'--validation {args.validation}: the training split has {len(framed[1][0])} samples; '
+                              f'hold apart fewer')
     run_dir = run_folder.prepare_run_dir(args)  # locked: another process cannot write it until this one ends
     try:
         summary = train_and_evaluate(args, run_dir, ws=ws, framed=framed)

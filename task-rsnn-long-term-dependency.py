@@ -60,6 +60,11 @@ def build_parser():
                    help='freshly generated training batches per epoch')
     g.add_argument('--n_test_trials', type=utils.positive_int, default=512,
                    help='size of the fixed held-out set of trials for test accuracy')
+    g.add_argument('--validation', type=utils.nonneg_int, default=0, metavar='N',
+                   help='also evaluate on N validation trials (on a stream: N / --batch_size trials per stream) '
+                        'drawn from a generator key that neither the training trials nor the held-out ones use, '
+                        'at every evaluation: val_loss, val_acc in metrics.csv (what scripts/benchmark.py tunes '
+                        'on); 0 = none')
     g.add_argument('--acc_th', type=utils.finite_float, default=0.95,
                    help='stop when the training accuracy averaged over the last --acc_th_window batches '
                         'reaches this')
@@ -182,7 +187,10 @@ def train_and_evaluate(args, run_dir: str) -> dict:
     config = dict(vars(args), run_dir=run_dir, n_steps=cfg.n_steps, test_start=cfg.test_start,
                   n_params=models.count_params(model), device=utils.devices_name(devices), n_devices=len(devices),
                   trace_chunk_used=trainer.trace_chunk)
-    summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config)
+    val_set = datasets.dms_test_set(cfg, args.validation, args.batch_size, args.seed,
+                                    key=datasets.VALIDATION_KEY) if args.validation else None
+    summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config,
+                             validation_batches=(lambda: val_set) if val_set else None)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
 
@@ -212,6 +220,7 @@ def check_sizes(args):
     per_trial = cfg.n_steps * cfg.n_input  # uint8 spikes; generating them takes two float32 arrays more
     utils.check_memory([
         ('--n_test_trials', args.n_test_trials, args.n_test_trials * per_trial, 'the held-out trials'),
+        ('--validation', args.validation, args.validation * per_trial, 'the validation trials'),
         ('--batch_size', args.batch_size, args.batch_size * per_trial * 9 * (1 + 2 * args.n_data_worker),
          'generating one batch of trials'),
     ])

@@ -28,14 +28,26 @@ def run_folder_state(run_dir: str) -> str:
     return 'new'
 
 
-def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> dict:
+def die_with_parent():
+    """For Popen(preexec_fn=...): the child gets SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG;
+    nothing elsewhere), so a killed benchmark worker leaves no run behind that holds its run folder's lock."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str, preexec_fn=None) -> dict:
     """Run `script argv` (its output appended to log_path), wait for it, and return the summary.json it
-    wrote into run_dir with the child's peak RSS ('peak_rss_mb', from wait4) added."""
+    wrote into run_dir with the child's peak RSS ('peak_rss_mb', from wait4) added. preexec_fn: Popen's
+    (die_with_parent: the child dies with this process)."""
     cmd = [sys.executable, script] + argv
     sys.stdout.write('$ ' + ' '.join(shlex.quote(c) for c in cmd[1:]) + '\n')  # one write: runs side by side
     sys.stdout.flush()                                                          # do not interleave their lines
     with open(log_path, 'a') as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, preexec_fn=preexec_fn)
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -48,7 +60,7 @@ def run_task(script: str, argv: list, run_dir: str, log_path: str, cwd: str) -> 
 
 
 
-def run_or_resume(script: str, flags: list, run_dir: str, log_path: str, cwd: str) -> dict:
+def run_or_resume(script: str, flags: list, run_dir: str, log_path: str, cwd: str, preexec_fn=None) -> dict:
     """One run of `script flags` in run_dir: a finished folder's summary as it is, an interrupted one resumed
     (`--resume run_dir`), a new one started. The summary gets 'command', the command that made the run (the
     flags as given, never the resume line), and is written back. A run stopped at a non-finite value
@@ -58,7 +70,7 @@ def run_or_resume(script: str, flags: list, run_dir: str, log_path: str, cwd: st
         return run_folder.read_summary(run_dir)
     argv = ['--resume', run_dir, '--no_progress'] if state == 'interrupted' else list(flags) + ['--out_dir', run_dir]
     try:
-        summary = run_task(script, argv, run_dir, log_path, cwd)
+        summary = run_task(script, argv, run_dir, log_path, cwd, preexec_fn)
     except RuntimeError:
         # a run stopped by a non-finite loss or weight exits 1 after writing its summary: a result, not a crash
         summary = run_folder.read_summary(run_dir)

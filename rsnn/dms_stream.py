@@ -21,6 +21,7 @@ import datasets
 
 TRAIN_SALT = 1
 HELD_OUT_SALT = 2 ** 31 - 2
+VALIDATION_SALT = 2 ** 31 - 3  # --validation: a third stream, disjoint from the training and held-out ones
 PHASE_TRIAL = 2 ** 31 - 1  # the trial index whose rng draws a stream's initial phase
 
 

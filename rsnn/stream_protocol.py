@@ -102,6 +102,10 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
                                        check_grad_every=int(bool(getattr(args, 'check_grad', False)
                                                                  or getattr(args, 'check_grad_every', None))))
     source = StreamSource(args, trainer, train, held_out, n_chunks, n_test, args.eval_every_trials * period)
+    if getattr(args, 'validation', 0):  # a third stream, its own generator key: val_loss, val_acc in metrics.csv
+        source.validation = (dms_stream.DMSStream(cfg, args.batch_size, cfg.steps(EVAL_CHUNK_MS), args.seed,
+                                                  dms_stream.parse_iti(args.t_iti), salt=dms_stream.VALIDATION_SALT),
+                             int(np.ceil(args.validation / args.batch_size)))
     return train_loop.run(settings, trainer, run_dir, source, config)
 
 
@@ -141,6 +145,7 @@ class StreamSource:
     period_name = 'evaluation'
     default_stop = 'stream_trials'
     stops_at_acc_th = False
+    validation = None  # (the validation DMSStream, trials per stream): val_loss, val_acc in each evaluation row
 
     def __init__(self, args, trainer, train, held_out, n_chunks: int, n_test: int, eval_steps: float):
         self.args, self.trainer, self.train_stream, self.held_out = args, trainer, train, held_out
@@ -189,11 +194,15 @@ class StreamSource:
         self.trainer.pop_eval_rates()
         test_loss, test_acc, _ = evaluate_stream(self.trainer, self.held_out, self.n_test)
         rates = self.trainer.pop_eval_rates()
+        if self.validation is not None:
+            val_loss, val_acc, _ = evaluate_stream(self.trainer, *self.validation)
+            self.trainer.pop_eval_rates()  # the firing rates of the row are the held-out stream's
         self.periods_done = epoch
         row = dict(epoch=epoch, batches=k, stream_s=k * U * train.cfg.dt / 1000.,
                    trials_per_stream=k * U / train.mean_period_steps(), trials=self.trials_done,
                    train_loss=sum(ep.losses) / max(len(ep.losses), 1), train_acc=sum(ep.accs) / max(len(ep.accs), 1),
                    test_loss=test_loss, test_acc=test_acc,
+                   **(dict(val_loss=val_loss, val_acc=val_acc) if self.validation is not None else {}),
                    grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'), seconds=total,
                    step_s_per_batch=ep.step_s_per_batch())
         row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U

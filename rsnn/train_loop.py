@@ -267,11 +267,15 @@ def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunStat
 
 
 def fit(settings: LoopSettings, trainer, run_dir: str, train_batches: Callable[[int], Iterable],
-        test_batches: Callable[[], Iterable], step_weights, config: dict) -> dict:
+        test_batches: Callable[[], Iterable], step_weights, config: dict,
+        validation_batches: Optional[Callable[[], Iterable]] = None) -> dict:
     """Train on trials, evaluating after every epoch; train_batches(epoch) yields (xs, labels) numpy batches,
-    test_batches() the held-out ones. `config` is written to config.json (a later --resume reads it).
-    Returns the summary (also written to summary.json)."""
-    return run(settings, trainer, run_dir, TrialSource(trainer, train_batches, test_batches, step_weights), config)
+    test_batches() the held-out ones, validation_batches() (optional, --validation) a validation set whose
+    loss and accuracy go into metrics.csv as val_loss, val_acc. `config` is written to config.json (a later
+    --resume reads it). Returns the summary (also written to summary.json)."""
+    source = TrialSource(trainer, train_batches, test_batches, step_weights)
+    source.validation_batches = validation_batches
+    return run(settings, trainer, run_dir, source, config)
 
 
 class TrialSource:
@@ -279,6 +283,7 @@ class TrialSource:
     period_name = 'epoch'
     default_stop = 'epochs'
     stops_at_acc_th = True
+    validation_batches = None  # fit(validation_batches=...): val_loss, val_acc in each evaluation row
 
     def __init__(self, trainer, train_batches, test_batches, step_weights):
         self.trainer, self.train_batches, self.test_batches = trainer, train_batches, test_batches
@@ -314,6 +319,9 @@ class TrialSource:
     # -- evaluation and checkpoints
     def evaluation_row(self, epoch: int, ep: EpochStats, progress: Progress, seconds: float, total: float) -> dict:
         row = epoch_row(self.trainer, self.test_batches, self.step_weights, epoch, ep, progress, seconds)
+        if self.validation_batches is not None:
+            row['val_loss'], row['val_acc'] = evaluate(self.trainer, self.validation_batches(), self.step_weights)
+            self.trainer.pop_eval_rates()  # the firing rates of the row are the test set's
         if self.per_batch:
             row['updates'] = row['batches'] * self.per_batch
         return row
