@@ -168,7 +168,8 @@ class Trainer:
         """Every state, weight and optimizer leaf as a committed, strongly typed jax array: the form a
         compiled update returns them in, so that the second update (of trials or of a stream) does not
         compile the step again."""
-        strong = lambda v: jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v
+        strong = lambda v: v if isinstance(v, jax.ShapeDtypeStruct) else (  # an abstract state (the memory analysis)
+            jnp.array(v, dtype=jnp.asarray(v).dtype) if hasattr(v, 'dtype') or isinstance(v, (int, float)) else v)
         for s in list(self.params.values()) + self.sample_states() + list(self.rule.optimizer_states().values()):
             s.value = jax.tree.map(strong, s.value)
         self.opt_state = jax.tree.map(strong, self.opt_state)
