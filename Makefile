@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo reproduce-dms reproduce-stream reproduce-credit test test-all clean-results
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
 # The paper's DMS task (1000 ms delay) with ES-D-RTRL at batch 32 on the CPU; results in results/dms/cpu-demo/.

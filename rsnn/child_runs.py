@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import sys
 
-import utils
+from rsnn.files import write_json
 
 from rsnn import run_folder
 
@@ -77,7 +77,7 @@ def run_or_resume(script: str, flags: list, run_dir: str, log_path: str, cwd: st
         if not summary or summary.get('stopped_because') != 'nan':
             raise
     summary['command'] = f'python {os.path.basename(script)} ' + ' '.join(shlex.quote(c) for c in flags)
-    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
+    write_json(os.path.join(run_dir, 'summary.json'), summary)
     return summary
 
 # What ended a child process: the memory command's workers

@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from utils import UserError, batch_error, devices_name
+from rsnn.device_choice import batch_error, devices_name
+from rsnn.errors import UserError
 
 
 class Placement:

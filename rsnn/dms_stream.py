@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-import datasets
+from rsnn import datasets
 
 TRAIN_SALT = 1
 HELD_OUT_SALT = 2 ** 31 - 2

@@ -12,11 +12,11 @@ from typing import Optional
 
 import numpy as np
 
-from datasets import worker_loader
+from rsnn.datasets import worker_loader
 # the datasets as tonic reads them (re-exported: event_data is where the scripts and tests find them)
 from rsnn.tonic_data import (EVENT_DATASETS, SYNTHETIC_MARKER, EventDataset, event_dataset, is_synthetic,  # noqa: F401
                         missing_data_message, open_tonic_dataset, tonic_files_present)
-from utils import UserError
+from rsnn.errors import UserError
 
 # The events are read by tonic's own classes (`tonic.datasets.NMNIST(first_saccade_only=True)`,
 # `tonic.datasets.SHD`) and framed by `tonic.transforms.ToFrame(sensor_size, n_time_bins=T)`. Framing

@@ -11,7 +11,7 @@ import numpy as np
 
 from rsnn import methods
 from rsnn.run_folder import GRAD_FIDELITY_FILE, write_grad_fidelity
-from utils import is_main_process
+from rsnn.distributed import is_main_process
 
 
 class GradientCheck:

@@ -12,7 +12,7 @@ as "Exception ignored in ..." and lost, and the run trains on. Here:
   compile, where no Python handler can run), ends the process at once (os._exit) with one line:
   checkpoints are written to a temporary folder and renamed when complete, so this is as safe as kill -9.
 
-`install(describe)` is called once by the command-line entry (utils.cli_main): tests that call a script's
+`install(describe)` is called once by the command-line entry (rsnn.cli.cli_main): tests that call a script's
 main() in-process keep Python's default KeyboardInterrupt. No jax here.
 """
 from __future__ import annotations

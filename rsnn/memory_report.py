@@ -8,7 +8,7 @@ import csv
 import json
 import os
 
-import utils
+
 from rsnn import methods
 
 

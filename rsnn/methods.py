@@ -142,6 +142,9 @@ register(Method('uoro', 'UORO', 'tab:gray', 'rsnn.rules.uoro:UORO',
                      'as D-RTRL with S = 1)'))
 
 
+# --vjp_time: the VJP of the online rules' hidden-state Jacobians, as brainscale names it.
+VJP_METHODS = {'t': 'single-step', 't_minus_1': 'multi-step'}
+
 FPTT_WINDOW = 100  # FPTT's default window on trials (--fptt_window, steps): the steps of one of its updates
 
 

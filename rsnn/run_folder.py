@@ -23,10 +23,11 @@ from typing import Optional
 
 import numpy as np
 
-from datasets import DATASETS
+from rsnn.datasets import DATASETS
 from rsnn import methods
-from utils import (UserError, append_csv_row, distributed_started, is_main_process, json_value, read_csv,
-                   sync_processes, write_json)
+from rsnn.distributed import distributed_started, is_main_process, sync_processes
+from rsnn.errors import UserError
+from rsnn.files import append_csv_row, json_value, read_csv, write_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def escapes(path: str) -> bool:
 
 def check_inside_results(args, run_dir: str):
     """An --out_dir that climbs out of the current folder with '..' is refused (an absolute path says where
-    it means to go, and is taken as given); --exp_name is checked by its flag (utils.exp_name_arg)."""
+    it means to go, and is taken as given); --exp_name is checked by its flag (rsnn.cli.exp_name_arg)."""
     out_dir = getattr(args, 'out_dir', None)
     if out_dir and not args.resume and escapes(out_dir):
         raise UserError(f"--out_dir {out_dir} leads out of the current folder ('..'); give it as an absolute path "

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from rsnn import dms_stream, methods, run_folder
-import utils
+from rsnn.errors import UserError
+from rsnn.files import peak_rss_mb
 
 
 BURN_IN_TRIALS = 1  # the held-out stream's first trial of every stream is run but not scored
@@ -64,10 +65,10 @@ def stream_plan(args, cfg):
     try:
         iti = dms_stream.parse_iti(args.t_iti)
     except ValueError as e:
-        raise utils.UserError(str(e))
+        raise UserError(str(e))
     steps = cfg.steps(chunk_ms(args))
     if steps < 1:
-        raise utils.UserError(f'--{"tbptt_window" if args.method == "bptt" else "update_every"} must be at '
+        raise UserError(f'--{"tbptt_window" if args.method == "bptt" else "update_every"} must be at '
                               f'least one step of dt={cfg.dt} ms')
     train = dms_stream.DMSStream(cfg, args.batch_size, steps, args.seed, iti)
     held_out = dms_stream.DMSStream(cfg, args.batch_size, cfg.steps(EVAL_CHUNK_MS), args.seed, iti,
@@ -95,7 +96,7 @@ def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> d
         with open(os.path.join(run_dir, 'config.json')) as f:
             saved = json.load(f)
         if saved.get('batch_size', args.batch_size) != args.batch_size:
-            raise utils.UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
+            raise UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
                                   f'in a resumed stream run (the run has {saved["batch_size"]})')
     settings = train_loop.LoopSettings(epochs=n_chunks, method=args.method, experiment='dms stream',
                                        resume=bool(args.resume), progress_bars=not args.no_progress,
@@ -277,4 +278,4 @@ class StreamSource:
                     update_temp_mb=memory['temp_bytes'] / 2 ** 20,
                     update_memory_mb=(memory['temp_bytes'] + memory['argument_bytes'] + memory['output_bytes']
                                       - memory['alias_bytes']) / 2 ** 20,
-                    peak_rss_mb=utils.peak_rss_mb(), run_dir=run_dir)
+                    peak_rss_mb=peak_rss_mb(), run_dir=run_dir)

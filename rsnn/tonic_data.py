@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from utils import UserError
+from rsnn.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,9 @@ from rsnn import interrupts, methods
 from rsnn.grad_check import GradientCheck
 from rsnn.run_folder import (GRAD_FIDELITY_FILE, Checkpoints, RunLog, plot_learning_curves, read_grad_fidelity, read_summary,
                              run_log, values_finite, write_failure, write_failure_message, write_grad_fidelity)
-from utils import UserError, is_main_process, peak_rss_mb
+from rsnn.distributed import is_main_process
+from rsnn.errors import UserError
+from rsnn.files import peak_rss_mb
 
 
 @dataclasses.dataclass

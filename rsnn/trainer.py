@@ -29,7 +29,7 @@ from rsnn import methods, recurrence
 from rsnn.devices import Placement
 from rsnn.rules import chunks
 from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
-from utils import UserError
+from rsnn.errors import UserError
 
 PROTOCOLS = ('trials', 'stream')
 

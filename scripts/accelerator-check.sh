@@ -90,6 +90,8 @@ install_env() {
     "$PY" -m pip install -r "$OUT/requirements-besides-jax.txt"
 }
 log "accelerator check in $OUT (TINY=$TINY, PY=$PY)"
+# The package rsnn from this checkout, whether or not PY has it installed (editable: make test does that).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t_install=$(date +%s)
 if install_env >> "$OUT/install.log" 2>&1; then
     log "install: ok ($(( $(date +%s) - t_install )) s)"

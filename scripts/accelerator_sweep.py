@@ -26,10 +26,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from rsnn import methods  # noqa: E402
-from rsnn.memory_report import complete_row, markdown_table, write_outputs  # noqa: E402
+from rsnn import methods
+from rsnn.memory_report import complete_row, markdown_table, write_outputs
 
 TAG = '@@SWEEP_ROW@@ '
 TASK = os.path.join(ROOT, 'task-memory-and-speed-evaluation-tpu.py')

@@ -29,8 +29,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from rsnn import methods  # noqa: E402
+from rsnn import methods
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 IMAGE = os.path.join(ROOT, 'task-image-classification.py')
@@ -295,7 +294,7 @@ def main(argv=None) -> int:
             try:
                 run_worker(args, table, tasks, rules, args.worker_index)
             except RuntimeError as e:  # a study whose runs crash whatever their parameters: one line
-                from utils import UserError
+                from rsnn.errors import UserError
                 raise UserError(str(e))
         else:
             start_workers(argv, args.jobs)
@@ -310,5 +309,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    from utils import cli_main
+    from rsnn.cli import cli_main
     cli_main(main)

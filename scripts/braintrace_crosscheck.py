@@ -98,10 +98,8 @@ def es_braintrace_correction():
 
 
 def export(path: str, uoro_seeds: int = 256, T_: int = T, rules=ALL_OURS):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:0] = [root]
     import brainstate
-    import models
+    from rsnn import models
     from rsnn.trainer import Trainer
 
     def network():

@@ -35,10 +35,10 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils  # noqa: E402
-from rsnn import methods  # noqa: E402
-from rsnn.child_runs import run_folder_state, run_or_resume  # noqa: E402
+from rsnn.cli import rule_options
+from rsnn.files import write_json
+from rsnn import methods
+from rsnn.child_runs import run_folder_state, run_or_resume
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 IMAGE = os.path.join(ROOT, 'task-image-classification.py')
@@ -209,13 +209,13 @@ def trial_step_memory(task, rule, config):
     import brainstate
     import jax
     import jax.numpy as jnp
-    import models
+    from rsnn import models
     from rsnn.trainer import Trainer
     c = config
     B = int(c['batch_size'])
     brainstate.environ.set(dt=float(c.get('dt', 1.)))
     if task == 'dms':
-        import datasets
+        from rsnn import datasets
         cfg = datasets.DMSConfig(dt=c['dt'], t_fixation=c['t_fixation'], t_sample=c['t_sample'],
                                  t_delay=c['t_delay'], t_test=c['t_test'])
         model = models.DMSNet(cfg.n_input, c['n_rec'], cfg.n_output, dt=c['dt'], tau_neu=c['tau_neu'],
@@ -233,7 +233,7 @@ def trial_step_memory(task, rule, config):
         S = len(model.layers[0].state_names())
         layers = tuple((n_in + c['n_rec'] if i == 0 else 2 * c['n_rec'], c['n_rec'], S) for i in range(c['n_layer']))
     tr = Trainer(model, rule, n_in, B, etrace_decay=c.get('etrace_decay', 0.99),
-                          trace_chunk=c.get('trace_chunk'), rule_options=utils.rule_options(argparse.Namespace(**c)))
+                          trace_chunk=c.get('trace_chunk'), rule_options=rule_options(argparse.Namespace(**c)))
     sds = jax.ShapeDtypeStruct
     xs = sds((T, B, n_in), jnp.float32)
     mem = tr.compiled_memory(xs, sds((B,), jnp.int32), sds((B,), jnp.float32), sds((T,), jnp.float32))
@@ -259,12 +259,12 @@ def cached_step_memory(run_dir, task, rule, config):
         return tuple(cache[key]['mb'])
     mb = trial_step_memory(task, rule, config)
     cache[key] = dict(config=stamp, mb=list(mb))
-    utils.write_json(path, cache)
+    write_json(path, cache)
     return mb
 
 
 def stream_formula(rule, config):
-    import datasets
+    from rsnn import datasets
     c = config
     cfg = datasets.DMSConfig(dt=c['dt'], t_fixation=c['t_fixation'], t_sample=c['t_sample'], t_delay=c['t_delay'],
                              t_test=c['t_test'])

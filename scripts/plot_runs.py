@@ -13,8 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rsnn import methods  # noqa: E402  (the table of methods: names and colours)
+from rsnn import methods  # (the table of methods: names and colours)
 
 
 def read_csv(path: str) -> list:

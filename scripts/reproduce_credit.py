@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-from rsnn import methods  # noqa: E402
-from rsnn.child_runs import run_folder_state, run_or_resume  # noqa: E402
+from rsnn import methods
+from rsnn.child_runs import run_folder_state, run_or_resume
 
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
@@ -166,8 +165,8 @@ def main(argv=None) -> int:
     log = lambda d: os.path.join(d + '.log')
 
     if not (a.skip_horizon or a.table_only) and not os.path.exists(os.path.join(out, 'horizon', 'horizon.csv')):
-        import credit_horizon
-        credit_horizon.main(['--out', os.path.join(out, 'horizon')] + P['horizon'])
+        subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'credit_horizon.py'), '--out',
+                        os.path.join(out, 'horizon')] + P['horizon'], check=True)
 
     controls = []
     for (name, more), epochs in zip((('readout only (--freeze_rec 1), BPTT', ['--freeze_rec', '1']),

@@ -27,11 +27,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils  # noqa: E402  (utils imports no jax at import time)
-from rsnn import run_folder  # noqa: E402  (no jax at import time either)
-from rsnn.child_runs import run_or_resume  # noqa: E402
-from rsnn import methods  # noqa: E402
+
+from rsnn import run_folder  # (no jax at import time either)
+from rsnn.child_runs import run_or_resume
+from rsnn import methods
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
 # The README commands, verbatim (README.md, "Delayed match-to-sample").

@@ -32,11 +32,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils  # noqa: E402  (utils imports no jax at import time)
-from rsnn import run_folder  # noqa: E402  (no jax at import time either)
-from rsnn.child_runs import run_folder_state, run_task  # noqa: E402
-from rsnn import methods  # noqa: E402
+from rsnn.files import write_json
+from rsnn import run_folder  # (no jax at import time either)
+from rsnn.child_runs import run_folder_state, run_task
+from rsnn import methods
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 
 FULL = dict(
@@ -83,7 +82,7 @@ def launch(run_dir: str, flags: list, log_path: str, trials: int) -> dict:
     flags = flags[:flags.index('--stream_trials')] + ['--stream_trials', str(trials)] + \
         flags[flags.index('--stream_trials') + 2:]
     summary['command'] = 'python task-rsnn-long-term-dependency.py ' + ' '.join(shlex.quote(c) for c in flags)
-    utils.write_json(os.path.join(run_dir, 'summary.json'), summary)
+    write_json(os.path.join(run_dir, 'summary.json'), summary)
     return summary
 
 
@@ -125,8 +124,8 @@ def measure_update(spec: dict) -> dict:
     task = load_task()
     args = run_folder.parse_args(task.build_parser(), spec['flags'], task.PRESETS)
     import brainstate
-    import datasets
-    import models
+    from rsnn import datasets
+    from rsnn import models
     from rsnn.trainer import Trainer
     brainstate.environ.set(dt=args.dt)
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample, t_delay=args.t_delay,

@@ -14,14 +14,13 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import brainstate  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import brainstate
+import jax
+import numpy as np
 
-import models  # noqa: E402
-from rsnn.trainer import Trainer  # noqa: E402
+from rsnn import models
+from rsnn.trainer import Trainer
 
 RULES = [('diag', {}, 'D-RTRL'), ('diag', {'drtrl_readout_filter': 1}, 'D-RTRL, --drtrl_readout_filter 1'),
          ('expsm_diag', {}, 'ES-D-RTRL (decay 0.9)'), ('eprop', {}, 'e-prop (kappa = readout decay)'),

@@ -39,10 +39,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from rsnn import event_data  # noqa: E402
+from rsnn import event_data
 
 SYNTHETIC_MARKER = event_data.SYNTHETIC_MARKER
 

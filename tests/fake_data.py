@@ -4,7 +4,7 @@ The format writers live with the realistic generator (scripts/synthetic_events.p
 here; `synthetic_event_samples` draws the toy samples the tests train on (each class fires in its own
 band of pixels or channels). A benchmark set in the same way:
 
-    python -c "import sys; sys.path[:0] = ['.', 'tests']; import fake_data as f; \
+    PYTHONPATH=.:tests python -c "import fake_data as f; \
         f.write_nmnist_files('bench', f.synthetic_event_samples('nmnist', 10000, 10000, \
         events_per_sample=3300, duration_us=300_000), zip_folders=False)"
 """
@@ -17,8 +17,6 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from rsnn import event_data  # noqa: E402
 

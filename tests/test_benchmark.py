@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from rsnn.benchmark_stats import mean_se, paired_difference  # noqa: E402
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')

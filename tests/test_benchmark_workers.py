@@ -29,7 +29,6 @@ def lines(path):
 
 @pytest.mark.parametrize('kind', ['sqlite', 'journal'])
 def test_two_workers_one_killed_no_trial_twice_none_lost(tmp_path, kind):
-    sys.path.insert(0, ROOT)
     from rsnn import tuning
     url = f'sqlite:///{tmp_path}/studies.db' if kind == 'sqlite' else f'journal:{tmp_path}/studies.journal'
     env = dict(os.environ, TOY_LOG=str(tmp_path / 'toy.log'), TOY_SLEEP='0.4')
@@ -77,7 +76,6 @@ def test_final_runs_run_only_their_queued_seeds_and_a_failed_seed_is_queued_agai
     per seed at the tuning study's best configuration, queued once; a seed whose run failed is not replaced by
     a sampled seed but queued again by the next pass."""
     import importlib.util
-    sys.path.insert(0, ROOT)
     from rsnn import tuning
     spec = importlib.util.spec_from_file_location('benchmark', os.path.join(ROOT, 'scripts', 'benchmark.py'))
     bench = importlib.util.module_from_spec(spec)

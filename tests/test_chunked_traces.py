@@ -114,19 +114,19 @@ def test_trace_chunk_default_and_refusals():
 
 
 def test_speed_table_runs_at_toy_sizes(tmp_path):
-    """scripts/speed_table.py (the table of docs/chunked-traces.md) at toy sizes: every row of the DMS part
+    """benchmarks/speed_table.py (the table of docs/chunked-traces.md) at toy sizes: every row of the DMS part
     timed, its floor from the shapes (the memory script's FLOP count for BPTT) and its share of it."""
     import json
     import subprocess
     import sys
     from conftest import ROOT, load_script
     from rsnn import memory_report
-    table = load_script('scripts/speed_table.py')
+    table = load_script('benchmarks/speed_table.py')
     image = dict(table.SIZES['image'], batch_size=32)
     assert table.flop_per_step(image, 32, 'bptt') == memory_report.flop_per_time_step(dict(image, n_out=10))
     assert table.trace_bytes(image, 32) == 4 * 32 * (memory_report.n_params(dict(image, n_out=10))
                                                      - 512 * 3 - 10)  # every weight but the biases
-    proc = subprocess.run([sys.executable, 'scripts/speed_table.py', '--tiny', '--only', 'dms', '--repeats', '1',
+    proc = subprocess.run([sys.executable, 'benchmarks/speed_table.py', '--tiny', '--only', 'dms', '--repeats', '1',
                            '--trace_chunk', '8', '--out_dir', str(tmp_path)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Issue #24: the credit-horizon diagnostic (scripts/credit_horizon.py), TBPTT(k1, k2) on the stream
+"""Issue #24: the credit-horizon diagnostic (benchmarks/credit_horizon.py), TBPTT(k1, k2) on the stream
 (rsnn/rules/bptt.py), the held-out stream's burn-in trial and the credit task."""
 import os
 import sys
@@ -11,10 +11,9 @@ import pytest
 import datasets
 import models
 from rsnn.trainer import Trainer
-from conftest import ROOT
+from conftest import ROOT, load_script
 
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import credit_horizon  # noqa: E402
+credit_horizon = load_script('benchmarks/credit_horizon.py')
 
 CFG = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
 B = 4

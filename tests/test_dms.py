@@ -157,7 +157,6 @@ def test_kill_while_saving_leaves_a_usable_checkpoint(dms_script, tmp_path):
     # A child that is SIGKILLed right after orbax starts writing the checkpoint of epoch 2.
     child = textwrap.dedent(f'''
         import os, signal, sys
-        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
         import orbax.checkpoint as ocp
         from conftest import load_script
         original = ocp.CheckpointManager.save

@@ -240,7 +240,6 @@ def run_child(run_dir, body, argv, timeout=240):
     `body` (Python source) run first to plant the fault."""
     child = textwrap.dedent(f'''
         import gc, os, signal, sys, time
-        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
         sys.argv = ['task-rsnn-long-term-dependency.py'] + {argv!r}
         import utils
         from rsnn import interrupts, run_folder, train_loop

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from rsnn import event_data  # noqa: E402
 import fake_data as fakes  # noqa: E402  (the fixture below is called fake_data)

@@ -247,7 +247,7 @@ def test_uoro_average_approaches_exact_rtrl(kind, per_sample):
     e = np.concatenate([np.ravel(l) for l in jax.tree.leaves(exact['layers'])])
     cos = {n: cosine(G[:n].mean(0), e) for n in (4, 64, 2048)}
     # the DMS layer's estimate is noisier: 0.88-0.90 at 4096 seeds, 0.97-0.99 at 16384
-    # (scripts/uoro_seed_average.py)
+    # (docs/online-rules.md: more seeds)
     assert cos[4] < cos[64] < cos[2048] and cos[2048] > (0.99 if kind == 'lif' else 0.8), cos
     # the rule through the trainer is the same function (one seed: the key state of the rule)
     assert np.all(np.isfinite(np.concatenate([np.ravel(v) for v in jax.tree.leaves(tr.gradients(xs, labels, ws))])))

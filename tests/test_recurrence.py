@@ -73,7 +73,7 @@ def test_recurrent_scan_has_autodiffs_gradient():
 
 def test_transposed_dot_benchmark_runs_at_toy_size(tmp_path):
     out = tmp_path / 'rows.json'
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'xla_transposed_dot.py'), '--T', '6',
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'xla_transposed_dot.py'), '--T', '6',
                         '--batch', '2', '--n', '8', '--repeats', '1', '--out', str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -88,7 +88,6 @@ def start_blocked_run(run_dir, ready, go, argv):
     """A child running the DMS script that waits at its first training step until `go` exists."""
     child = textwrap.dedent(f'''
         import os, sys, time
-        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
         from rsnn.trainer import Trainer
         from conftest import load_script
         real = Trainer.train_step

@@ -32,7 +32,8 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
-from utils import DEFAULT_TRACE_CHUNK, UserError
+from rsnn.chunk_policy import DEFAULT_TRACE_CHUNK
+from rsnn.errors import UserError
 
 
 @dataclasses.dataclass
@@ -145,7 +146,7 @@ def step_by_step(call, model, params: dict, xs, targets, objective: Objective, s
 
 def chunk_for(options: RuleOptions, has_chunked_path: bool, why_not: Optional[str], auto=None) -> int:
     """The K of --trace_chunk for a rule with a chunked path: K > 1 needs it (why_not None), else 1 (its
-    step-by-step path). `None` (the default) and 'auto' mean `auto()` (the rule's utils.auto_trace_chunk:
+    step-by-step path). `None` (the default) and 'auto' mean `auto()` (the rule's rsnn.chunk_policy.auto_trace_chunk:
     the largest K whose buffers fit the budget; DEFAULT_TRACE_CHUNK when the rule gives none) where K > 1
     works, else 1."""
     if not has_chunked_path:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rsnn.rules.base import Result, Rule
-from utils import UserError
+from rsnn.errors import UserError
 
 
 class BPTT(Rule):

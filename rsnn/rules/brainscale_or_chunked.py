@@ -3,7 +3,7 @@ chunked update K steps at a time (rsnn/rules/chunks.py) with the traces as named
 across updates on a stream and zeroed by `reset()` before each batch of trials.
 
 A subclass gives `brainscale_algorithm(model, options)`, `zero_traces()`, `chunk_update(key, rel, trace, t0)`,
-`auto_name` (its budget in utils.auto_trace_chunk) and, where needed, `chunk_refusal()`.
+`auto_name` (its budget in rsnn.chunk_policy.auto_trace_chunk) and, where needed, `chunk_refusal()`.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import jax.numpy as jnp
 from rsnn import brainscale_adapter
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
-from utils import UserError, auto_trace_chunk
+from rsnn.chunk_policy import auto_trace_chunk
+from rsnn.errors import UserError
 
 brainscale_adapter.ensure_adapted()  # before any brainscale algorithm is built
 
 
 class BrainscaleOrChunkedRule(Rule):
-    auto_name = ''  # the method whose buffer budget utils.auto_trace_chunk applies
+    auto_name = ''  # the method whose buffer budget rsnn.chunk_policy.auto_trace_chunk applies
 
     def __init__(self, model, params: dict, options: RuleOptions):
         super().__init__(model, params, options)

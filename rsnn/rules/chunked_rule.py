@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for
-from utils import UserError
+from rsnn.errors import UserError
 
 
 class ChunkedRule(Rule):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import models
+from rsnn import models
 from rsnn import recurrence
 
 

@@ -25,7 +25,8 @@ from rsnn import brainscale_adapter, recurrence
 from rsnn.rules import chunks
 from rsnn.rules.base import RuleOptions
 from rsnn.rules.brainscale_or_chunked import BrainscaleOrChunkedRule
-from utils import VJP_METHODS, UserError
+from rsnn.errors import UserError
+from rsnn.methods import VJP_METHODS
 
 
 

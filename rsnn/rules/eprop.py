@@ -32,7 +32,7 @@ import numpy as np
 from rsnn.rules import chunks
 from rsnn.rules.chunked_rule import ChunkedRule
 from rsnn.rules.d_rtrl import drtrl_chunk
-from utils import UserError
+from rsnn.errors import UserError
 
 FEEDBACKS = ('symmetric', 'random')
 

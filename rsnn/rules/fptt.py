@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from rsnn.methods import FPTT_WINDOW
 from rsnn.rules.base import path_key
 from rsnn.rules.bptt import BPTT
-from utils import UserError
+from rsnn.errors import UserError
 
 DEFAULT_ALPHA = 0.1   # the authors' S-MNIST command (byin-cwi/sFPTT, fptt_mnist/README.md: --alpha 0.1 --beta 0.5)
 DEFAULT_WINDOW = FPTT_WINDOW  # steps per update on trials (--fptt_window)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from rsnn.rules import chunks
 from rsnn.rules.base import Result, Rule, RuleOptions
 from rsnn.rules.chunked_rule import ChunkedRule
-from utils import UserError
+from rsnn.errors import UserError
 
 EPS = 1e-7
 

@@ -7,7 +7,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 import optuna  # noqa: E402
 
 from rsnn import tuning  # noqa: E402

@@ -15,8 +15,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+from rsnn.cli import positive_int
+from rsnn.files import write_json
 
 
 def median_seconds(fn, args, repeats):
@@ -34,10 +34,10 @@ def median_seconds(fn, args, repeats):
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--T', type=utils.positive_int, default=100, help='time steps')
-    p.add_argument('--batch', type=utils.positive_int, default=32, help='batch size')
-    p.add_argument('--n', type=utils.positive_int, default=512, help='neurons (W is n x n)')
-    p.add_argument('--repeats', type=utils.positive_int, default=7, help='timed calls per row (median)')
+    p.add_argument('--T', type=positive_int, default=100, help='time steps')
+    p.add_argument('--batch', type=positive_int, default=32, help='batch size')
+    p.add_argument('--n', type=positive_int, default=512, help='neurons (W is n x n)')
+    p.add_argument('--repeats', type=positive_int, default=7, help='timed calls per row (median)')
     p.add_argument('--out', default=None, help='also write the rows to this JSON file')
     args = p.parse_args(argv)
     import jax
@@ -94,7 +94,7 @@ def main(argv) -> int:
     for name, seconds in rows.items():
         print(f'  {name}: {1e3 * seconds:.1f} ms')
     if args.out:
-        utils.write_json(args.out, dict(T=T, batch=B, n=n, jax=jax.__version__, seconds=rows))
+        write_json(args.out, dict(T=T, batch=B, n=n, jax=jax.__version__, seconds=rows))
     return 0
 
 

@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LAGS_MS = (10, 30, 100, 300, 1000, 2000, 4000)
 FIELDS = ['network', 'method', 'lag_ms', 'cosine_to_bptt', 'norm', 'ratio_to_bptt', 'ratio_to_first_lag',
@@ -69,7 +68,7 @@ def build_parser():
 
 
 def make_model(network: str, a, seed: int):
-    import models
+    from rsnn import models
     if network == 'gif':  # the paper's network (task-rsnn-long-term-dependency.py PAPER_TASK)
         kw = dict(tau_neu=100., tau_syn=100., A2=1., rec_scale=2., syn_gain=a.syn_gain)
     else:  # no adaptation current; faster membrane and synapse, weaker recurrence (module docstring)

@@ -25,8 +25,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+from rsnn.chunk_policy import DEFAULT_TRACE_CHUNK
+from rsnn.cli import positive_float, positive_int
+from rsnn.files import write_json
 
 TAG = '@@SPEED@@ '
 SIZES = {  # name -> network and batch; 'scaled_T': the sequence D-RTRL step by step is timed on
@@ -91,7 +92,7 @@ def trace_bytes(cfg, B: int) -> float:
 
 def build(cfg, seed=0):
     import brainstate
-    import models
+    from rsnn import models
     brainstate.environ.set(dt=1.)
     if cfg['kind'] == 'dms':
         return models.DMSNet(cfg['n_in'], cfg['n_rec'], cfg['n_out'], dt=1., tau_neu=100., tau_syn=100., tau_I2=1500.,
@@ -263,14 +264,14 @@ def markdown(rows: list) -> str:
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--trace_chunk', type=utils.positive_int, default=utils.DEFAULT_TRACE_CHUNK,
+    p.add_argument('--trace_chunk', type=positive_int, default=DEFAULT_TRACE_CHUNK,
                    help='the K of the chunked rows (the training default)')
-    p.add_argument('--repeats', type=utils.positive_int, default=3, help='timed calls per row (median)')
+    p.add_argument('--repeats', type=positive_int, default=3, help='timed calls per row (median)')
     p.add_argument('--only', default=None, help='comma list of sizes to run (dms, image)')
     p.add_argument('--sweep', default=None, metavar='K,K,...',
                    help='instead of the table: the chunked rows at batch 32 for each K listed (choosing the default)')
     p.add_argument('--tiny', action='store_true', help='toy sizes, the same code path (for the tests)')
-    p.add_argument('--timeout', type=utils.positive_float, default=900., help='seconds allowed to one row')
+    p.add_argument('--timeout', type=positive_float, default=900., help='seconds allowed to one row')
     p.add_argument('--out_dir', default=None, help='default results/speed_table/<timestamp>')
     p.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -284,7 +285,7 @@ def main(argv) -> int:
     print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s",
           flush=True)
     rows = []
-    sweep = [utils.positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
+    sweep = [positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
     for size, B, T, method, K in plan(args.tiny, args.trace_chunk, sweep):
         if args.only and size not in args.only.split(','):
             continue
@@ -300,7 +301,7 @@ def main(argv) -> int:
         f.write(f"`{command.strip()}`: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, memory copy "
                 f"{limits['copy_gbps']:.1f} GB/s (read + write), {limits['n_cpu']} CPUs, "
                 f"{limits['seconds'] / 60:.1f} min in all\n\n{table}\n")
-    utils.write_json(os.path.join(out_dir, 'speed_table.json'), dict(limits=limits, rows=rows, command=command))
+    write_json(os.path.join(out_dir, 'speed_table.json'), dict(limits=limits, rows=rows, command=command))
     keys = ['size', 'B', 'T', 'method', 'K', 'timed_T', 's_per_batch', 'floor_s', 'share', 'error']
     with open(os.path.join(out_dir, 'speed_table.csv'), 'w') as f:
         f.write(','.join(keys) + '\n')
