@@ -18,7 +18,7 @@ import pytest
 
 import fake_data as fakes
 import utils
-from rsnn import run_folder
+from rsnn import argparse_adapter, run_folder
 from rsnn import methods
 from conftest import ROOT, load_script
 
@@ -87,7 +87,7 @@ def assert_readme_values_kept(script, readme_argv, sizes, config):
     """Every README flag that no size flag replaced reached the run's config.json with the README's value."""
     parser = script.build_parser()
     readme = vars(run_folder.parse_args(parser, readme_argv))
-    dest = {s: a.dest for a in parser._actions for s in a.option_strings}
+    dest = argparse_adapter.dest_of(parser)
     resized = {dest[f] for f in sizes if f.startswith('--')}
     for flag in (a for a in readme_argv if a.startswith('--')):
         key = dest[flag]
