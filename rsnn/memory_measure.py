@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from rsnn import brainstate_adapter
 from rsnn.child_runs import classify_failure, one_line
 from rsnn.device_choice import devices_name, parse_devices, select_device, select_devices
 from rsnn.files import peak_rss_mb
@@ -64,13 +65,6 @@ def load_average():
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-def get_jitted_parts(jitted):
-    """The jax-level jit and the brainstate state trace behind a `brainstate.transform.jit` function."""
-    if not (hasattr(jitted, 'stateful_fun') and hasattr(jitted, 'jitted_fun')):
-        raise RuntimeError('brainstate.transform.jit internals changed: cannot reach the compiled step')
-    return jitted.stateful_fun, jitted.jitted_fun
 
 
 def time_repeats(run, repeats: int) -> list:
@@ -149,7 +143,7 @@ def analyse(cfg: dict) -> dict:
             spec((T,), jnp.float32))
     n_dev = len(devices)
     row['input_mb'] = (4. * T * B * cfg['n_in'] / n_dev + 4. * T) / MB
-    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
+    stateful, jit_fun = brainstate_adapter.jitted_parts(trainer.update_fn)
     t0 = time.perf_counter()
     state_trace = stateful.get_state_trace(trainer.opt_state, *args, compile_if_miss=True)
     abstract = lambda tree: jax.tree.map(lambda v: spec(v.shape, v.dtype) if hasattr(v, 'shape') else v, tree)
@@ -225,7 +219,7 @@ def measure(cfg: dict) -> dict:
     row['input_mb'] = (args[1].nbytes / len(devices) + args[4].nbytes) / MB
 
     # compile exactly the step that Trainer.train_step runs
-    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
+    stateful, jit_fun = brainstate_adapter.jitted_parts(trainer.update_fn)
     t0 = time.perf_counter()
     state_trace = stateful.get_state_trace(*args, compile_if_miss=True)
     state_vals = state_trace.get_state_values()
