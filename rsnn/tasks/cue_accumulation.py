@@ -32,9 +32,9 @@ FLAGS = (
 # neurons (alif-delta, tau_adapt 2000 ms), BPTT at batch 32. Controls: --model lif-delta (adaptation off),
 # --freeze_rec 1 (readout only).
 PRESETS = {
-    'cue-accumulation': dict(model='alif-delta', method='bptt', n_rec=100, tau_neu=20., tau_adapt=2000., beta=1.8,
-                             ff_scale=1., rec_scale=0.5, readout_scale=1., tau_o=20., cue_t_delay=500.,
-                             batch_size=32, batches_per_epoch=25, epochs=20, lr=5e-3, lr_schedule='constant',
+    'cue-accumulation': dict(model='alif-delta', method='bptt', n_rec=100, tau_neu=20., tau_adapt=2000., beta=0.05,
+                             ff_scale=10., rec_scale=0.5, readout_scale=1., tau_o=20., cue_t_delay=500.,
+                             batch_size=32, batches_per_epoch=25, epochs=20, lr=1e-3, lr_schedule='constant',
                              acc_th=0.98, acc_th_window=25, n_test_trials=2560, devices='cpu',
                              exp_name='cue-accumulation'),
 }

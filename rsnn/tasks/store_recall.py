@@ -29,9 +29,9 @@ FLAGS = (
 # Sized for a 2-core CPU (docs/tasks.md): 8 periods of 100 ms (800 steps), 100 adaptive LIF neurons
 # (alif-delta, tau_adapt 800 ms), BPTT at batch 32. Controls: --model lif-delta, --freeze_rec 1.
 PRESETS = {
-    'store-recall': dict(model='alif-delta', method='bptt', n_rec=100, tau_neu=20., tau_adapt=800., beta=1.8,
-                         ff_scale=1., rec_scale=0.5, readout_scale=1., tau_o=20., batch_size=32,
-                         batches_per_epoch=25, epochs=20, lr=5e-3, lr_schedule='constant', acc_th=0.98,
+    'store-recall': dict(model='alif-delta', method='bptt', n_rec=100, tau_neu=20., tau_adapt=800., beta=0.05,
+                         ff_scale=10., rec_scale=0.5, readout_scale=1., tau_o=20., batch_size=32,
+                         batches_per_epoch=25, epochs=20, lr=1e-3, lr_schedule='constant', acc_th=0.98,
                          acc_th_window=25, n_test_trials=2560, devices='cpu', exp_name='store-recall'),
 }
 
