@@ -249,6 +249,7 @@ def check_sizes(args):
 def main(argv) -> int:
     utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
     args = run_folder.parse_args(build_parser(), argv, PRESETS)
+    args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp> (dms: as always)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     check_sizes(args)
     run_dir = run_folder.prepare_run_dir(args)  # locked: another process cannot write it until this one ends

@@ -200,6 +200,7 @@ def test_a_toy_task_registered_from_outside_trains_on_trials_and_as_a_stream(toy
     table = load_script('scripts/results_table.py')
     rows = table.build_table(str(tmp_path / 'runs'))
     assert sorted(r['dataset'] for r in rows) == ['toy-cue', 'toy-cue']
+    assert all(r['T'] == 15 and r['experiment'] == 'toy-cue' for r in rows)
     assert 'toy-cue' in open(tmp_path / 'runs' / 'results.md').read()
 
 
@@ -233,3 +234,16 @@ def test_freeze_rec_of_a_spiking_stack_needs_bptt(dms_script):
     args = dms_script.build_parser().parse_args(['--model', 'alif-delta', '--freeze_rec', '1', '--method', 'expsm_diag'])
     with pytest.raises(utils.UserError, match='--method bptt'):
         dms_script.build_network(args, dms_script.make_task(args))
+
+
+@pytest.mark.parametrize('name,sizes', [
+    ('cue-accumulation', ['--cue_n', '3', '--cue_t_cue', '10', '--cue_t_gap', '5', '--cue_t_delay', '10', '--cue_t_recall', '10']),
+    ('store-recall', ['--sr_periods', '4', '--sr_t_period', '10'])])
+def test_each_new_task_trains_as_a_stream(dms_script, tmp_path, name, sizes):
+    run_dir = str(tmp_path / name)
+    assert dms_script.main(['--dataset', name, *sizes, '--protocol', 'stream', '--method', 'expsm_diag', '--n_rec', '12',
+                            '--batch_size', '4', '--stream_trials', '4', '--eval_every_trials', '2', '--t_iti', '5-10',
+                            '--update_every', '20', '--n_test_trials', '8', '--devices', 'cpu', '--no_progress',
+                            '--out_dir', run_dir]) == 0
+    s = summary_of(run_dir)
+    assert s['protocol'] == 'stream' and s['trials'] >= 4 * 3 and 0 <= s['test_acc'] <= 1

@@ -26,13 +26,14 @@ FLAGS = (
     Flag('sr_pop', cli.positive_int, 10, 'store-recall: Poisson neurons per input population (5 populations)'),
 )
 
-# Sized for a 2-core CPU (docs/tasks.md): 8 periods of 100 ms (800 steps), 100 adaptive LIF neurons
-# (alif-delta, tau_adapt 800 ms), BPTT at batch 32. Controls: --model lif-delta, --freeze_rec 1.
+# Sized for a 2-core CPU (docs/tasks.md): 8 periods of 100 ms (800 steps), the paper's GIF network with 100
+# neurons, BPTT at batch 32, 10 epochs of 25 batches. Controls: --A2 0 (adaptation off), --freeze_rec 1.
+NETWORK = dict(model='gif', n_rec=100, tau_neu=100., tau_syn=100., tau_I2=1500., A2=1., ff_scale=6., rec_scale=2.,
+               readout_scale=0.1, tau_o=10.)
 PRESETS = {
-    'store-recall': dict(model='alif-delta', method='bptt', n_rec=100, tau_neu=20., tau_adapt=800., beta=0.05,
-                         ff_scale=10., rec_scale=0.5, readout_scale=1., tau_o=20., batch_size=32,
-                         batches_per_epoch=25, epochs=20, lr=1e-3, lr_schedule='constant', acc_th=0.98,
-                         acc_th_window=25, n_test_trials=2560, devices='cpu', exp_name='store-recall'),
+    'store-recall': dict(NETWORK, method='bptt', batch_size=32, batches_per_epoch=25, epochs=10, lr=1e-3,
+                         lr_schedule='constant', acc_th=0.98, acc_th_window=25, n_test_trials=2560, devices='cpu',
+                         exp_name='store-recall'),
 }
 
 
