@@ -61,8 +61,8 @@ def stream_extra(trainer, chunks_done: int, scorer) -> dict:
 class StreamConfig:
     """What the stream protocol reads of a run's flags (task-rsnn-long-term-dependency.py's stream group).
 
-    n_streams: --batch_size parallel streams; t_iti: '--t_iti' text (MIN-MAX ms); update_every / tbptt_window /
-    tbptt_k2: ms of stream per update (online rules / bptt); stream_trials: training length in trials per
+    n_streams: --batch_size parallel streams; t_iti: '--t_iti' text (MIN-MAX ms); update_every / tbptt_window:
+    ms of stream per update (online rules / bptt; TBPTT's k2 is the rule's option); stream_trials: training length in trials per
     stream; eval_every_trials: trials per stream between held-out evaluations; n_test_trials, validation: held-out
     and validation trials (divided among the streams); stream_reset: the reset-per-trial control; grad_clip:
     for the clipped fraction in metrics.csv; resume, no_progress, check_grad: as the flags; title: the task's
