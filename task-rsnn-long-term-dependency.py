@@ -1,11 +1,14 @@
-"""Delayed match-to-sample (DMS) with a long delay: a recurrent GIF network trained by BPTT, D-RTRL or
-ES-D-RTRL.
+"""Trial tasks with long-term dependencies (delayed match-to-sample, cue accumulation, store-recall): a
+recurrent spiking network trained by BPTT or an online rule, on independent trials or on an endless stream.
 
 A trial: fixation, a sample direction (500 ms), a delay (--t_delay), a test direction (500 ms); the
 network says whether the test matches the sample. The memory of the sample has to survive the delay in
-the neurons' slow adaptation currents (tau_I2 up to 1.5 x --tau_I2).
+the neurons' slow adaptation currents (tau_I2 up to 1.5 x --tau_I2). --dataset cue-accumulation and
+--dataset store-recall are the tasks of Bellec et al. (docs/tasks.md); the table of tasks is rsnn/tasks/.
 
     python task-rsnn-long-term-dependency.py --preset cpu-demo          # the paper's task on the CPU
+    python task-rsnn-long-term-dependency.py --preset smoke             # seconds: the training path runs
+    python task-rsnn-long-term-dependency.py --preset cue-accumulation  # Bellec's task on the CPU
     python task-rsnn-long-term-dependency.py --method expsm_diag ...     # the README commands
 """
 from __future__ import annotations
@@ -14,30 +17,12 @@ import utils
 
 from rsnn import run_folder
 from rsnn import methods
+from rsnn import tasks
 
-# The paper's task and network (the README commands' values, spelled out so that config.json shows them).
-PAPER_TASK = dict(dataset='dms', dt=1., t_fixation=10., t_sample=500., t_delay=1000., t_test=500., n_rec=200,
-                  tau_neu=100., tau_syn=100., tau_I2=1500., A2=1., ff_scale=6., rec_scale=2., spk_fun='relu',
-                  optimizer='adam', lr=1e-3)
-PRESETS = {
-    # `make demo`: the paper's 1000 ms task with ES-D-RTRL; only the batch size, the budget (a cosine lr
-    # over it) and the stopping rule are chosen for a 2-core CPU (docs/dms.md, "The paper's task on a CPU").
-    'cpu-demo': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32,
-                     batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
-                     n_test_trials=512, n_data_worker=1, devices='cpu', exp_name='cpu-demo'),
-    # Issue #24, the credit task: a task that needs credit through the delay (docs/stream.md, "The credit
-    # task"): 180 neurons whose adaptation forgets within the delay (tau_I2 ~ U(20, 75) ms) and 20 memory
-    # neurons with slow adaptation (3000 ms) and weak initial input and recurrent weights.
-    'credit': dict(PAPER_TASK, method='expsm_diag', etrace_decay=0.99, vjp_time='t', batch_size=32, tau_I2=50.,
-                   n_memory=20, tau_memory=3000., tau_fast_min=20., memory_in_scale=0.1, memory_rec_scale=0.1,
-                   batches_per_epoch=25, epochs=40, lr_schedule='constant', acc_th=0.98, acc_th_window=50,
-                   n_test_trials=1024, n_data_worker=1, devices='cpu', exp_name='credit'),
-    # The earlier CPU demo: a 100 ms delay, 100 neurons with 20 ms membrane and synapse (310 steps).
-    'short-delay': dict(method='expsm_diag', etrace_decay=0.99, t_fixation=10., t_sample=100., t_delay=100.,
-                        t_test=100., n_rec=100, tau_neu=20., tau_syn=20., syn_gain=1., batch_size=32,
-                        batches_per_epoch=50, epochs=10, lr=1e-3, lr_schedule='cosine', acc_th=0.99,
-                        devices='cpu', exp_name='short-delay'),
-}
+# Every task's presets (each task's config module holds its own: rsnn/tasks/dms.py, cue_accumulation.py,
+# store_recall.py); a preset names its --dataset.
+PRESETS = tasks.all_presets()
+NETWORKS = ('gif',) + tuple(m for m in utils.MODEL_NAMES if m.endswith('-delta'))
 
 
 def build_parser():
@@ -46,16 +31,15 @@ def build_parser():
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help="a named set of defaults; flags given explicitly win. cpu-demo: the paper's 1000 ms "
                         'task with ES-D-RTRL at batch 32 on the CPU (make demo); short-delay: a 100 ms delay, '
-                        '100 neurons with 20 ms time constants; credit: the credit task of issue #24 (docs/stream.md)')
+                        '100 neurons with 20 ms time constants; credit: the credit task of issue #24 (docs/stream.md); '
+                        'smoke: a tiny DMS in seconds; cue-accumulation, store-recall: those tasks on the CPU '
+                        '(docs/tasks.md)')
     p.add_argument('--lr_schedule', choices=('constant', 'cosine'), default='constant',
                    help='constant lr, or a cosine decay to lr/100 over --epochs x --batches_per_epoch updates')
     g = p.add_argument_group('task')
-    g.add_argument('--dataset', choices=['dms'], default='dms', help='the task (only dms here)')
+    g.add_argument('--dataset', choices=list(tasks.TASKS), default='dms',
+                   help='the trial task (rsnn/tasks/): ' + '; '.join(f'{r.name} = {r.title}' for r in tasks.TASKS.values()))
     g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms)')
-    g.add_argument('--t_fixation', type=utils.finite_float, default=10., help='fixation period before the sample (ms)')
-    g.add_argument('--t_sample', type=utils.positive_float, default=500., help='sample period (ms)')
-    g.add_argument('--t_delay', type=utils.finite_float, default=1000., help='delay between sample and test (ms)')
-    g.add_argument('--t_test', type=utils.positive_float, default=500., help='test period (ms); the loss is here')
     g.add_argument('--batches_per_epoch', type=utils.positive_int, default=100,
                    help='freshly generated training batches per epoch')
     g.add_argument('--n_test_trials', type=utils.positive_int, default=512,
@@ -70,6 +54,7 @@ def build_parser():
                         'reaches this')
     g.add_argument('--acc_th_window', type=utils.positive_int, default=20,
                    help='training batches whose accuracies are averaged for --acc_th')
+    tasks.add_task_flags(p)
     add_stream_flags(p)
     add_network_flags(p)
     return p
@@ -104,7 +89,11 @@ def add_stream_flags(p):
 
 def add_network_flags(p):
     g = p.add_argument_group('network')
-    g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent GIF neurons')
+    g.add_argument('--model', choices=NETWORKS, default='gif',
+                   help="gif: the paper's GIF network with adaptation currents (the flags below); alif-delta: one "
+                        'layer of adaptive LIF neurons (--tau_adapt, --beta), lif-delta: the same without '
+                        'adaptation (models.SpikingStack; --tau_neu is the membrane time constant)')
+    g.add_argument('--n_rec', type=utils.positive_int, default=200, help='recurrent neurons')
     g.add_argument('--tau_neu', type=utils.positive_float, default=100., help='membrane time constant (ms)')
     g.add_argument('--tau_syn', type=utils.positive_float, default=100., help='synaptic time constant (ms)')
     g.add_argument('--tau_I2', type=utils.positive_float, default=1500.,
@@ -139,60 +128,93 @@ def add_network_flags(p):
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
     g.add_argument('--readout_scale', type=utils.positive_float, default=0.1,
                    help='readout weights ~ N(0, readout_scale^2 / n_rec): first outputs O(1)')
+    g.add_argument('--tau_adapt', type=utils.positive_float, default=2000.,
+                   help='alif-delta: threshold adaptation time constant (ms)')
+    g.add_argument('--beta', type=utils.nonneg_float, default=1.8,
+                   help='alif-delta: threshold increase per unit of adaptation (V_th + beta b)')
+
+
+def build_network(args, task):
+    """The network of --model for the task's sizes: the GIF DMSNet, or one SpikingStack layer (alif-delta,
+    lif-delta); --freeze_rec 1 keeps the recurrent layer fixed (on a SpikingStack: BPTT only)."""
+    import models
+    if args.model == 'gif':
+        return models.DMSNet(task.n_in, args.n_rec, task.n_out, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
+                             tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
+                             spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
+                             tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed,
+                             memory=memory_layout(args), freeze_rec=bool(args.freeze_rec))
+    if args.freeze_rec and args.method != 'bptt':
+        raise utils.UserError(f'--freeze_rec 1 with --model {args.model} needs --method bptt (the online rules '
+                              f'freeze only the gif network); use --model gif or --method bptt')
+    model = models.SpikingStack(task.n_in, args.n_rec, task.n_out, 1, model=args.model, dt=args.dt,
+                                tau_mem=args.tau_neu, tau_o=args.tau_o, ff_scale=args.ff_scale,
+                                rec_scale=args.rec_scale, spk_fun=args.spk_fun, readout_scale=args.readout_scale,
+                                seed=args.seed, tau_adapt=args.tau_adapt, beta=args.beta)
+    for layer in model.layers:
+        layer.freeze = bool(args.freeze_rec)  # models.run_layer and stateful_update stop its gradient
+    return model
 
 
 def train_and_evaluate(args, run_dir: str) -> dict:
     import brainstate
-    import datasets
     import models
-    from rsnn import train_loop
     from rsnn.trainer import Trainer, cosine_schedule
 
     devices = utils.select_devices(args.devices, args.distributed)
     brainstate.environ.set(dt=args.dt)  # before the network is built: the readout reads dt
-    cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample,
-                             t_delay=args.t_delay, t_test=args.t_test)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise utils.UserError(str(e))
-    model = models.DMSNet(cfg.n_input, args.n_rec, cfg.n_output, dt=args.dt, tau_neu=args.tau_neu, tau_syn=args.tau_syn,
-                          tau_I2=args.tau_I2, A2=args.A2, ff_scale=args.ff_scale, rec_scale=args.rec_scale,
-                          spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
-                          tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed,
-                          memory=memory_layout(args), freeze_rec=bool(args.freeze_rec))
+    task = make_task(args)
+    model = build_network(args, task)
     lr = args.lr if args.lr_schedule == 'constant' else \
         cosine_schedule(args.lr, args.epochs * args.batches_per_epoch)
-    trainer = Trainer(model, args.method, cfg.n_input, args.batch_size, optimizer=args.optimizer,
-                            lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
-                            vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
-                            protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
-                            rule_options=dict(utils.rule_options(args), **tbptt_options(args, cfg)))
+    trainer = Trainer(model, args.method, task.n_in, args.batch_size, optimizer=args.optimizer,
+                      lr=lr, grad_clip=args.grad_clip, etrace_decay=args.etrace_decay,
+                      vjp_time=args.vjp_time, devices=devices, trace_chunk=args.trace_chunk,
+                      protocol=args.protocol, reset_per_trial=bool(args.stream_reset),
+                      rule_options=dict(utils.rule_options(args), **tbptt_options(args, task)))
+    sizes = dict(n_steps=task.n_steps, test_start=task.decision_start, n_params=models.count_params(model),
+                 device=utils.devices_name(devices), n_devices=len(devices))
+    name = 'DMS' if task.name == 'dms' else task.name
     if args.protocol == 'stream':
-        from rsnn import stream_protocol
-        print(f'DMS stream: {args.batch_size} streams, {cfg.n_steps} steps per trial + ITI {args.t_iti} ms, '
-              f'{stream_protocol.chunk_ms(args):g} ms per update, {args.n_rec} GIF neurons, '
-              f'{methods.title(args.method)}; run folder {run_dir}', flush=True)
-        summary = stream_protocol.fit_stream(args, trainer, run_dir, cfg, extra_config=dict(
-            n_steps=cfg.n_steps, test_start=cfg.test_start, n_params=models.count_params(model),
-            device=utils.devices_name(devices), n_devices=len(devices)))
-        print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
-        return summary
-    print(f'DMS: {cfg.n_steps} steps per trial (test from step {cfg.test_start}), {args.n_rec} GIF neurons, '
-          f'{models.count_params(model)} weights, {methods.title(args.method)} on {utils.devices_name(devices)}; run folder {run_dir}')
-    train_batches = datasets.dms_train_loader(cfg, args.batch_size, args.batches_per_epoch, args.seed,
-                                              args.n_data_worker, rows=trainer.placement.local_rows())
-    test_set = datasets.dms_test_set(cfg, args.n_test_trials, args.batch_size, args.seed)
-    settings = train_loop.LoopSettings.from_args(args, acc_th=args.acc_th, smooth=args.acc_th_window)
-    config = dict(vars(args), run_dir=run_dir, n_steps=cfg.n_steps, test_start=cfg.test_start,
-                  n_params=models.count_params(model), device=utils.devices_name(devices), n_devices=len(devices),
-                  trace_chunk_used=trainer.trace_chunk)
-    val_set = datasets.dms_test_set(cfg, args.validation, args.batch_size, args.seed,
-                                    key=datasets.VALIDATION_KEY) if args.validation else None
-    summary = train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, cfg.loss_weights(), config,
-                             validation_batches=(lambda: val_set) if val_set else None)
+        summary = train_on_stream(args, trainer, run_dir, task, sizes, name)
+    else:
+        summary = train_on_trials(args, trainer, run_dir, task, sizes, name)
     print('summary:', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
     return summary
+
+
+def train_on_trials(args, trainer, run_dir: str, task, sizes: dict, name: str) -> dict:
+    import datasets
+    from rsnn import train_loop
+    print(f'{name}: {task.n_steps} steps per trial (decision from step {task.decision_start}), {args.n_rec} '
+          f'{args.model.upper()} neurons, {sizes["n_params"]} weights, {methods.title(args.method)} on '
+          f'{sizes["device"]}; run folder {run_dir}', flush=True)
+    train_batches = tasks.train_loader(task, args.batch_size, args.batches_per_epoch, args.seed,
+                                       args.n_data_worker, rows=trainer.placement.local_rows())
+    test_set = tasks.test_set(task, args.n_test_trials, args.batch_size, args.seed)
+    settings = train_loop.LoopSettings.from_args(args, acc_th=args.acc_th, smooth=args.acc_th_window)
+    config = dict(vars(args), run_dir=run_dir, **sizes, trace_chunk_used=trainer.trace_chunk)
+    val_set = tasks.test_set(task, args.validation, args.batch_size, args.seed,
+                             key=datasets.VALIDATION_KEY) if args.validation else None
+    return train_loop.fit(settings, trainer, run_dir, train_batches, lambda: test_set, task.loss_weights(), config,
+                          validation_batches=(lambda: val_set) if val_set else None)
+
+
+def train_on_stream(args, trainer, run_dir: str, task, sizes: dict, name: str) -> dict:
+    from rsnn import stream_protocol
+    cfg = stream_protocol.StreamConfig.from_flags(vars(args), title=name)
+    print(f'{name} stream: {args.batch_size} streams, {task.n_steps} steps per trial + ITI {args.t_iti} ms, '
+          f'{cfg.chunk_ms:g} ms per update, {args.n_rec} {args.model.upper()} neurons, '
+          f'{methods.title(args.method)}; run folder {run_dir}', flush=True)
+    return stream_protocol.fit_stream(cfg, trainer, run_dir, task, vars(args), extra_config=sizes)
+
+
+def make_task(args):
+    """The trial task of --dataset from the flags (rsnn/tasks); bad sizes are a one-line error."""
+    try:
+        return tasks.make_task(vars(args))
+    except ValueError as e:
+        raise utils.UserError(str(e))
 
 
 def memory_layout(args):
@@ -205,19 +227,17 @@ def memory_layout(args):
                 in_scale=args.memory_in_scale, rec_scale=args.memory_rec_scale)
 
 
-def tbptt_options(args, cfg) -> dict:
+def tbptt_options(args, task) -> dict:
     """The BPTT rule's TBPTT(k1, k2) window on a stream (rsnn/rules/bptt.py); none otherwise."""
     if args.protocol != 'stream' or args.method != 'bptt' or args.tbptt_k2 is None:
         return {}
-    return dict(tbptt_k1_steps=cfg.steps(args.tbptt_window), tbptt_k2_steps=cfg.steps(args.tbptt_k2))
+    return dict(tbptt_k1_steps=task.steps(args.tbptt_window), tbptt_k2_steps=task.steps(args.tbptt_k2))
 
 
 def check_sizes(args):
     """Refuse, before anything is allocated, sizes whose trial arrays alone exceed the memory available."""
-    import datasets
-    cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample,
-                             t_delay=args.t_delay, t_test=args.t_test)
-    per_trial = cfg.n_steps * cfg.n_input  # uint8 spikes; generating them takes two float32 arrays more
+    task = make_task(args)
+    per_trial = task.n_steps * task.n_in  # uint8 spikes; generating them takes two float32 arrays more
     utils.check_memory([
         ('--n_test_trials', args.n_test_trials, args.n_test_trials * per_trial, 'the held-out trials'),
         ('--validation', args.validation, args.validation * per_trial, 'the validation trials'),
@@ -229,6 +249,7 @@ def check_sizes(args):
 def main(argv) -> int:
     utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
     args = run_folder.parse_args(build_parser(), argv, PRESETS)
+    args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp> (dms: as always)
     utils.check_batch_for_devices(args.batch_size, args.devices)  # before anything is written
     check_sizes(args)
     run_dir = run_folder.prepare_run_dir(args)  # locked: another process cannot write it until this one ends

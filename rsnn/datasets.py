@@ -14,29 +14,74 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    name: str            # --dataset
-    title: str
-    n_in: int            # inputs per time step
-    n_out: int           # classes
-    train: str           # the training set's size
-    test: str            # the held-out set's size
-    steps: str           # time steps of one sample
-    loader: str          # where it is generated or read ('module:function')
-    script: str          # the task script that trains on it
+    """One row of the table of datasets: what a script and the docs need to know of a --dataset.
 
+    name: the --dataset value; title; n_in: inputs per time step; n_out: classes (n_classes); train, test:
+    the sizes of the training and held-out sets (text); steps: time steps of one sample (text); loader:
+    'module:function' that generates or reads it; script: the task script that trains on it; synthetic: the
+    stand-in with no download ('generated': the task is its own generator; else the script that writes a
+    synthetic copy of the files)."""
+    name: str
+    title: str
+    n_in: int
+    n_out: int
+    train: str
+    test: str
+    steps: str
+    loader: str
+    script: str
+    synthetic: str = 'generated'
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_out
+
+
+TRIAL_SCRIPT, IMAGE_SCRIPT = 'task-rsnn-long-term-dependency.py', 'task-image-classification.py'
+_FRESH = 'fresh trials every batch (seeded by seed, epoch, batch)'
 
 DATASETS = {
-    'dms': Dataset('dms', 'delayed match-to-sample', n_in=100, n_out=2,
-                   train='fresh trials every batch (seeded by seed, epoch, batch)',
+    'dms': Dataset('dms', 'delayed match-to-sample', n_in=100, n_out=2, train=_FRESH,
                    test='--n_test_trials fixed held-out trials', steps='t_fixation + t_sample + t_delay + t_test (2010)',
-                   loader='datasets:dms_train_loader', script='task-rsnn-long-term-dependency.py'),
+                   loader='datasets:dms_train_loader', script=TRIAL_SCRIPT),
+    'cue-accumulation': Dataset('cue-accumulation', 'cue accumulation (Bellec et al. 2020)', n_in=40, n_out=2,
+                                train=_FRESH, test='--n_test_trials fixed held-out trials',
+                                steps='cue_n (cue_t_cue + cue_t_gap) + cue_t_delay + cue_t_recall (2200)',
+                                loader='rsnn.tasks.base:train_loader', script=TRIAL_SCRIPT),
+    'store-recall': Dataset('store-recall', 'store-recall (Bellec et al. 2018)', n_in=50, n_out=2, train=_FRESH,
+                            test='--n_test_trials fixed held-out trials', steps='sr_periods x sr_t_period (800)',
+                            loader='rsnn.tasks.base:train_loader', script=TRIAL_SCRIPT),
     'nmnist': Dataset('nmnist', 'N-MNIST', n_in=2 * 34 * 34, n_out=10, train='60000 recordings', test='10000',
                       steps='--data_length frames (400)', loader='rsnn.event_data:load_framed_split',
-                      script='task-image-classification.py'),
+                      script=IMAGE_SCRIPT, synthetic='scripts/synthetic_events.py'),
     'shd': Dataset('shd', 'SHD', n_in=700, n_out=20, train='8156 recordings', test='2264',
                    steps='--data_length frames (400)', loader='rsnn.event_data:load_framed_split',
-                   script='task-image-classification.py'),
+                   script=IMAGE_SCRIPT, synthetic='scripts/synthetic_events.py'),
 }
+
+
+def register_dataset(row: Dataset) -> Dataset:
+    """Add a row to DATASETS (a new trial task registers its row through rsnn.tasks.register)."""
+    DATASETS[row.name] = row
+    return row
+
+
+def dataset(name: str) -> Dataset:
+    """The row of --dataset `name`; ValueError naming the choices for an unknown one."""
+    if name not in DATASETS:
+        raise ValueError(f'unknown dataset {name!r}; choose one of {", ".join(sorted(DATASETS))}')
+    return DATASETS[name]
+
+
+def names(script: str) -> list:
+    """The --dataset choices of a task script (its file name, e.g. IMAGE_SCRIPT), in table order."""
+    return [d.name for d in DATASETS.values() if d.script == script]
+
+
+def input_size(name: str) -> int:
+    """Inputs per time step of --dataset `name` (what a script sizes its batches by before any data is read)."""
+    return dataset(name).n_in
+
 
 # --------------------------------------------------------------------------------------------
 # Delayed match-to-sample

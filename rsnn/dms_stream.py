@@ -1,169 +1,22 @@
-"""The DMS task as endless streams: B parallel streams of trials separated by random inter-trial intervals.
-
-Each stream is one sequence with no end: [phase] trial ITI trial ITI ... where a trial is the DMS trial of
-datasets.dms_trials (fixation, sample, delay, test) and the inter-trial interval (ITI) is background
-input only, its length drawn uniformly from [iti_min, iti_max] ms. A stream starts after a random phase
-(uniform over one trial plus the longest ITI; none when iti_max is 0) so that the test periods of the
-B streams are spread over time and almost every update has some loss in it.
-
-The stream is cut into chunks of `chunk_steps` steps. Everything is a pure function of (seed, salt,
-chunk index): trial j of stream b is drawn from default_rng([seed, salt, b, j]) and the spikes of chunk k
-from default_rng([seed, salt, chunk_steps, k]), so a resumed run regenerates exactly the chunk it stopped
-at, and a held-out stream (another salt) is the same for every method.
-"""
+"""The DMS task as endless streams: rsnn/trial_stream.py's TrialStream of the DMS trial task
+(rsnn/tasks/dms.py), under the names the DMS stream always had (DMSStream(cfg, ...), Trial, Chunk,
+TrialScorer, parse_iti, the salts)."""
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
-
 from rsnn import datasets
-
-TRAIN_SALT = 1
-HELD_OUT_SALT = 2 ** 31 - 2
-VALIDATION_SALT = 2 ** 31 - 3  # --validation: a third stream, disjoint from the training and held-out ones
-PHASE_TRIAL = 2 ** 31 - 1  # the trial index whose rng draws a stream's initial phase
+from rsnn.trial_stream import (HELD_OUT_SALT, PHASE_TRIAL, TRAIN_SALT, VALIDATION_SALT, Chunk, Trial,  # noqa: F401
+                               TrialScorer, TrialStream, parse_iti)
 
 
-def parse_iti(text: str) -> tuple:
-    """'100-500' -> (100., 500.) ms; '300' -> (300., 300.); '0' -> no interval."""
-    parts = str(text).split('-')
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 0 or values[0] > values[-1]:
-        raise ValueError(f"--t_iti expects MS or MIN-MAX in ms with 0 <= MIN <= MAX (e.g. 100-500), got {text!r}")
-    return values[0], values[-1]
+class DMSStream(TrialStream):
+    """TrialStream(DMSTask(cfg), ...): the DMS stream of a datasets.DMSConfig."""
 
-
-@dataclasses.dataclass
-class Trial:
-    stream: int
-    index: int
-    start: int          # absolute step of the trial's first step (fixation)
-    label: int          # 1 = match
-    sample: int
-    test: int
-
-    def test_range(self, cfg: datasets.DMSConfig):
-        return self.start + cfg.test_start, self.start + cfg.n_steps
-
-
-@dataclasses.dataclass
-class Chunk:
-    """Steps [start, start + len) of every stream."""
-    start: int
-    xs: np.ndarray        # (U, B, n_in) uint8 spikes
-    labels: np.ndarray    # (U, B) int32: the label of the trial whose test period holds the step (else 0)
-    weights: np.ndarray   # (U, B) float32: 1 / test steps inside a test period, 0 elsewhere
-    resets: np.ndarray    # (U, B) bool: a trial starts at this step (the reset-per-trial control)
-    tests: list           # (trial, first, stop, ends_here): local step ranges of test periods, in time order
-
-
-class DMSStream:
     def __init__(self, cfg: datasets.DMSConfig, n_streams: int, chunk_steps: int, seed: int,
                  iti_ms: tuple = (100., 500.), salt: int = TRAIN_SALT):
-        self.cfg, self.n_streams, self.chunk_steps, self.seed, self.salt = cfg, n_streams, chunk_steps, seed, salt
-        self.iti_steps = (cfg.steps(iti_ms[0]), cfg.steps(iti_ms[1]))
-        self._trials = [[] for _ in range(n_streams)]  # each stream's trials drawn so far, in order
-        self._next_start = [self._phase(b) for b in range(n_streams)]
-
-    def _phase(self, b: int) -> int:
-        if self.iti_steps[1] == 0:
-            return 0
-        rng = np.random.default_rng([self.seed, self.salt, b, PHASE_TRIAL])
-        return int(rng.integers(0, self.cfg.n_steps + self.iti_steps[1]))
-
-    def _draw(self, b: int):
-        j = len(self._trials[b])
-        rng = np.random.default_rng([self.seed, self.salt, b, j])
-        match = bool(rng.random() < 0.5)
-        sample = int(rng.integers(0, self.cfg.n_direction))
-        test = sample if match else int((sample + rng.integers(1, self.cfg.n_direction)) % self.cfg.n_direction)
-        iti = int(rng.integers(self.iti_steps[0], self.iti_steps[1] + 1))
-        trial = Trial(b, j, self._next_start[b], int(match), sample, test)
-        self._trials[b].append(trial)
-        self._next_start[b] = trial.start + self.cfg.n_steps + iti
-
-    def trials_overlapping(self, b: int, start: int, stop: int) -> list:
-        """Stream b's trials that have a step in [start, stop)."""
-        while self._next_start[b] < stop:
-            self._draw(b)
-        trials = self._trials[b]
-        # trials are in time order; walk back from the end (a chunk holds few trials)
-        out = []
-        for t in reversed(trials):
-            if t.start + self.cfg.n_steps <= start:
-                break
-            if t.start < stop:
-                out.append(t)
-        return out[::-1]
-
-    def trial(self, b: int, j: int) -> Trial:
-        while len(self._trials[b]) <= j:
-            self._draw(b)
-        return self._trials[b][j]
-
-    def chunk(self, k: int) -> Chunk:
-        cfg, U, B = self.cfg, self.chunk_steps, self.n_streams
-        start, stop = k * U, (k + 1) * U
-        p_bg = cfg.rate_background * cfg.dt / 1000.
-        p_stim = cfg.rate_stimulus * cfg.dt / 1000.
-        prob = np.full((U, B, cfg.n_input), p_bg, np.float32)
-        labels = np.zeros((U, B), np.int32)
-        weights = np.zeros((U, B), np.float32)
-        resets = np.zeros((U, B), bool)
-        tests = []
-        n_test = cfg.n_steps - cfg.test_start
-        for b in range(B):
-            for t in self.trials_overlapping(b, start, stop):
-                tune = datasets.dms_tuning(cfg, np.array([t.sample, t.test]))
-                for (a, e), row in (((cfg.sample_start, cfg.delay_start), 0), ((cfg.test_start, cfg.n_steps), 1)):
-                    lo, hi = max(t.start + a, start) - start, min(t.start + e, stop) - start
-                    if lo < hi:
-                        prob[lo:hi, b] += p_stim * tune[row]
-                lo, hi = max(t.start + cfg.test_start, start) - start, min(t.start + cfg.n_steps, stop) - start
-                if lo < hi:
-                    labels[lo:hi, b] = t.label
-                    weights[lo:hi, b] = 1. / n_test
-                    tests.append((t, lo, hi, t.start + cfg.n_steps <= stop))
-                if start <= t.start < stop:
-                    resets[t.start - start, b] = True
-        rng = np.random.default_rng([self.seed, self.salt, U, k])
-        xs = (rng.random(prob.shape, dtype=np.float32) < prob).astype(np.uint8)
-        tests.sort(key=lambda item: (item[0].start + cfg.test_start, item[0].stream))
-        return Chunk(start, xs, labels, weights, resets, tests)
-
-    def chunks_for_trials(self, n_trials: int) -> int:
-        """Chunks until every stream has finished its first n_trials trials."""
-        end = max(self.trial(b, n_trials - 1).start + self.cfg.n_steps for b in range(self.n_streams))
-        return -(-end // self.chunk_steps)
-
-    def mean_period_steps(self) -> float:
-        return self.cfg.n_steps + sum(self.iti_steps) / 2.
+        from rsnn.tasks.dms import DMSTask
+        super().__init__(DMSTask(cfg), n_streams, chunk_steps, seed, iti_ms, salt)
+        self.cfg = cfg
 
 
-class TrialScorer:
-    """Per-trial accuracy on a stream: the readout summed over each trial's test period (argmax of the
-    weighted average, as in the trial protocol), scored when the test period ends. The partial sums of the
-    test periods in progress are its state (saved in a checkpoint)."""
-
-    def __init__(self, n_streams: int, n_out: int = 2):
-        self.partial = np.zeros((n_streams, n_out), np.float64)
-        self.loss_partial = np.zeros(n_streams, np.float64)
-
-    def add(self, chunk: Chunk, outs: np.ndarray, step_losses: np.ndarray = None) -> list:
-        """outs (U, B, n_out) of a chunk (step_losses (U, B): weighted per-step losses, optional) -> list of
-        (trial, correct, loss) for the trials whose test period ended in this chunk."""
-        done = []
-        for t, lo, hi, ends_here in chunk.tests:
-            b = t.stream
-            self.partial[b] += outs[lo:hi, b].sum(0)
-            if step_losses is not None:
-                self.loss_partial[b] += step_losses[lo:hi, b].sum()
-            if ends_here:
-                done.append((t, int(np.argmax(self.partial[b]) == t.label), float(self.loss_partial[b])))
-                self.partial[b] = 0.
-                self.loss_partial[b] = 0.
-        return done
+__all__ = ['DMSStream', 'TrialStream', 'Trial', 'Chunk', 'TrialScorer', 'parse_iti', 'TRAIN_SALT', 'HELD_OUT_SALT',
+           'VALIDATION_SALT', 'PHASE_TRIAL']

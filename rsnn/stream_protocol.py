@@ -5,13 +5,15 @@ chunk to the next; online rules step by step or chunked, BPTT truncated to the c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
-from rsnn import dms_stream, methods, run_folder
+from rsnn import methods, trial_stream
 from rsnn.errors import UserError
 from rsnn.files import peak_rss_mb
 
@@ -21,13 +23,13 @@ BURN_IN_TRIALS = 1  # the held-out stream's first trial of every stream is run b
 
 def evaluate_stream(st, stream, n_trials_per_stream: int, burn_in: int = BURN_IN_TRIALS):
     """Held-out accuracy and loss of the current weights, frozen, on n_trials_per_stream trials of every
-    stream of `stream` (a DMSStream) after `burn_in` trials per stream that are run but not scored (the
+    stream of `stream` (a TrialStream) after `burn_in` trials per stream that are run but not scored (the
     first trial starts from zero states, which the training stream never has), run from zero states without
     any reset (unless the trainer's reset_per_trial control). The training states and traces are put back
     afterwards. Returns (loss, accuracy, trials scored)."""
     saved = st.get_states()
     st.reset(with_rule=False)
-    scorer = dms_stream.TrialScorer(stream.n_streams)
+    scorer = trial_stream.TrialScorer(stream.n_streams, stream.task.n_out)
     correct, losses = [], []
     for k in range(stream.chunks_for_trials(n_trials_per_stream + burn_in)):
         chunk = stream.chunk(k)
@@ -55,58 +57,101 @@ def stream_extra(trainer, chunks_done: int, scorer) -> dict:
             'partial': np.asarray(scorer.partial, np.float32), 'loss_partial': np.asarray(scorer.loss_partial, np.float32)}
 
 
-def chunk_ms(args) -> float:
-    """The stretch of stream per update: the TBPTT window for bptt, --update_every for the online methods."""
-    return args.tbptt_window if args.method == 'bptt' else args.update_every
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """What the stream protocol reads of a run's flags (task-rsnn-long-term-dependency.py's stream group).
+
+    n_streams: --batch_size parallel streams; t_iti: '--t_iti' text (MIN-MAX ms); update_every / tbptt_window:
+    ms of stream per update (online rules / bptt; TBPTT's k2 is the rule's option); stream_trials: training length in trials per
+    stream; eval_every_trials: trials per stream between held-out evaluations; n_test_trials, validation: held-out
+    and validation trials (divided among the streams); stream_reset: the reset-per-trial control; grad_clip:
+    for the clipped fraction in metrics.csv; resume, no_progress, check_grad: as the flags; title: the task's
+    name in the figure title."""
+    method: str
+    n_streams: int
+    seed: int
+    t_iti: str = '100-500'
+    update_every: float = 500.
+    tbptt_window: float = 1000.
+    stream_trials: int = 500
+    eval_every_trials: int = 25
+    n_test_trials: int = 512
+    validation: int = 0
+    stream_reset: int = 0
+    grad_clip: float = 1.
+    resume: Optional[str] = None
+    no_progress: bool = False
+    check_grad: bool = False
+    title: str = 'DMS'
+
+    @classmethod
+    def from_flags(cls, values: dict, title: str = 'DMS') -> 'StreamConfig':
+        """From the parsed flags (a dict: vars(args)); flags this protocol does not read are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)} - {'n_streams', 'check_grad', 'title'}
+        return cls(n_streams=values['batch_size'], title=title,
+                   check_grad=bool(values.get('check_grad') or values.get('check_grad_every')),
+                   **{k: values[k] for k in names if k in values})
+
+    @property
+    def chunk_ms(self) -> float:
+        """The stretch of stream per update: the TBPTT window for bptt, --update_every for the online methods."""
+        return self.tbptt_window if self.method == 'bptt' else self.update_every
 
 
-def stream_plan(args, cfg):
-    """The training stream, the held-out stream and the number of chunks of the run."""
+def chunk_ms(cfg: StreamConfig) -> float:
+    """The stretch of stream per update (StreamConfig.chunk_ms)."""
+    return cfg.chunk_ms
+
+
+def stream_plan(cfg: StreamConfig, task):
+    """The training stream, the held-out stream and the number of chunks of the run, for any trial task."""
     try:
-        iti = dms_stream.parse_iti(args.t_iti)
+        iti = trial_stream.parse_iti(cfg.t_iti)
     except ValueError as e:
         raise UserError(str(e))
-    steps = cfg.steps(chunk_ms(args))
+    steps = task.steps(cfg.chunk_ms)
     if steps < 1:
-        raise UserError(f'--{"tbptt_window" if args.method == "bptt" else "update_every"} must be at '
-                              f'least one step of dt={cfg.dt} ms')
-    train = dms_stream.DMSStream(cfg, args.batch_size, steps, args.seed, iti)
-    held_out = dms_stream.DMSStream(cfg, args.batch_size, cfg.steps(EVAL_CHUNK_MS), args.seed, iti,
-                                    salt=dms_stream.HELD_OUT_SALT)
-    n_chunks = int(np.ceil(args.stream_trials * train.mean_period_steps() / steps))
+        raise UserError(f'--{"tbptt_window" if cfg.method == "bptt" else "update_every"} must be at '
+                        f'least one step of dt={task.dt} ms')
+    train = trial_stream.TrialStream(task, cfg.n_streams, steps, cfg.seed, iti)
+    held_out = trial_stream.TrialStream(task, cfg.n_streams, task.steps(EVAL_CHUNK_MS), cfg.seed, iti,
+                                        salt=trial_stream.HELD_OUT_SALT)
+    n_chunks = int(np.ceil(cfg.stream_trials * train.mean_period_steps() / steps))
     return train, held_out, n_chunks
 
 
 EVAL_CHUNK_MS = 2000.  # the held-out stream is cut into chunks of this length (the same for every method)
 
 
-def fit_stream(args, trainer, run_dir: str, cfg, extra_config: dict = None) -> dict:
-    """Train on the stream for --stream_trials trials per stream; evaluate on the held-out stream every
-    --eval_every_trials trials per stream (train_loop.run: the loop of the trial protocol too). Writes
+def fit_stream(cfg: StreamConfig, trainer, run_dir: str, task, flags: dict, extra_config: dict = None) -> dict:
+    """Train on the stream of `task` (a TrialTask) for cfg.stream_trials trials per stream; evaluate on the
+    held-out stream every cfg.eval_every_trials trials per stream (train_loop.run: the loop of the trial
+    protocol too). config.json holds `flags` (the run's flags), the plan and `extra_config`. Writes
     config.json, batches.csv (one row per update), metrics.csv (one row per evaluation), learning_curves.png,
     checkpoints and summary.json."""
     from rsnn import train_loop
-    train, held_out, n_chunks = stream_plan(args, cfg)
-    n_test = int(np.ceil(args.n_test_trials / args.batch_size))
+    train, held_out, n_chunks = stream_plan(cfg, task)
+    n_test = int(np.ceil(cfg.n_test_trials / cfg.n_streams))
     period = train.mean_period_steps()
-    config = dict(vars(args), run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
-                  mean_period_steps=period, n_test_trials_used=n_test * args.batch_size,
-                  held_out_burn_in_trials=BURN_IN_TRIALS, trace_chunk_used=trainer.trace_chunk, **(extra_config or {}))
-    if args.resume:
+    config = dict(flags, run_dir=run_dir, chunk_steps=train.chunk_steps, n_chunks=n_chunks,
+                  mean_period_steps=period, n_test_trials_used=n_test * cfg.n_streams,
+                  held_out_burn_in_trials=BURN_IN_TRIALS, trace_chunk_used=trainer.trace_chunk,
+                  **(extra_config or {}))
+    if cfg.resume:
         with open(os.path.join(run_dir, 'config.json')) as f:
             saved = json.load(f)
-        if saved.get('batch_size', args.batch_size) != args.batch_size:
+        if saved.get('batch_size', cfg.n_streams) != cfg.n_streams:
             raise UserError(f'--resume {run_dir}: --batch_size is the number of streams; it cannot change '
-                                  f'in a resumed stream run (the run has {saved["batch_size"]})')
-    settings = train_loop.LoopSettings(epochs=n_chunks, method=args.method, experiment='dms stream',
-                                       resume=bool(args.resume), progress_bars=not args.no_progress,
-                                       check_grad_every=int(bool(getattr(args, 'check_grad', False)
-                                                                 or getattr(args, 'check_grad_every', None))))
-    source = StreamSource(args, trainer, train, held_out, n_chunks, n_test, args.eval_every_trials * period)
-    if getattr(args, 'validation', 0):  # a third stream, its own generator key: val_loss, val_acc in metrics.csv
-        source.validation = (dms_stream.DMSStream(cfg, args.batch_size, cfg.steps(EVAL_CHUNK_MS), args.seed,
-                                                  dms_stream.parse_iti(args.t_iti), salt=dms_stream.VALIDATION_SALT),
-                             int(np.ceil(args.validation / args.batch_size)))
+                            f'in a resumed stream run (the run has {saved["batch_size"]})')
+    settings = train_loop.LoopSettings(epochs=n_chunks, method=cfg.method, experiment=f'{task.name} stream',
+                                       resume=bool(cfg.resume), progress_bars=not cfg.no_progress,
+                                       check_grad_every=int(cfg.check_grad))
+    source = StreamSource(cfg, trainer, train, held_out, n_chunks, n_test, cfg.eval_every_trials * period)
+    if cfg.validation:  # a third stream, its own generator key: val_loss, val_acc in metrics.csv
+        source.validation = (trial_stream.TrialStream(task, cfg.n_streams, task.steps(EVAL_CHUNK_MS), cfg.seed,
+                                                      trial_stream.parse_iti(cfg.t_iti),
+                                                      salt=trial_stream.VALIDATION_SALT),
+                             int(np.ceil(cfg.validation / cfg.n_streams)))
     return train_loop.run(settings, trainer, run_dir, source, config)
 
 
@@ -146,12 +191,12 @@ class StreamSource:
     period_name = 'evaluation'
     default_stop = 'stream_trials'
     stops_at_acc_th = False
-    validation = None  # (the validation DMSStream, trials per stream): val_loss, val_acc in each evaluation row
+    validation = None  # (the validation TrialStream, trials per stream): val_loss, val_acc in each evaluation row
 
-    def __init__(self, args, trainer, train, held_out, n_chunks: int, n_test: int, eval_steps: float):
-        self.args, self.trainer, self.train_stream, self.held_out = args, trainer, train, held_out
+    def __init__(self, cfg: StreamConfig, trainer, train, held_out, n_chunks: int, n_test: int, eval_steps: float):
+        self.cfg, self.trainer, self.train_stream, self.held_out = cfg, trainer, train, held_out
         self.n_chunks, self.n_test, self.eval_steps = n_chunks, n_test, eval_steps
-        self.scorer = dms_stream.TrialScorer(args.batch_size)
+        self.scorer = trial_stream.TrialScorer(cfg.n_streams, train.task.n_out)
         self.next_chunk, self.trials_done, self.periods_done = 0, 0, 0
 
     # -- the periods
@@ -183,7 +228,7 @@ class StreamSource:
             ep.gnorms.append(result['grad_norm'])
         self.next_chunk = k + 1
         recent = progress.recent
-        return dict(batch=k + 1, stream_s=(k + 1) * self.train_stream.chunk_steps * self.train_stream.cfg.dt / 1000.,
+        return dict(batch=k + 1, stream_s=(k + 1) * self.train_stream.chunk_steps * self.train_stream.dt / 1000.,
                     trials=self.trials_done, loss=result['loss'],
                     acc=float(np.mean(recent)) if recent else float('nan'), grad_norm=result['grad_norm'],
                     updated=int(result['applied']))
@@ -199,7 +244,7 @@ class StreamSource:
             val_loss, val_acc, _ = evaluate_stream(self.trainer, *self.validation)
             self.trainer.pop_eval_rates()  # the firing rates of the row are the held-out stream's
         self.periods_done = epoch
-        row = dict(epoch=epoch, batches=k, stream_s=k * U * train.cfg.dt / 1000.,
+        row = dict(epoch=epoch, batches=k, stream_s=k * U * train.dt / 1000.,
                    trials_per_stream=k * U / train.mean_period_steps(), trials=self.trials_done,
                    train_loss=sum(ep.losses) / max(len(ep.losses), 1), train_acc=sum(ep.accs) / max(len(ep.accs), 1),
                    test_loss=test_loss, test_acc=test_acc,
@@ -207,8 +252,8 @@ class StreamSource:
                    grad_norm=float(np.mean(ep.gnorms)) if ep.gnorms else float('nan'), seconds=total,
                    step_s_per_batch=ep.step_s_per_batch())
         row['s_per_1000_steps'] = row['step_s_per_batch'] * 1000. / U
-        row.update(update_stats(ep.gnorms, self.args.grad_clip), **weight_norms(self.trainer))
-        row['test_rate_hz'] = 1000. / train.cfg.dt * float(np.mean(rates)) if rates else float('nan')
+        row.update(update_stats(ep.gnorms, self.cfg.grad_clip), **weight_norms(self.trainer))
+        row['test_rate_hz'] = 1000. / train.dt * float(np.mean(rates)) if rates else float('nan')
         row.update({f'rate_layer{i}': r for i, r in enumerate(rates)})
         return row
 
@@ -243,7 +288,7 @@ class StreamSource:
         return None
 
     def train_further_hint(self, done: int) -> str:
-        return f'give --stream_trials N > {self.args.stream_trials} to train it further'
+        return f'give --stream_trials N > {self.cfg.stream_trials} to train it further'
 
     def resumed_message(self, run_dir: str, done: int) -> str:
         return f'resumed {run_dir} after evaluation {done} (chunk {self.next_chunk} of {self.n_chunks})'
@@ -256,18 +301,18 @@ class StreamSource:
         return None
 
     def figure_title(self, settings) -> str:
-        return f'DMS stream, {methods.title(self.args.method)}, {chunk_ms(self.args):g} ms per update'
+        return f'{self.cfg.title} stream, {methods.title(self.cfg.method)}, {self.cfg.chunk_ms:g} ms per update'
 
     def summary(self, settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
-        args, train = self.args, self.train_stream
+        cfg, train = self.cfg, self.train_stream
         last = metrics[-1] if metrics else {}
         reached = [r for r in metrics if r['test_acc'] >= TRIALS_TO]
         timed = [r['s_per_1000_steps'] for r in metrics if np.isfinite(r.get('s_per_1000_steps', float('nan')))]
-        memory = self.trainer.stream_update_memory(train.chunk_steps, train.cfg.n_input)
+        memory = self.trainer.stream_update_memory(train.chunk_steps, train.n_in)
         best = state.best_test_acc
-        return dict(method=args.method, protocol='stream', chunk_ms=chunk_ms(args), chunk_steps=train.chunk_steps,
-                    trace_chunk=self.trainer.trace_chunk, stream_reset=int(args.stream_reset),
-                    stream_trials=args.stream_trials, updates=int(last.get('batches', 0)),
+        return dict(method=cfg.method, protocol='stream', chunk_ms=cfg.chunk_ms, chunk_steps=train.chunk_steps,
+                    trace_chunk=self.trainer.trace_chunk, stream_reset=int(cfg.stream_reset),
+                    stream_trials=cfg.stream_trials, updates=int(last.get('batches', 0)),
                     stream_s=last.get('stream_s'), trials=int(last.get('trials', 0)), test_acc=last.get('test_acc'),
                     best_test_acc=best if best >= 0 else None,
                     rolling_train_acc=float(np.mean(progress.recent)) if progress.recent else None,

@@ -7,18 +7,16 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 
+from rsnn import datasets, tonic_adapter
 from rsnn.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class EventDataset:
-    key: str                 # --dataset value
-    title: str
+    key: str                 # --dataset value (its row of datasets.DATASETS gives the title and the sizes)
     tonic_class: str         # class name in tonic.datasets (also the folder tonic uses under --data_dir)
-    sensor_size: tuple       # tonic's (x, y, p)
-    n_classes: int
+    sensor_size: tuple       # tonic's (x, y, p); its product is the row's n_in
     train_files: tuple       # what tonic needs on disk, relative to <data_dir>/<tonic_class>/
     test_files: tuple
     urls: tuple              # (file name, official download address)
@@ -26,13 +24,25 @@ class EventDataset:
     size: str                # download size, for the message
 
     @property
+    def row(self) -> datasets.Dataset:
+        return datasets.DATASETS[self.key]
+
+    @property
+    def title(self) -> str:
+        return self.row.title
+
+    @property
     def n_in(self) -> int:
-        return int(np.prod(self.sensor_size))
+        return self.row.n_in
+
+    @property
+    def n_classes(self) -> int:
+        return self.row.n_out
 
 
 EVENT_DATASETS = {
     'nmnist': EventDataset(
-        key='nmnist', title='N-MNIST', tonic_class='NMNIST', sensor_size=(34, 34, 2), n_classes=10,
+        key='nmnist', tonic_class='NMNIST', sensor_size=(34, 34, 2),
         train_files=('train.zip', 'Train/<digit>/*.bin (at least 10000 files; 60000 in the release)'),
         test_files=('test.zip', 'Test/<digit>/*.bin (10000 files)'),
         urls=(('train.zip', 'https://data.mendeley.com/public-files/datasets/468j46mzdv/files/'
@@ -42,8 +52,7 @@ EVENT_DATASETS = {
         homepage='https://www.garrickorchard.com/datasets/n-mnist (https://data.mendeley.com/datasets/468j46mzdv/1)',
         size='about 1.1 GB'),
     'shd': EventDataset(
-        key='shd', title='SHD', tonic_class='SHD', sensor_size=(700, 1, 1),
-        n_classes=20,
+        key='shd', tonic_class='SHD', sensor_size=(700, 1, 1),
         train_files=('shd_train.h5', 'shd_train.h5.zip'),
         test_files=('shd_test.h5', 'shd_test.h5.zip'),
         urls=(('shd_train.h5.zip', 'https://zenkelab.org/datasets/shd_train.h5.zip'),
@@ -59,21 +68,6 @@ def event_dataset(name: str) -> EventDataset:
     return EVENT_DATASETS[name]
 
 
-def _tonic_probe(cls, location: str, train: bool):
-    """An instance of tonic's class with only the attributes its `_check_exists` reads (its constructor
-    would start a download when the check fails)."""
-    probe = cls.__new__(cls)
-    probe.location_on_system = location
-    if cls.__name__ == 'NMNIST':
-        probe.filename = cls.train_filename if train else cls.test_filename
-        probe.folder_name = cls.train_folder if train else cls.test_folder
-    else:
-        probe.filename = cls.train_zip if train else cls.test_zip
-        probe.folder_name = ''
-        probe.data_filename = probe.filename[:-4]
-    return probe
-
-
 # scripts/synthetic_events.py writes this file into the NMNIST/ (SHD/) folder it generates.
 SYNTHETIC_MARKER = 'SYNTHETIC.json'
 
@@ -82,42 +76,13 @@ def is_synthetic(location: str) -> bool:
     return os.path.isfile(os.path.join(location, SYNTHETIC_MARKER))
 
 
-class _relaxed_nmnist_check:
-    """While active, tonic's NMNIST existence check asks for one .bin file per split instead of 10000:
-    used only for a folder that holds SYNTHETIC_MARKER. The dataset object stays a plain tonic NMNIST
-    (a subclass made on the fly could not be pickled into spawned loader workers)."""
-
-    def __init__(self, cls):
-        self.cls = cls
-
-    def __enter__(self):
-        def _check_exists(ds):
-            return ds._is_file_present() and ds._folder_contains_at_least_n_files_of_type(1, '.bin')
-        self.original = self.cls.__dict__.get('_check_exists')
-        self.cls._check_exists = _check_exists
-        return self.cls
-
-    def __exit__(self, *exc):
-        if self.original is None:
-            del self.cls._check_exists
-        else:
-            self.cls._check_exists = self.original
-
-
 def tonic_files_present(info: EventDataset, data_dir: str, train: bool) -> bool:
-    """tonic's own existence check (the one its constructor runs), without constructing the class."""
+    """tonic's own existence check (the one its constructor runs), without constructing the class
+    (rsnn/tonic_adapter.py: the one place that touches tonic's private names)."""
     import tonic.datasets
     cls = getattr(tonic.datasets, info.tonic_class)
     location = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), cls.__name__)
-    probe = _tonic_probe(cls, location, train)
-    if cls.__name__ == 'NMNIST' and is_synthetic(location):
-        with _relaxed_nmnist_check(cls):
-            ok = bool(probe._check_exists())
-    else:
-        ok = bool(probe._check_exists())
-    if ok and hasattr(probe, 'data_filename'):
-        ok = os.path.isfile(os.path.join(location, probe.data_filename))
-    return ok
+    return tonic_adapter.files_present(cls, location, train, relaxed=cls.__name__ == 'NMNIST' and is_synthetic(location))
 
 
 def missing_data_message(info: EventDataset, data_dir: str, train: bool, reason: str) -> str:
@@ -186,7 +151,7 @@ def open_tonic_dataset(info: EventDataset, data_dir: str, train: bool, transform
             # a synthetic set (scripts/synthetic_events.py) may hold fewer than tonic's 10000 files
             print(f'{location} holds a synthetic N-MNIST ({SYNTHETIC_MARKER}): tonic\'s 10000-file check '
                   f'relaxed to one .bin file per split', flush=True)
-            with _relaxed_nmnist_check(cls):
+            with tonic_adapter.relaxed_nmnist_check(cls):
                 try:
                     return cls(root, train=train, transform=transform, **kwargs)
                 except (OSError, KeyError, ValueError) as e:

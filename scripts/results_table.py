@@ -50,7 +50,7 @@ def run_row(run_dir: str, root: str) -> dict:
         dataset=dataset, method=method,
         etrace_decay=config.get('etrace_decay') if method == 'expsm_diag' else None,
         n_rec=config.get('n_rec'), n_layer=1 if dms else config.get('n_layer'),
-        T=config.get('n_steps') if dms else config.get('data_length'),
+        T=config.get('n_steps') or config.get('data_length'),  # a trial task's steps, or the frames
         batch_size=config.get('batch_size'),
         epochs_run=summary.get('epochs_run'), stopped_because=summary.get('stopped_because'),
         best_test_acc=summary.get('best_test_acc'), test_acc=summary.get('test_acc'),

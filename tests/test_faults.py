@@ -342,12 +342,12 @@ def test_sigint_before_anything_is_written_leaves_no_folder(tmp_path, dms_script
     """Ctrl-C while the data are made (before config.json): the folder held only the marker and the lock."""
     run_dir = str(tmp_path / 'run')
     body = '''
-    import datasets
-    real = datasets.dms_test_set
+    from rsnn import tasks
+    real = tasks.test_set
     def test_set(*a, **kw):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **kw)
-    datasets.dms_test_set = test_set
+    tasks.test_set = test_set
     '''
     proc, _ = run_child(run_dir, body, FAST + ['--epochs', '1', '--out_dir', run_dir])
     assert proc.returncode == 130, proc.stderr

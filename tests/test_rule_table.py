@@ -123,7 +123,7 @@ def test_every_row_is_complete_and_importable_without_jax():
 def test_the_table_of_datasets_agrees_with_the_loaders():
     import datasets
     from rsnn import tonic_data
-    assert set(datasets.DATASETS) == {'dms', 'nmnist', 'shd'}
+    assert {'dms', 'nmnist', 'shd', 'cue-accumulation', 'store-recall'} <= set(datasets.DATASETS)
     cfg = datasets.DMSConfig()
     assert (datasets.DATASETS['dms'].n_in, datasets.DATASETS['dms'].n_out) == (cfg.n_input, cfg.n_output)
     assert cfg.n_steps == 2010 and '2010' in datasets.DATASETS['dms'].steps

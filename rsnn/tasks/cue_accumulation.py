@@ -1,0 +1,116 @@
+"""Evidence (cue) accumulation (Bellec et al. 2020, e-prop, Fig. 3) as a trial task, with its flags, defaults
+and presets.
+
+Inputs: four populations of --cue_pop Poisson neurons: left cues, right cues, the recall cue, and background
+noise (--cue_bg_rate at every step of the trial and between trials). A trial: --cue_n cues, each --cue_t_cue ms
+of --cue_rate Hz in the left or the right population (its side drawn uniformly, independently), followed by
+--cue_t_gap ms of silence; then a delay of --cue_t_delay ms; then the recall cue for --cue_t_recall ms, in which
+the network answers the side that had the majority of the cues (--cue_n odd: no ties). The loss and the
+accuracy are read on the recall window only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from rsnn import cli
+from rsnn.tasks.base import Flag, TaskRow, decision_weights, rate_trials, register
+
+FLAGS = (
+    Flag('cue_n', cli.positive_int, 7, 'cue-accumulation: cues per trial (odd: the majority is defined)'),
+    Flag('cue_t_cue', cli.positive_float, 100., 'cue-accumulation: ms of one cue'),
+    Flag('cue_t_gap', cli.nonneg_float, 50., 'cue-accumulation: ms of silence after each cue'),
+    Flag('cue_t_delay', cli.nonneg_float, 1000., 'cue-accumulation: ms between the last cue and the recall cue'),
+    Flag('cue_t_recall', cli.positive_float, 150., 'cue-accumulation: ms of the recall cue (the loss is here)'),
+    Flag('cue_rate', cli.positive_float, 40., 'cue-accumulation: Hz of a cue population during its cue'),
+    Flag('cue_bg_rate', cli.nonneg_float, 10., 'cue-accumulation: Hz of the background-noise population'),
+    Flag('cue_pop', cli.positive_int, 10, 'cue-accumulation: Poisson neurons per input population (4 populations)'),
+)
+
+# Sized for a 2-core CPU (docs/tasks.md): Bellec's timing with a 500 ms delay (1700 steps), the paper's GIF
+# network (adaptation currents, tau_I2 up to 2250 ms) with 100 neurons, BPTT at batch 32, 10 epochs of 25
+# batches. Controls: --A2 0 (adaptation off), --freeze_rec 1 (readout only). The all-adaptive SpikingStack
+# (--model alif-delta) is the other network (docs/tasks.md: its rates grow and its accuracy falls back).
+NETWORK = dict(model='gif', n_rec=100, tau_neu=100., tau_syn=100., tau_I2=1500., A2=1., ff_scale=6., rec_scale=2.,
+               readout_scale=0.1, tau_o=10.)
+PRESETS = {
+    'cue-accumulation': dict(NETWORK, method='bptt', cue_t_delay=500., batch_size=32, batches_per_epoch=25,
+                             epochs=10, lr=1e-3, lr_schedule='constant', acc_th=0.98, acc_th_window=25,
+                             n_test_trials=2560, devices='cpu', exp_name='cue-accumulation'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CueAccumulation:
+    """The cue-accumulation trial task (TrialTask). spec of a trial: the side of each cue (0 left, 1 right)."""
+    dt: float = 1.
+    n_cues: int = 7
+    t_cue: float = 100.
+    t_gap: float = 50.
+    t_delay: float = 1000.
+    t_recall: float = 150.
+    rate: float = 40.
+    bg_rate: float = 10.
+    pop: int = 10
+    name: str = 'cue-accumulation'
+    n_out: int = 2
+
+    def steps(self, ms: float) -> int:
+        return int(round(ms / self.dt))
+
+    @property
+    def n_in(self) -> int:
+        return 4 * self.pop
+
+    def cue_start(self, i: int) -> int:
+        return i * (self.steps(self.t_cue) + self.steps(self.t_gap))
+
+    @property
+    def decision_start(self) -> int:
+        return self.cue_start(self.n_cues) + self.steps(self.t_delay)
+
+    @property
+    def n_steps(self) -> int:
+        return self.decision_start + self.steps(self.t_recall)
+
+    def validate(self):
+        if self.n_cues % 2 == 0:
+            raise ValueError(f'--cue_n must be odd (a majority side), got {self.n_cues}')
+        for flag, ms in (('cue_t_cue', self.t_cue), ('cue_t_recall', self.t_recall)):
+            if self.steps(ms) < 1:
+                raise ValueError(f'--{flag} must last at least one step of dt={self.dt} ms, got {ms}')
+
+    def loss_weights(self) -> np.ndarray:
+        return decision_weights(self.n_steps, self.decision_start)
+
+    def draw(self, rng: np.random.Generator) -> tuple:
+        sides = rng.integers(0, 2, self.n_cues)
+        return tuple(int(s) for s in sides), int(2 * sides.sum() > self.n_cues)
+
+    def background(self) -> np.ndarray:
+        p = np.zeros(self.n_in, np.float32)
+        p[3 * self.pop:] = self.bg_rate * self.dt / 1000.
+        return p
+
+    def rates(self, spec) -> np.ndarray:
+        prob = np.tile(self.background(), (self.n_steps, 1))
+        p, P = self.rate * self.dt / 1000., self.pop
+        for i, side in enumerate(spec):
+            a = self.cue_start(i)
+            prob[a:a + self.steps(self.t_cue), side * P:(side + 1) * P] = p
+        prob[self.decision_start:, 2 * P:3 * P] = p
+        return prob
+
+    def trials(self, batch_size: int, rng: np.random.Generator, rows: slice = None) -> tuple:
+        return rate_trials(self, batch_size, rng, rows)
+
+
+def make(values: dict) -> CueAccumulation:
+    return CueAccumulation(dt=values['dt'], n_cues=values['cue_n'], t_cue=values['cue_t_cue'],
+                           t_gap=values['cue_t_gap'], t_delay=values['cue_t_delay'], t_recall=values['cue_t_recall'],
+                           rate=values['cue_rate'], bg_rate=values['cue_bg_rate'], pop=values['cue_pop'])
+
+
+ROW = register(TaskRow('cue-accumulation', 'evidence accumulation over 7 left/right cues (Bellec et al. 2020)',
+                       FLAGS, make, PRESETS))
