@@ -27,7 +27,6 @@ import optax
 
 from rsnn import methods, recurrence
 from rsnn.devices import Placement
-from rsnn.rules import chunk_engine
 from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
 from rsnn.errors import UserError
 

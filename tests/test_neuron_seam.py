@@ -179,7 +179,7 @@ def test_a_layer_without_a_seam_method_is_refused_by_name():
 
 
 def test_adlif_step_is_the_equations():
-    """One step of the adLIF layer against sparch's RadLIF equations in numpy (rsnn/neurons/adlif.py)."""
+    """One step of the adLIF layer against its equations in numpy (rsnn/neurons/adlif.py)."""
     layer = neurons.build_layer('adlif', 3, 5, neurons.LayerParams(dt=1., V_th=1., spk_fun='relu'),
                                 np.random.default_rng(0))
     assert layer.state_names() == list(neurons.get('adlif').states) == ['u', 'w']
@@ -189,7 +189,7 @@ def test_adlif_step_is_the_equations():
     new, out = layer.step({'u': jnp.asarray(u0), 'w': jnp.asarray(w0)}, jnp.asarray(y))
     alpha, beta, a, b = (np.asarray(v) for v in (layer.alpha, layer.beta, layer.a, layer.b))
     s0 = (u0 >= 1.).astype(np.float32)   # the surrogate's forward: H(u - V_th)
-    w1 = beta * w0 + a * u0 + b * s0
+    w1 = beta * w0 + (1. - beta) * (a * u0 + b * s0)
     u1 = alpha * (u0 - s0) + (1. - alpha) * (y - w1)
     np.testing.assert_allclose(np.asarray(new['w']), w1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new['u']), u1, rtol=1e-5, atol=1e-6)
