@@ -197,3 +197,13 @@ def test_adlif_step_is_the_equations():
     from rsnn import memory_report
     sizes = memory_report.network_sizes(dict(model='adlif', n_in=3, n_rec=5, n_out=2, n_layer=2, batch_size=4), 10)
     assert [S for _, _, S in sizes.layers] == [2, 2]
+
+
+def test_the_table_and_the_seam_import_no_jax():
+    """A parser's --help reads the table: rsnn.neurons and rsnn.neurons.seam import no jax."""
+    import subprocess
+    import sys
+    code = ('import sys, rsnn.neurons, rsnn.neurons.seam; '
+            'print(sorted(m for m in ("jax", "brainstate", "brainscale") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]', out

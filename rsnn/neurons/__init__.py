@@ -4,7 +4,7 @@
 Importable without jax (a parser's `--help` stays fast): a row names its layer builder as 'module:function'
 (or gives a callable, for a row registered at runtime) and `build_layer` imports it only when a network is
 built. Adding a neuron model is one file in rsnn/neurons/ (a layer that implements the seam of
-rsnn/neurons/seam.py, usually by deriving from rsnn.neurons.base.RecurrentLayer and writing its pure `step`)
+rsnn/neurons/seam.py, usually by deriving from rsnn.neurons.base.NeuronLayer and writing its pure `step`)
 and one `register(NeuronModel(...))`; every learning rule of rsnn/methods.py then trains it, chunked where the
 rule has a chunked path (docs/code-organisation.md, "Adding a neuron model"; tests/test_neuron_seam.py does
 exactly this with a toy model registered from the test).
