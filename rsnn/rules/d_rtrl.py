@@ -102,9 +102,9 @@ def drtrl_chunk(rel, trace):
     # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
     Phi_T, lams = chunk_engine.affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
     Phi_T, lams = Phi_T[::-1], lams[::-1]
-    qs = chunk_engine.apply_transposed(Phi_T, df)                                                         # Phi(K, t) df_t
-    M = chunk_engine.apply_transposed(D[0], lams[0])                                                      # D_1^T Lambda_1
-    phi_all = chunk_engine.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
+    qs = chunk_engine.apply_transposed(Phi_T, df)                                # Phi(K, t) df_t
+    M = chunk_engine.apply_transposed(D[0], lams[0])                             # D_1^T Lambda_1
+    phi_all = chunk_engine.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
     e_w, g_w = update_in_place(e_w, M, phi_all, x, qs)
     grad = {'weight': g_w + recurrence.rows_product(x, h),

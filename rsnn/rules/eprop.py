@@ -42,7 +42,7 @@ def bellec_relation(rel, kappa: float):
     D, df, psi, Lz = rel['D'], rel['df'], rel['psi'], rel['Lz']
     S = D.shape[-1]
     top = jnp.concatenate([D, jnp.zeros(D.shape[:-1] + (1,), D.dtype)], axis=-1)          # (..., S, S + 1)
-    psi_D = chunk_engine.apply_transposed(D, psi)                                                # (..., S)
+    psi_D = chunk_engine.apply_transposed(D, psi)                                          # (..., S)
     bottom = jnp.concatenate([psi_D, jnp.full(psi_D.shape[:-1] + (1,), kappa, D.dtype)], axis=-1)
     D_aug = jnp.concatenate([top, bottom[..., None, :]], axis=-2)                          # (..., S + 1, S + 1)
     df_aug = jnp.concatenate([df, jnp.sum(psi * df, axis=-1, keepdims=True)], axis=-1)
