@@ -207,3 +207,13 @@ def test_the_table_and_the_seam_import_no_jax():
             'print(sorted(m for m in ("jax", "brainstate", "brainscale") if m in sys.modules))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == '[]', out
+
+
+def test_every_row_builds_a_layer_of_the_seam():
+    """Each row of the table builds a layer that implements the seam, with the states the row declares (the
+    memory formulas read the row)."""
+    for name in utils.MODEL_NAMES:
+        layer = neurons.build_layer(name, 3, 4, neurons.LayerParams(), np.random.default_rng(0))
+        assert seam.layer_gaps(layer) == [] and isinstance(layer, seam.RecurrentLayer), name
+        assert tuple(layer.state_names()) == neurons.get(name).states, name
+    assert list(utils.MODEL_NAMES) == ['lif-delta', 'alif-delta', 'lif-exp-cu', 'adlif']
