@@ -6,15 +6,33 @@ tonic.transforms.ToFrame (counts per bin, float32), cached on disk once, and fed
 
     python task-image-classification.py --devices 0 --dataset nmnist --data_length 400 --epoch 100 \\
         --n_layer 3 --n_rec 512 --method bptt --model lif-delta --exp_name test-nmnist --warmup_ratio 0.
+    python task-image-classification.py --preset smoke --method bptt   # seconds, on a tiny synthetic stand-in
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import utils
 
-from rsnn import run_folder
+from rsnn import argparse_adapter, run_folder
 from rsnn import methods
+
+
+SMOKE_DATA = os.path.join('data', 'synthetic-smoke')
+# the tiny stand-in that --preset smoke reads, made by this command where it is absent
+SMOKE_DATA_COMMAND = ('python scripts/synthetic_events.py --dataset {dataset} --out {data_dir} --n_train 128 --n_test 64 '
+                      '--seed 0 --no_baselines')
+
+PRESETS = {
+    # Seconds on a CPU: one layer of 64 LIF neurons, 50 bins, 2 epochs of 8 batches of 16 on a tiny synthetic
+    # stand-in (128 train / 64 test recordings in data/synthetic-smoke, made on first use); run it with two
+    # --method values to see two rules train the same network on the same batches.
+    'smoke': dict(data_dir=SMOKE_DATA, data_length=50, n_layer=1, n_rec=64, batch_size=16, batches_per_epoch=8,
+                  eval_batches=4, epochs=2, exp_name='smoke', devices='cpu'),
+}
 
 
 def milestone_list(text: str) -> list:
@@ -34,10 +52,13 @@ def milestone_list(text: str) -> list:
 def build_parser():
     p = utils.base_parser(__doc__.split('\n')[0], experiment='image')
     p.set_defaults(epochs=100, batch_size=128, etrace_decay=0.9)
-    for action in p._actions:  # the run folder is named after --dataset (see main)
-        if action.dest == 'out_dir':
-            action.help = ('run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>): a new or empty '
-                           'folder, or a run of this repository stopped before its first checkpoint')
+    argparse_adapter.set_help(p, 'out_dir', 'run folder (None = results/<dataset>/<exp_name>/<method>-<timestamp>): '
+                              'a new or empty folder, or a run of this repository stopped before its first '
+                              'checkpoint')  # the run folder is named after --dataset (see main)
+    p.add_argument('--preset', choices=sorted(PRESETS), default=None,
+                   help='a named set of defaults; flags given explicitly win. smoke: seconds on a CPU, 1 x 64 LIF on '
+                        'a tiny synthetic stand-in in data/synthetic-smoke (made on first use: ' +
+                        SMOKE_DATA_COMMAND.format(dataset='nmnist', data_dir=SMOKE_DATA) + ')')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=('nmnist', 'shd'), default='nmnist',
                    help='nmnist = N-MNIST (first saccade, 2312 inputs, 10 classes); shd = Spiking Heidelberg '
@@ -209,9 +230,26 @@ def train_and_evaluate(args, run_dir: str, data=None, ws=None, framed=None) -> d
     return summary
 
 
+def make_smoke_data(args):
+    """--preset smoke on its own stand-in: the tiny synthetic recordings, written by scripts/synthetic_events.py
+    where --data_dir holds none for --dataset (a few seconds)."""
+    folder = os.path.join(args.data_dir, {'nmnist': 'NMNIST', 'shd': 'SHD'}[args.dataset])
+    if args.preset != 'smoke' or args.data_dir != SMOKE_DATA or os.path.isdir(folder):
+        return
+    command = SMOKE_DATA_COMMAND.format(dataset=args.dataset, data_dir=args.data_dir)
+    print(f'note: --preset smoke: making its tiny synthetic stand-in: {command}', file=sys.stderr, flush=True)
+    argv = command.split()
+    argv[:2] = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[1])]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ['no output'])[-1]
+        raise utils.UserError(f'--preset smoke could not make its stand-in in {args.data_dir} ({last}); run {command}')
+
+
 def main(argv) -> int:
     utils.start_distributed(argv)  # first: before anything imports brainscale (which starts a backend)
-    args = run_folder.parse_args(build_parser(), argv)
+    args = run_folder.parse_args(build_parser(), argv, PRESETS)
+    make_smoke_data(args)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
     n_in = {'nmnist': 2 * 34 * 34, 'shd': 700}[args.dataset]

@@ -3,6 +3,7 @@
     python task-memory-and-speed-evaluation-tpu.py                      # the whole sweep, best device
     python task-memory-and-speed-evaluation-tpu.py --methods bptt,diag --lengths 50,100
     python task-memory-and-speed-evaluation-tpu.py --analysis_only --preset paper   # XLA's analysis, no step run
+    python task-memory-and-speed-evaluation-tpu.py --preset smoke   # seconds: BPTT's memory grows with T, ES-D-RTRL's not
 
 The online methods are measured in two configurations, each a row with its trace_chunk: K = 1
 (brainscale step by step, the paper's algorithm: the least memory) and the default, `auto` (K steps at a
@@ -31,11 +32,12 @@ import utils
 from rsnn import run_folder
 from rsnn import methods
 from rsnn.child_runs import classify_failure, killed_row, one_line, oom_kills  # noqa: F401 (tests use them here)
-from rsnn.memory_report import (MB, complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
+from rsnn.memory_measure import (RESULT_TAG, load_average, measure, pick_device, probe,  # noqa: F401 (used
+                                 probe_main, worker_main)                               # here by tests, scripts)
+from rsnn.memory_report import (complete_row, fmt, markdown_table, memory_growth, n_params, plot, speed_targets,
                                 write_outputs)
 
 SCRIPT = os.path.abspath(__file__)
-RESULT_TAG = '@@MEMSPEED_RESULT@@ '
 
 PRESETS = {
     # The paper's configuration (DVS-Gesture-shaped input); needs an accelerator.
@@ -45,6 +47,10 @@ PRESETS = {
     # 10 minutes on 2 CPU cores, with the same shape (BPTT linear in T, the online methods flat).
     'cpu': dict(methods='bptt,expsm_diag,diag', lengths='25,50,100,200', batch_size=32,
                 n_in=2312, n_rec=512, n_layer=3, n_out=11, repeats=3),
+    # Seconds on any machine: BPTT and ES-D-RTRL (K = 1) on a toy network at T = 20 and 80, to see that BPTT's
+    # step memory grows with T and ES-D-RTRL's does not.
+    'smoke': dict(methods='bptt,expsm_diag', lengths='20,80', batch_size=4, n_in=64, n_rec=32, n_layer=1, n_out=3,
+                  repeats=1, trace_chunk='1'),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -105,9 +111,10 @@ def build_parser():
     """The defaults of the size flags are the paper's; --preset cpu (or auto on a CPU) replaces them."""
     paper = PRESETS['paper']
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
-    p.add_argument('--preset', choices=('auto', 'paper', 'cpu'), default='auto',
-                   help='sizes to use: paper (accelerator), cpu (scaled down), auto = paper on a GPU/TPU, '
-                        'cpu on a CPU; explicit flags override the preset')
+    p.add_argument('--preset', choices=('auto', 'paper', 'cpu', 'smoke'), default='auto',
+                   help='sizes to use: paper (accelerator), cpu (scaled down), auto = paper on a GPU/TPU, cpu on a '
+                        'CPU, smoke = BPTT and ES-D-RTRL on a toy network at T = 20, 80 (seconds); explicit flags '
+                        'override the preset')
     p.add_argument('--methods', type=method_list, default=paper['methods'],
                    help='comma list of ' + ', '.join(methods.names()))
     p.add_argument('--lengths', type=length_list, default=paper['lengths'],
@@ -170,269 +177,6 @@ def parse_args(argv=None, platform: str = None):
     args = run_folder.parse_args(build_parser(), argv, presets)
     args.argv = argv
     return args
-
-
-# --------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------
-# Worker side (a fresh process per measurement)
-# --------------------------------------------------------------------------------------------
-
-
-def pick_device(spec: str):
-    import jax
-    if spec == 'auto':
-        accelerators = [d for d in jax.devices() if d.platform != 'cpu']
-        device = accelerators[0] if accelerators else jax.devices('cpu')[0]
-        jax.config.update('jax_default_device', device)
-        return device
-    return utils.select_device(spec)
-
-
-def pick_devices(spec: str) -> list:
-    """The devices of a measurement: one (auto, cpu, an index) or several (a comma list, all)."""
-    if spec != 'auto' and (utils.parse_devices(spec) == 'all' or isinstance(utils.parse_devices(spec), list)):
-        return utils.select_devices(spec)
-    return [pick_device(spec)]
-
-
-def probe(spec: str, size: int = 0) -> dict:
-    """The (first) device, and its float32 matmul GFLOP/s measured like the steps (jit, median, block)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    devices = pick_devices(spec)
-    device = devices[0]
-    n = size or (2048 if device.platform == 'cpu' else 8192)
-    a = jax.device_put(jnp.ones((n, n), jnp.float32) / n, device)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return dict(platform=device.platform, device=utils.devices_name(devices), n_devices=len(devices),
-                device_kind=getattr(device, 'device_kind', ''),
-                matmul_n=n, matmul_gflops=2. * n ** 3 / float(np.median(times)) / 1e9, jax_version=jax.__version__,
-                n_cpu=os.cpu_count(), load_avg=load_average())
-
-
-def load_average():
-    """The 1-minute load average (other processes sharing the CPU slow every CPU measurement)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def get_jitted_parts(jitted):
-    """The jax-level jit and the brainstate state trace behind a `brainstate.transform.jit` function."""
-    if not (hasattr(jitted, 'stateful_fun') and hasattr(jitted, 'jitted_fun')):
-        raise RuntimeError('brainstate.transform.jit internals changed: cannot reach the compiled step')
-    return jitted.stateful_fun, jitted.jitted_fun
-
-
-def time_repeats(run, repeats: int) -> list:
-    """Seconds of each of `repeats` calls of run(), each waited for (block until ready)."""
-    import jax
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = run()
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-        del out
-    return times
-
-
-def device_peaks_mb(devices) -> list:
-    """Each device's peak memory in use (MB), where the device reports it (GPU/TPU; not the CPU)."""
-    peaks = []
-    for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:
-            stats = None
-        if stats and 'peak_bytes_in_use' in stats:
-            peaks.append(stats['peak_bytes_in_use'] / MB)
-    return peaks
-
-
-def tree_mb(tree) -> float:
-    import jax
-    return sum(getattr(l, 'nbytes', 0) for l in jax.tree.leaves(tree)) / MB
-
-
-def memory_parts(row: dict, ma, fixed_mb: float, limit):
-    """XLA's memory analysis into the row: arguments, outputs, temporaries, aliased; the step without the input
-    (step_mb); the weights and optimizer state in and out (fixed_mb, every method the same) and what is
-    left, the method's own memory (method_mb); OOM against `limit` (MB) as the row's status."""
-    row.update(xla_args_mb=ma.argument_size_in_bytes / MB, xla_out_mb=ma.output_size_in_bytes / MB,
-               xla_alias_mb=ma.alias_size_in_bytes / MB, xla_temp_mb=ma.temp_size_in_bytes / MB)
-    total = row['xla_args_mb'] + row['xla_out_mb'] + row['xla_temp_mb'] - row['xla_alias_mb']
-    row['total_mb'] = total
-    row['step_mb'] = total - row['input_mb']
-    row['weights_opt_mb'] = fixed_mb
-    row['method_mb'] = row['step_mb'] - fixed_mb
-    if limit and total > limit:
-        row.update(status='OOM', reason=f'compiled step needs {total:.1f} MB > --memory_limit_mb {limit:g}')
-        return True
-    return False
-
-
-def analyse(cfg: dict) -> dict:
-    """--analysis_only: build the network and the Trainer, lower and compile the training step against
-    abstract shapes (jax.ShapeDtypeStruct: no input and no chunked trace is allocated) and record XLA's
-    memory analysis. Nothing runs."""
-    row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'))
-    import brainstate
-    import jax
-    import jax.numpy as jnp
-    import models
-    from rsnn.trainer import Trainer
-    row['rss_base_mb'] = utils.peak_rss_mb()
-    devices = pick_devices(cfg['devices'])
-    row.update(platform=devices[0].platform, device=utils.devices_name(devices), n_devices=len(devices))
-    brainstate.environ.set(dt=1.)
-    T, B = cfg['T'], cfg['batch_size']
-    t0 = time.perf_counter()
-    model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
-                                seed=cfg['seed'])
-    trainer = Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'],
-                               devices=devices, trace_chunk=cfg.get('trace_chunk'),
-                               rule_options=dict(abstract_traces=True))
-    row['trace_chunk'] = min(trainer.trace_chunk, T)
-    row['setup_s'] = time.perf_counter() - t0
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-    args = (spec((T, B, cfg['n_in']), jnp.float32), spec((B,), jnp.int32), spec((B,), jnp.float32),
-            spec((T,), jnp.float32))
-    n_dev = len(devices)
-    row['input_mb'] = (4. * T * B * cfg['n_in'] / n_dev + 4. * T) / MB
-    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
-    t0 = time.perf_counter()
-    state_trace = stateful.get_state_trace(trainer.opt_state, *args, compile_if_miss=True)
-    abstract = lambda tree: jax.tree.map(lambda v: spec(v.shape, v.dtype) if hasattr(v, 'shape') else v, tree)
-    compiled = jit_fun.lower(abstract(state_trace.get_state_values()), trainer.opt_state, *args).compile()
-    row['compile_s'] = time.perf_counter() - t0
-    fixed = 2. * (tree_mb(trainer.opt_state) + tree_mb(trainer.param_values()))  # in and out of the step
-    ma = compiled.memory_analysis()
-    if ma is None:
-        row.update(status='error', reason='this backend gives no memory analysis')
-    elif not memory_parts(row, ma, fixed, cfg.get('memory_limit_mb')):
-        row.update(status='ok', reason='compiled only (--analysis_only)')
-    row['peak_rss_mb'] = utils.peak_rss_mb()
-    return row
-
-
-def step_arguments(cfg: dict, trainer, device) -> tuple:
-    """(optimizer state, xs, labels, mask, ws) of one training step on the run's devices. The input spikes
-    (T, B, n_in) are drawn on the host (numpy), or with --input_on_device by jax.random.bernoulli on the
-    device itself (an input of the paper's size at T = 1000 is 16.8 GB of float32: never on the host)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    T, B, n_in = cfg['T'], cfg['batch_size'], cfg['n_in']
-    rng = np.random.default_rng(cfg['seed'] + 1)
-    if cfg.get('input_on_device'):
-        where = (trainer.placement.sharding(None, 'batch') if trainer.mesh is not None
-                 else jax.sharding.SingleDeviceSharding(device))
-        draw = jax.jit(lambda key: jax.random.bernoulli(key, cfg['density'], (T, B, n_in)).astype(jnp.float32),
-                       out_shardings=where)
-        xs = draw(jax.random.PRNGKey(cfg['seed'] + 1))
-    else:
-        xs = (rng.random((T, B, n_in), dtype=np.float32) < cfg['density']).astype(np.float32)
-    labels = rng.integers(0, cfg['n_out'], B).astype(np.int32)
-    mask = np.ones(B, np.float32)
-    ws = np.full(T, 1. / T, np.float32)
-    if trainer.mesh is None:
-        return (jax.device_put(trainer.opt_state, device), jax.device_put(xs, device),
-                *jax.device_put((labels, mask, ws), device))
-    if cfg.get('input_on_device'):  # several devices: the batch split across them, weights replicated
-        placement = trainer.placement
-        return (trainer.opt_state, xs, placement.put(labels, placement.sharding('batch')),
-                placement.put(mask, placement.sharding('batch')), placement.put(ws, placement.sharding()))
-    return (trainer.opt_state, *trainer.device_batch(xs, labels, mask, ws))
-
-
-def measure(cfg: dict) -> dict:
-    """Build, compile and time one training step of `Trainer`; returns a result row."""
-    if cfg.get('analysis_only'):
-        return analyse(cfg)
-    row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'))
-    import brainstate
-    import jax
-    import numpy as np
-    import models
-    from rsnn.trainer import Trainer
-    row['rss_base_mb'] = utils.peak_rss_mb()
-    devices = pick_devices(cfg['devices'])
-    device = devices[0]
-    row.update(platform=device.platform, device=utils.devices_name(devices), n_devices=len(devices))
-    brainstate.environ.set(dt=1.)
-    T, B = cfg['T'], cfg['batch_size']
-
-    t0 = time.perf_counter()
-    model = models.SpikingStack(cfg['n_in'], cfg['n_rec'], cfg['n_out'], cfg['n_layer'], model=cfg['model'],
-                                seed=cfg['seed'])
-    trainer = Trainer(model, cfg['method'], cfg['n_in'], B, etrace_decay=cfg['etrace_decay'], devices=devices,
-                               trace_chunk=cfg.get('trace_chunk'))
-    row['trace_chunk'] = min(trainer.trace_chunk, T)
-    row['setup_s'] = time.perf_counter() - t0
-
-    args = step_arguments(cfg, trainer, device)
-    # the input spikes and per-step loss weights (per device: memory_analysis is per device)
-    row['input_mb'] = (args[1].nbytes / len(devices) + args[4].nbytes) / MB
-
-    # compile exactly the step that Trainer.train_step runs
-    stateful, jit_fun = get_jitted_parts(trainer.update_fn)
-    t0 = time.perf_counter()
-    state_trace = stateful.get_state_trace(*args, compile_if_miss=True)
-    state_vals = state_trace.get_state_values()
-    if trainer.mesh is None:
-        state_vals = jax.device_put(state_vals, device)
-    compiled = jit_fun.lower(state_vals, *args).compile()
-    row['compile_s'] = time.perf_counter() - t0
-
-    ma = compiled.memory_analysis()
-    if ma is not None:
-        fixed = 2. * (tree_mb(trainer.opt_state) + tree_mb(trainer.param_values()))  # in and out of the step
-        if memory_parts(row, ma, fixed, cfg.get('memory_limit_mb')):
-            row['peak_rss_mb'] = utils.peak_rss_mb()
-            return row
-
-    t0 = time.perf_counter()
-    out = compiled(state_vals, *args)
-    jax.block_until_ready(out)
-    row['first_step_s'] = time.perf_counter() - t0
-    del out
-    times = time_repeats(lambda: compiled(state_vals, *args), cfg['repeats'])
-    row.update(step_s=float(np.median(times)), step_s_min=float(min(times)), step_s_max=float(max(times)),
-               status='ok', reason='')
-    peaks = device_peaks_mb(devices)
-    if peaks:  # the largest device's peak; each device's in device_peak_mb_per_device
-        row['device_peak_mb'] = max(peaks)
-        row['device_peak_minus_input_mb'] = row['device_peak_mb'] - row['input_mb']
-        row['device_peak_mb_per_device'] = ';'.join(f'{p:.1f}' for p in peaks)
-    row['peak_rss_mb'] = utils.peak_rss_mb()
-    return row
-
-
-def worker_main(cfg_json: str) -> int:
-    cfg = json.loads(cfg_json)
-    try:
-        row = measure(cfg)
-    except BaseException as e:  # a failed measurement is a result row
-        text = f'{type(e).__name__}: {e}'
-        row = dict(method=cfg['method'], T=cfg['T'], trace_chunk_requested=cfg.get('trace_chunk'),
-                   status=classify_failure(text), reason=one_line(text))
-    print(RESULT_TAG + json.dumps(row), flush=True)
-    return 0
-
-
-def probe_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    print(RESULT_TAG + json.dumps(probe(spec['devices'], spec.get('matmul_n', 0))), flush=True)
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,6 +258,31 @@ def sweep_plan(cfg: dict) -> list:
 def run_sweep(args, out_dir: str) -> dict:
     """The whole sweep; writes results.csv, results.json, results.md, memory_and_time.png into out_dir.
     Returns {'config', 'machine', 'rows', 'targets', 'memory_growth', 'out_dir'}."""
+    open_out_dir(out_dir)
+    probe_info, failure = run_child('--_probe', dict(devices=args.devices), args.timeout, args.devices)
+    if probe_info is None:
+        raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
+    cfg = resolve_config(args, probe_info['platform'])
+    utils.check_batch_for_devices(cfg['batch_size'], cfg['devices'])  # auto is resolved by now
+    print_setup(cfg, probe_info, out_dir)
+    rows = measure_all(cfg, probe_info, out_dir)
+    probe_info['load_avg_end'] = load_average()
+    targets = speed_targets(rows)
+    growth = memory_growth(rows)
+    write_outputs(out_dir, cfg, probe_info, rows, dict(speed=targets, memory_growth=growth))
+    table = markdown_table(rows, cfg.get('analysis_only'))
+    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    if not args.no_plot:
+        plot(rows, cfg, probe_info, os.path.join(out_dir, 'memory_and_time.png'))
+    print_summary(table, growth, {} if cfg['preset'] == 'smoke' else targets, probe_info)
+    print(f'results in {out_dir}: results.csv, results.json, results.md'
+          + ('' if args.no_plot else ', memory_and_time.png'))
+    return dict(config=cfg, machine=probe_info, rows=rows, targets=targets, memory_growth=growth, out_dir=out_dir)
+
+
+def open_out_dir(out_dir: str):
+    """A new (or sweep-free) out_dir, created; an interruption from here on says where the rows are."""
     earlier = [n for n in ('results.csv', 'results.json') if os.path.exists(os.path.join(out_dir, n))]
     if earlier:
         raise utils.UserError(f'--out_dir {out_dir} already holds a sweep ({earlier[0]}); give another --out_dir '
@@ -526,11 +295,9 @@ def run_sweep(args, out_dir: str) -> dict:
     interrupts.set_describe(lambda signum: f'interrupted ({signal.Signals(signum).name}): the rows measured so far are in '
                                            f'{out_dir}/results.csv; a sweep has no --resume: run it again with another '
                                            f'--out_dir (or fewer --lengths / --methods)')
-    probe_info, failure = run_child('--_probe', dict(devices=args.devices), args.timeout, args.devices)
-    if probe_info is None:
-        raise utils.UserError(f"could not start jax on --devices {args.devices}: {failure['reason']}")
-    cfg = resolve_config(args, probe_info['platform'])
-    utils.check_batch_for_devices(cfg['batch_size'], cfg['devices'])  # auto is resolved by now
+
+
+def print_setup(cfg: dict, probe_info: dict, out_dir: str):
     print(f"device: {probe_info['device']} ({probe_info['platform']}, {probe_info['n_cpu']} CPU cores, load average "
           f"{probe_info['load_avg']}), float32 matmul {probe_info['matmul_gflops']:.1f} GFLOP/s "
           f"({probe_info['matmul_n']}^3)")
@@ -540,6 +307,10 @@ def run_sweep(args, out_dir: str) -> dict:
           f"{cfg['n_in']} inputs (p = {cfg['density']}), {cfg['n_out']} classes, batch {cfg['batch_size']}, "
           f"{n_params(cfg)} weights; T in {cfg['lengths']}; methods {cfg['methods']}; "
           f"median of {cfg['repeats']} steps; run folder {out_dir}", flush=True)
+
+
+def measure_all(cfg: dict, probe_info: dict, out_dir: str) -> list:
+    """Each (method, K, T) of the plan in its own process, the outputs rewritten after each row."""
     rows = []
     for method, K in sweep_plan(cfg):
         for T in cfg['lengths']:
@@ -554,27 +325,26 @@ def run_sweep(args, out_dir: str) -> dict:
             rows.append(row)
             write_outputs(out_dir, cfg, probe_info, rows)
             K_txt = f" K={row.get('trace_chunk') or K}" if methods.get(method).chunked else ''
-            if cfg.get('analysis_only') and row['status'] == 'ok':
-                msg = (f"compiled only: step memory {fmt(row['step_mb'], '.4g')} MB (method's own "
-                       f"{fmt(row['method_mb'], '.4g')} MB, weights and Adam {fmt(row['weights_opt_mb'], '.4g')} MB, "
-                       f"input {fmt(row['input_mb'], '.4g')} MB), compile {row['compile_s']:.2g} s, peak RSS "
-                       f"{fmt(row.get('peak_rss_mb'), '.4g')} MB")
-            elif row['status'] == 'ok':
-                msg = (f"step {row['step_s']:.4g} s ({row['ms_per_time_step']:.3g} ms per time step, "
-                       f"{row['gflops']:.1f} GFLOP/s), compile {row['compile_s']:.2g} s, step memory "
-                       f"{fmt(row['step_mb'], '.4g')} MB (predicted state {row['predicted_state_mb']:.4g} MB)")
-            else:
-                msg = f"{row['status']}: {row['reason']}"
-            print(f"{methods.title(method):>9}{K_txt} T={T:<5} {msg}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    probe_info['load_avg_end'] = load_average()
-    targets = speed_targets(rows)
-    growth = memory_growth(rows)
-    write_outputs(out_dir, cfg, probe_info, rows, dict(speed=targets, memory_growth=growth))
-    table = markdown_table(rows, cfg.get('analysis_only'))
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-        f.write(table + '\n')
-    if not args.no_plot:
-        plot(rows, cfg, probe_info, os.path.join(out_dir, 'memory_and_time.png'))
+            print(f"{methods.title(method):>9}{K_txt} T={T:<5} {row_line(row, cfg)}  "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    return rows
+
+
+def row_line(row: dict, cfg: dict) -> str:
+    """One measurement as the sweep prints it."""
+    if cfg.get('analysis_only') and row['status'] == 'ok':
+        return (f"compiled only: step memory {fmt(row['step_mb'], '.4g')} MB (method's own "
+                f"{fmt(row['method_mb'], '.4g')} MB, weights and Adam {fmt(row['weights_opt_mb'], '.4g')} MB, "
+                f"input {fmt(row['input_mb'], '.4g')} MB), compile {row['compile_s']:.2g} s, peak RSS "
+                f"{fmt(row.get('peak_rss_mb'), '.4g')} MB")
+    if row['status'] == 'ok':
+        return (f"step {row['step_s']:.4g} s ({row['ms_per_time_step']:.3g} ms per time step, "
+                f"{row['gflops']:.1f} GFLOP/s), compile {row['compile_s']:.2g} s, step memory "
+                f"{fmt(row['step_mb'], '.4g')} MB (predicted state {row['predicted_state_mb']:.4g} MB)")
+    return f"{row['status']}: {row['reason']}"
+
+
+def print_summary(table: str, growth: dict, targets: dict, probe_info: dict):
     print()
     print(table)
     print()
@@ -589,9 +359,6 @@ def run_sweep(args, out_dir: str) -> dict:
     if probe_info['platform'] == 'cpu':
         print(f"load average {probe_info['load_avg']} at the start, {probe_info['load_avg_end']} at the end "
               f"({probe_info['n_cpu']} cores): timings are only as good as the machine was quiet")
-    print(f'results in {out_dir}: results.csv, results.json, results.md'
-          + ('' if args.no_plot else ', memory_and_time.png'))
-    return dict(config=cfg, machine=probe_info, rows=rows, targets=targets, memory_growth=growth, out_dir=out_dir)
 
 
 def main(argv) -> int:

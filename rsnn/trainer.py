@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsnn import methods, recurrence
+from rsnn import brainstate_adapter, methods, recurrence
 from rsnn.devices import Placement
 from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
 from rsnn.errors import UserError
@@ -454,11 +454,7 @@ class Trainer:
     def compiled_memory(self, *args) -> dict:
         """XLA's memory analysis of the compiled update for these arguments (arrays or ShapeDtypeStructs),
         in bytes: temporaries, arguments, outputs, aliased."""
-        stateful, jitted = self.update_fn.stateful_fun, self.update_fn.jitted_fun
-        state_trace = stateful.get_state_trace(self.opt_state, *args, compile_if_miss=True)
-        ma = jitted.lower(state_trace.get_state_values(), self.opt_state, *args).compile().memory_analysis()
-        return dict(temp_bytes=int(ma.temp_size_in_bytes), argument_bytes=int(ma.argument_size_in_bytes),
-                    output_bytes=int(ma.output_size_in_bytes), alias_bytes=int(ma.alias_size_in_bytes))
+        return brainstate_adapter.memory_analysis(self.update_fn, self.opt_state, *args)
 
     def stream_update_memory(self, chunk_steps: int, n_in: int) -> dict:
         """compiled_memory of a stream update of `chunk_steps` steps (abstract shapes: nothing allocated)."""

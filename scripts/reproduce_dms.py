@@ -28,7 +28,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from rsnn import run_folder  # (no jax at import time either)
 from rsnn.child_runs import run_or_resume
 from rsnn import methods
 SCRIPT = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')

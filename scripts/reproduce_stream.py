@@ -120,7 +120,6 @@ def measure_update(spec: dict) -> dict:
     """Worker: build the network of `spec['flags']`, compile the stream update for chunks of spec['steps']
     steps and read XLA's memory analysis; run it once (peak RSS) when it needs less than spec['run_limit_mb']."""
     import resource
-    import utils
     task = load_task()
     args = run_folder.parse_args(task.build_parser(), spec['flags'], task.PRESETS)
     import brainstate

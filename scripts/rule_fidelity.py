@@ -11,8 +11,6 @@ readout (decay exp(-1/10) = 0.905), batch 4, Bernoulli(0.3) inputs, the loss wei
 UORO: one seed (its key 0), and the mean over --uoro_seeds successive calls.
 """
 import argparse
-import os
-import sys
 
 
 import brainstate

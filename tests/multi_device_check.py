@@ -19,7 +19,7 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 from rsnn.trainer import Trainer  # noqa: E402
 import utils  # noqa: E402
-from rsnn import methods  # noqa: E402
+from rsnn import brainstate_adapter, methods  # noqa: E402
 
 B, N_REC = 8, 16
 CFG = datasets.DMSConfig(t_fixation=5., t_sample=20., t_delay=20., t_test=20.)
@@ -44,9 +44,7 @@ def compiled_hlo(tr, xs, labels, ws):
     """The compiled training step's HLO text (per-device shapes after partitioning)."""
     xs, labels, mask = tr.pad(xs, labels)
     args = (tr.opt_state, *tr.device_batch(xs, labels, mask, ws))
-    stateful, jitted = tr.update_fn.stateful_fun, tr.update_fn.jitted_fun
-    trace = stateful.get_state_trace(*args, compile_if_miss=True)
-    return jitted.lower(trace.get_state_values(), *args).compile().as_text()
+    return brainstate_adapter.compiled(tr.update_fn, *args).as_text()
 
 
 def check(method):

@@ -463,3 +463,23 @@ def test_gradient_through_the_reset(detach):
     surrogate = 0.3 * np.maximum(0., 1. - np.abs(np.asarray(v0[0]) - 1.))
     expected = decay * (1. if detach else 1. - surrogate)
     assert np.allclose(jac, expected, rtol=1e-5), (jac, expected)
+
+
+def test_smoke_preset_makes_its_stand_in_and_two_methods_differ(tmp_path, monkeypatch, capsys):
+    """--preset smoke (the README's smoke run): the tiny synthetic stand-in is made in data/synthetic-smoke on
+    first use, the run takes the preset's sizes, and BPTT and ES-D-RTRL on the same batches end with different
+    losses."""
+    monkeypatch.chdir(tmp_path)
+    summaries, losses = {}, {}
+    for method in ('bptt', 'expsm_diag'):
+        run_dir = str(tmp_path / method)
+        assert task.main(['--preset', 'smoke', '--method', method, '--no_progress', '--out_dir', run_dir]) == 0
+        config = json.load(open(os.path.join(run_dir, 'config.json')))
+        assert (config['n_rec'], config['data_length'], config['n_train'], config['n_test']) == (64, 50, 128, 64)
+        summaries[method] = run_folder.read_summary(run_dir)
+        losses[method] = [float(r['train_loss']) for r in utils.read_csv(os.path.join(run_dir, 'metrics.csv'))]
+    assert os.path.isfile(tmp_path / 'data' / 'synthetic-smoke' / 'NMNIST' / event_data.SYNTHETIC_MARKER)
+    assert capsys.readouterr().err.count('making its tiny synthetic stand-in') == 1  # once, then reused
+    for s in summaries.values():
+        assert s['epochs_run'] == 2 and s['batches_run'] == 16 and 0 <= s['test_acc'] <= 1
+    assert len(losses['bptt']) == 2 and losses['bptt'] != losses['expsm_diag']

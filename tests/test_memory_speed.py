@@ -352,3 +352,17 @@ def test_trace_chunk_flag_lists_and_auto(mem_script):
     assert utils.trace_chunk_arg('AUTO') == 'auto' and utils.trace_chunk_arg('3') == 3
     cfg = dict(methods=['bptt', 'diag'], trace_chunks=[1, 'auto'])
     assert mem_script.sweep_plan(cfg) == [('bptt', None), ('diag', 1), ('diag', 'auto')]
+
+
+def test_the_smoke_preset_shows_bptt_memory_growing_and_es_d_rtrl_flat(mem_script, tmp_path, capsys):
+    """--preset smoke (the README's smoke run): BPTT and ES-D-RTRL (K = 1) at T = 20 and 80 on a toy network;
+    BPTT's step memory grows with T, ES-D-RTRL's is the same at both lengths."""
+    out = str(tmp_path / 'smoke')
+    assert mem_script.main(['--preset', 'smoke', '--devices', 'cpu', '--no_plot', '--out_dir', out]) == 0
+    data = json.load(open(os.path.join(out, 'results.json')))
+    assert data['config']['preset'] == 'smoke' and data['config']['n_rec'] == 32
+    mb = {(r['method'], int(r['T'])): float(r['step_mb']) for r in data['rows'] if r['status'] == 'ok'}
+    assert sorted(mb) == [('bptt', 20), ('bptt', 80), ('expsm_diag', 20), ('expsm_diag', 80)]
+    assert mb['bptt', 80] > 2 * mb['bptt', 20]
+    assert mb['expsm_diag', 80] == pytest.approx(mb['expsm_diag', 20], rel=1e-6)
+    assert 'memory ES-D-RTRL K=1' in capsys.readouterr().out

@@ -18,7 +18,7 @@ import pytest
 
 import fake_data as fakes
 import utils
-from rsnn import run_folder
+from rsnn import argparse_adapter, run_folder
 from rsnn import methods
 from conftest import ROOT, load_script
 
@@ -87,7 +87,7 @@ def assert_readme_values_kept(script, readme_argv, sizes, config):
     """Every README flag that no size flag replaced reached the run's config.json with the README's value."""
     parser = script.build_parser()
     readme = vars(run_folder.parse_args(parser, readme_argv))
-    dest = {s: a.dest for a in parser._actions for s in a.option_strings}
+    dest = argparse_adapter.dest_of(parser)
     resized = {dest[f] for f in sizes if f.startswith('--')}
     for flag in (a for a in readme_argv if a.startswith('--')):
         key = dest[flag]
@@ -156,3 +156,67 @@ def test_memory_command(readme_argv, tmp_path):
     if not accelerators:
         assert data['config']['preset'] == 'cpu' and data['config']['density'] == 0.1
     assert os.path.getsize(os.path.join(out, 'memory_and_time.png')) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The smoke runs and the links
+# --------------------------------------------------------------------------------------------
+
+def smoke_commands() -> list:
+    """The `python task-...` lines of the README's "## Smoke runs" block, as argv lists."""
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    section = re.search(r'^## Smoke runs.*?(?=^## )', text, re.S | re.M).group(0)
+    block = re.search(r'^```bash\n(.*?)^```', section, re.S | re.M).group(1)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith('python task-')]
+
+
+def test_the_smoke_runs_are_each_script_with_two_methods():
+    found = sorted((argv[1], argv[argv.index('--method') + 1] if '--method' in argv else None)
+                   for argv in smoke_commands())
+    assert found == sorted([(DMS, 'bptt'), (DMS, 'expsm_diag'), (IMAGE, 'bptt'), (IMAGE, 'expsm_diag'),
+                            (MEMORY, None)]), found
+    assert all(argv[2:4] == ['--preset', 'smoke'] for argv in smoke_commands())
+
+
+@pytest.mark.parametrize('argv', smoke_commands(), ids=lambda a: '-'.join(a[1:2] + a[-1:]))
+def test_each_smoke_command_takes_its_presets_values(argv):
+    """Each smoke command, parsed by its script, has every value of its preset, as if the flag were given
+    (the runs themselves: tests/test_image_classification.py, tests/test_memory_speed.py and the DMS
+    script's tests)."""
+    script = load_script(argv[1])
+    presets = dict(getattr(script, 'PRESETS', {}))
+    if 'smoke' not in presets:
+        pytest.skip(f'{argv[1]} has no --preset smoke in this checkout')
+    presets.setdefault('auto', {})  # the memory script's default preset, resolved later by the platform
+    args = vars(run_folder.parse_args(script.build_parser(), argv[2:], presets))
+    rest = [a for a in argv[2:] if a not in ('--preset', 'smoke')]
+    for key, value in presets['smoke'].items():
+        if isinstance(value, bool):
+            assert args[key] is value, key
+            continue
+        spelled = vars(run_folder.parse_args(script.build_parser(), rest + [f'--{key}', str(value)], presets))
+        assert args[key] == spelled[key], (key, args[key], spelled[key])
+
+
+def heading_anchors(path: str) -> set:
+    """GitHub's anchors of the markdown headings in `path`: lower case, punctuation dropped, spaces -> '-'."""
+    anchors = set()
+    for line in open(path):
+        if line.startswith('#'):
+            title = line.lstrip('#').strip().lower()
+            anchors.add(re.sub(r'[^\w\- ]', '', title).replace(' ', '-'))
+    return anchors
+
+
+@pytest.mark.parametrize('page', ['README.md', 'docs/results.md', 'docs/code-organisation.md'])
+def test_the_links_of_a_page_reach_a_file_and_a_heading(page):
+    path = os.path.join(ROOT, page)
+    links = re.findall(r'\]\(([^)#\s]+\.(?:md|png))(#[^)\s]+)?\)', open(path).read())
+    assert links, page
+    for target, anchor in links:
+        if target.startswith('http'):
+            continue
+        file = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        assert os.path.isfile(file), (page, target)
+        if anchor:
+            assert anchor[1:] in heading_anchors(file), (page, target + anchor)
