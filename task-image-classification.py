@@ -82,9 +82,7 @@ def build_parser():
     g.add_argument('--eval_batches', type=utils.positive_int, default=None,
                    help='cap on test batches per evaluation (None = the whole test split)')
     g = p.add_argument_group('network')
-    g.add_argument('--model', choices=utils.MODEL_NAMES, default='lif-delta',
-                   help='lif-delta = LIF with delta synapses; alif-delta = adaptive-threshold LIF; '
-                        'lif-exp-cu = LIF with exponential current synapses')
+    g.add_argument('--model', choices=utils.MODEL_NAMES, default='lif-delta', help=utils.model_help())
     g.add_argument('--n_layer', type=utils.positive_int, default=3, help='recurrent spiking layers')
     g.add_argument('--n_rec', type=utils.positive_int, default=512, help='neurons per recurrent layer')
     g.add_argument('--dt', type=utils.positive_float, default=1., help='time step (ms) of one bin')

@@ -2,7 +2,7 @@
 `rsnn` defines (nothing here is imported by rsnn). The one-line error is rsnn/errors.py; the flag validators,
 the shared parser and cli_main rsnn/cli.py; device choice rsnn/device_choice.py; several hosts
 rsnn/distributed.py; the trace-chunk policy rsnn/chunk_policy.py; CSV/JSON writing and the memory check
-rsnn/files.py; the names of neurons and surrogates rsnn/neurons.py.
+rsnn/files.py; the table of neuron models and the surrogates' names rsnn/neurons/.
 """
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ from rsnn.errors import UserError  # noqa: F401
 from rsnn.files import (append_csv_row, available_memory_bytes, check_memory, finite_or_null, json_value,  # noqa: F401
                         peak_rss_mb, read_csv, write_json)
 from rsnn.methods import VJP_METHODS  # noqa: F401
-from rsnn.neurons import MODEL_NAMES, SURROGATE_NAMES  # noqa: F401
+from rsnn.neurons import MODEL_NAMES, SURROGATE_NAMES, model_help  # noqa: F401

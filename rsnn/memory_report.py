@@ -9,7 +9,7 @@ import json
 import os
 
 
-from rsnn import methods
+from rsnn import methods, neurons
 
 
 CSV_COLUMNS = [
@@ -57,12 +57,11 @@ def flop_per_time_step(cfg) -> float:
     return total
 
 
-STATES_PER_NEURON = {'lif-delta': 1, 'alif-delta': 2, 'lif-exp-cu': 2}  # V; V, b; V, I
 
 
 def network_sizes(cfg, T: int) -> 'methods.Sizes':
     """The sweep's network as the table of methods' memory formulas see it."""
-    S = STATES_PER_NEURON[cfg.get('model', 'lif-delta')]
+    S = len(neurons.get(cfg.get('model', 'lif-delta')).states)  # the table of neuron models
     n_rec = cfg['n_rec']
     return methods.Sizes(layers=tuple((n_x + n_rec, n_rec, S) for n_x in layer_inputs(cfg)),
                          readout=(n_rec, cfg['n_out']), batch=cfg['batch_size'], T=T)
@@ -71,7 +70,7 @@ def network_sizes(cfg, T: int) -> 'methods.Sizes':
 def predicted_state_bytes(cfg, method: str, T: int) -> float:
     """The memory that the method's formula in the table of methods says it keeps (float32; rsnn/methods.py):
     bptt its tape over T steps, the online rules their traces; S = hidden states per neuron (lif-delta 1;
-    alif-delta, lif-exp-cu 2; the readout 1). An unknown method is an error, never another's formula."""
+    alif-delta, lif-exp-cu, adlif 2; the readout 1). An unknown method is an error, never another's formula."""
     return 4. * methods.memory_floats(method, network_sizes(cfg, T))
 
 

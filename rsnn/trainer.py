@@ -27,7 +27,6 @@ import optax
 
 from rsnn import brainstate_adapter, methods, recurrence
 from rsnn.devices import Placement
-from rsnn.rules import chunks
 from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
 from rsnn.errors import UserError
 

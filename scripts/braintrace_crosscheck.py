@@ -72,14 +72,14 @@ def es_braintrace_correction():
     tests/test_online_rules.py's ESReference, which equals brainscale's ES-D-RTRL with brainscale's correction).
     Built here, not at import: this file's other half runs where rsnn cannot be imported."""
     import jax.numpy as jnp
-    from rsnn.rules import chunks, ottt
+    from rsnn.rules import chunk_engine, ottt
 
     class ESBraintraceCorrection(ottt.OTTT):
         a = b = ES_DECAY
 
         def zero_traces(self):
             return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S)))
-                    for n_in, n_out, S in chunks.relation_shapes(self.model)]
+                    for n_in, n_out, S in chunk_engine.relation_shapes(self.model)]
 
         def chunk_update(self, key, rel, trace, t0):
             xhat, fhat = trace

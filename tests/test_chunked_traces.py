@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from rsnn.rules import chunks as chunked_traces, es_d_rtrl
+from rsnn.rules import chunk_engine as chunked_traces, es_d_rtrl
 import models
 from rsnn.trainer import Trainer
 import utils
@@ -23,6 +23,8 @@ KINDS = {  # name -> (network factory, number of classes)
                                                            spk_reset='hard', detach_reset=True, seed=1),
     'alif-delta': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='alif-delta', ff_scale=4., seed=2),
     'lif-exp-cu': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='lif-exp-cu', ff_scale=4., seed=3),
+    'adlif': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='adlif', ff_scale=400., rec_scale=4., V_th=0.5,
+                                         seed=5),  # adLIF's (1 - alpha) input gain and adaptation: ~0.1 spikes per step
     'dms': lambda: models.DMSNet(N_IN, N_REC, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1.,
                                  ff_scale=6., rec_scale=2., seed=4),
 }

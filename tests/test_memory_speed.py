@@ -133,11 +133,11 @@ def test_missing_device_warning_reaches_the_user(mem_script, capfd):
     assert 'warning' not in capfd.readouterr().err  # said once per sweep, not once per measurement
 
 
-@pytest.mark.parametrize('model', ['lif-delta', 'alif-delta', 'lif-exp-cu'])
+@pytest.mark.parametrize('model', ['lif-delta', 'alif-delta', 'lif-exp-cu', 'adlif'])
 def test_formulas_match_the_real_network_and_traces(mem_script, model):
     """n_params against the built network's weights; the predicted online state against the traces that
     brainscale actually allocates after compile_graph (D-RTRL: etrace_bwg; ES-D-RTRL: etrace_xs + etrace_dfs).
-    alif-delta and lif-exp-cu have two hidden states per neuron, so twice the hidden layers' traces."""
+    alif-delta, lif-exp-cu and adlif have two hidden states per neuron, so twice the hidden layers' traces."""
     cfg = dict(batch_size=4, n_in=20, n_rec=16, n_layer=3, n_out=5, model=model)
     brainstate.environ.set(dt=1.)
     sizes = {}

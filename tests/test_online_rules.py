@@ -21,7 +21,7 @@ import pytest
 import models
 from rsnn import methods
 from rsnn.trainer import Trainer, path_key, trial_objective
-from rsnn.rules import chunks, ottt, uoro
+from rsnn.rules import chunk_engine, ottt, uoro
 from test_chunked_traces import KINDS, B, N_IN, N_REC, T, data, flat
 
 NEW = ('eprop', 'ottt', 'snap1')
@@ -110,7 +110,7 @@ class ESReference(ottt.OTTT):
 
     def zero_traces(self):
         return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S)))
-                for n_in, n_out, S in chunks.relation_shapes(self.model)]
+                for n_in, n_out, S in chunk_engine.relation_shapes(self.model)]
 
     def chunk_update(self, key, rel, trace, t0):
         xhat, fhat = trace

@@ -11,7 +11,7 @@ it runs on the chunked path only (at --trace_chunk 1 its one-step chunks, not br
 
 Its step-by-step path is brainscale 0.1.0's `ParamDimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
 its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
-below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
+below, driven by rsnn/rules/chunk_engine.py. The traces are carried across updates on a stream (the trainer
 does not reset them there) and are zeroed by `reset()` before each batch of trials.
 """
 from __future__ import annotations
@@ -22,23 +22,23 @@ import jax
 import jax.numpy as jnp
 
 from rsnn import brainscale_adapter, recurrence
-from rsnn.rules import chunks
+from rsnn.rules import chunk_engine
 from rsnn.rules.base import RuleOptions
-from rsnn.rules.brainscale_or_chunked import BrainscaleOrChunkedRule
+from rsnn.rules.brainscale_rule import BrainscaleRule
 from rsnn.errors import UserError
 from rsnn.methods import VJP_METHODS
 
 
 
-class DRTRL(BrainscaleOrChunkedRule):
+class DRTRL(BrainscaleRule):
     """D-RTRL: brainscale's ParamDimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
-    repository's networks (rsnn/rules/chunks.py; the same gradient)."""
+    repository's networks (rsnn/rules/chunk_engine.py; the same gradient)."""
     auto_name = 'diag'
 
     def __init__(self, model, params, options: RuleOptions):
         self.readout_filter = None
         if options.extra.get('drtrl_readout_filter'):
-            if not chunks.supports(model):
+            if not chunk_engine.supports(model):
                 raise UserError('--drtrl_readout_filter 1 needs the chunked traces, which do not know '
                                 f'{type(model).__name__}; use --drtrl_readout_filter 0')
             self.readout_filter = float(model.out.decay)
@@ -63,7 +63,7 @@ class DRTRL(BrainscaleOrChunkedRule):
         layers' S is 2S (e and e~)."""
         B = self.options.batch_size
         out, seen = [], {}
-        shapes = chunks.relation_shapes(self.model)
+        shapes = chunk_engine.relation_shapes(self.model)
         if self.readout_filter is not None:
             shapes = [(n_in, n_out, 2 * S) for n_in, n_out, S in shapes[:-1]] + shapes[-1:]
         for n_in, n_out, S in shapes:
@@ -93,18 +93,18 @@ def filtered_relation(rel, a: float):
 
 def drtrl_chunk(rel, trace):
     """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
-    VJP; rsnn/rules/chunks.py). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
+    VJP; rsnn/rules/chunk_engine.py). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     e_w, e_b = trace
     eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
     D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
     # Backwards in time: Lambda_t = L_t + D_{t+1}^T Lambda_{t+1}; the products of the D_{t+1}^T that it
     # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
-    Phi_T, lams = chunks.affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
+    Phi_T, lams = chunk_engine.affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
     Phi_T, lams = Phi_T[::-1], lams[::-1]
-    qs = chunks.apply_transposed(Phi_T, df)                                                         # Phi(K, t) df_t
-    M = chunks.apply_transposed(D[0], lams[0])                                                      # D_1^T Lambda_1
-    phi_all = chunks.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])                          # Phi(K, 0)
+    qs = chunk_engine.apply_transposed(Phi_T, df)                                # Phi(K, t) df_t
+    M = chunk_engine.apply_transposed(D[0], lams[0])                             # D_1^T Lambda_1
+    phi_all = chunk_engine.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])          # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
     e_w, g_w = update_in_place(e_w, M, phi_all, x, qs)
     grad = {'weight': g_w + recurrence.rows_product(x, h),

@@ -29,8 +29,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from rsnn.rules import chunks
-from rsnn.rules.chunked_rule import ChunkedRule
+from rsnn.rules import chunk_engine
+from rsnn.rules.engine_rule import EngineRule
 from rsnn.rules.d_rtrl import drtrl_chunk
 from rsnn.errors import UserError
 
@@ -42,7 +42,7 @@ def bellec_relation(rel, kappa: float):
     D, df, psi, Lz = rel['D'], rel['df'], rel['psi'], rel['Lz']
     S = D.shape[-1]
     top = jnp.concatenate([D, jnp.zeros(D.shape[:-1] + (1,), D.dtype)], axis=-1)          # (..., S, S + 1)
-    psi_D = chunks.apply_transposed(D, psi)                                                # (..., S)
+    psi_D = chunk_engine.apply_transposed(D, psi)                                          # (..., S)
     bottom = jnp.concatenate([psi_D, jnp.full(psi_D.shape[:-1] + (1,), kappa, D.dtype)], axis=-1)
     D_aug = jnp.concatenate([top, bottom[..., None, :]], axis=-2)                          # (..., S + 1, S + 1)
     df_aug = jnp.concatenate([df, jnp.sum(psi * df, axis=-1, keepdims=True)], axis=-1)
@@ -50,7 +50,7 @@ def bellec_relation(rel, kappa: float):
     return dict(x=rel['x'], D=D_aug, df=df_aug, L=L_aug)
 
 
-class EProp(ChunkedRule):
+class EProp(EngineRule):
     name = 'eprop'
 
     def __init__(self, model, params, options):
@@ -79,7 +79,7 @@ class EProp(ChunkedRule):
         """(trace_W (B, I, J, S'), trace_b (B, J, S')) per relation; S' = S + 1 for the layers (eps and e~),
         1 for the readout."""
         B = self.options.batch_size
-        shapes = chunks.relation_shapes(self.model)
+        shapes = chunk_engine.relation_shapes(self.model)
         return [(jnp.zeros((B, n_in, n_out, S if i == len(shapes) - 1 else S + 1)),
                  jnp.zeros((B, n_out, S if i == len(shapes) - 1 else S + 1)))
                 for i, (n_in, n_out, S) in enumerate(shapes)]

@@ -9,7 +9,7 @@ brainscale's algorithm as published; no option adds the path (a rank-1 trace has
 
 Its step-by-step path is brainscale 0.1.0's `IODimVjpAlgorithm` (as changed by rsnn/brainscale_adapter.py);
 its chunked path (--trace_chunk K > 1, the default for this repository's networks) is `chunk_update`
-below, driven by rsnn/rules/chunks.py. The traces are carried across updates on a stream (the trainer
+below, driven by rsnn/rules/chunk_engine.py. The traces are carried across updates on a stream (the trainer
 does not reset them there) and are zeroed by `reset()` before each batch of trials.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from rsnn import brainscale_adapter, recurrence
-from rsnn.rules import chunks
+from rsnn.rules import chunk_engine
 from rsnn.rules.base import RuleOptions
-from rsnn.rules.brainscale_or_chunked import BrainscaleOrChunkedRule
+from rsnn.rules.brainscale_rule import BrainscaleRule
 from rsnn.methods import VJP_METHODS
 
 
@@ -36,9 +36,9 @@ def decay_of(decay_or_rank) -> float:
 
 
 
-class ESDRTRL(BrainscaleOrChunkedRule):
+class ESDRTRL(BrainscaleRule):
     """ES-D-RTRL: brainscale's IODimVjpAlgorithm step by step (--trace_chunk 1), or K steps at a time for this
-    repository's networks (rsnn/rules/chunks.py; the same gradient)."""
+    repository's networks (rsnn/rules/chunk_engine.py; the same gradient)."""
     auto_name = 'expsm_diag'
 
     @staticmethod
@@ -54,21 +54,21 @@ class ESDRTRL(BrainscaleOrChunkedRule):
     def zero_traces(self) -> list:
         """(x^ (B, I), f^ (B, J, S)) per relation (layers..., readout)."""
         B = self.options.batch_size
-        return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S))) for n_in, n_out, S in chunks.relation_shapes(self.model)]
+        return [(jnp.zeros((B, n_in)), jnp.zeros((B, n_out, S))) for n_in, n_out, S in chunk_engine.relation_shapes(self.model)]
 
     def chunk_update(self, key, rel, trace, t0):
         return es_drtrl_chunk(rel, trace, self.decay, t0)
 
 
 def es_drtrl_chunk(rel, trace, decay: float, t0):
-    """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; rsnn/rules/chunks.py).
+    """ES-D-RTRL over one chunk (brainscale's IODimVjpAlgorithm, single-step VJP; rsnn/rules/chunk_engine.py).
     trace = (x^ (B, I), f^ (B, J, S)); t0 = the chunk's first step (brainscale's running index)."""
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     xhat, fhat = trace
     K = x.shape[0]
     def f_step(f, inp):  # f^_t = a D_t f^_{t-1} + (1 - a) df_t: a few flops per neuron, step by step
         D_t, df_t = inp
-        f = decay * chunks.apply_matrix(D_t, f) + (1. - decay) * df_t
+        f = decay * chunk_engine.apply_matrix(D_t, f) + (1. - decay) * df_t
         return f, f
 
     _, fhats = jax.lax.scan(f_step, fhat, (D, df))

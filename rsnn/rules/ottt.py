@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rsnn import recurrence
-from rsnn.rules import chunks
-from rsnn.rules.chunked_rule import ChunkedRule
+from rsnn.rules import chunk_engine
+from rsnn.rules.engine_rule import EngineRule
 from rsnn.rules.es_d_rtrl import decay_of
 
 
@@ -32,7 +32,7 @@ def ottt_chunk(rel, xhat, lam: float):
     return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, xhat_end
 
 
-class OTTT(ChunkedRule):
+class OTTT(EngineRule):
     name = 'ottt'
 
     @property
@@ -42,7 +42,7 @@ class OTTT(ChunkedRule):
     def zero_traces(self) -> list:
         """a^ (B, I) per relation (layers..., readout)."""
         B = self.options.batch_size
-        return [jnp.zeros((B, n_in)) for n_in, _, _ in chunks.relation_shapes(self.model)]
+        return [jnp.zeros((B, n_in)) for n_in, _, _ in chunk_engine.relation_shapes(self.model)]
 
     def chunk_update(self, key, rel, trace, t0):
         return ottt_chunk(rel, trace, self.decay)

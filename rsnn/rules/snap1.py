@@ -6,15 +6,15 @@ D_t (D-RTRL's) plus the path through its own recurrent weight:
 D-RTRL drops that term (all recurrent mixing); SnAp-1 equals D-RTRL where diag(W_rec) = 0
 (tests/test_online_rules.py). Memory O(B P S), as D-RTRL. grad = sum_t L_t e_t (same-step learning signal).
 
-Chunked: D-RTRL's chunk update (rsnn/rules/d_rtrl.py) with D~ in place of D; chunks.py gives ds and diag(W_rec)
+Chunked: D-RTRL's chunk update (rsnn/rules/d_rtrl.py) with D~ in place of D; chunk_engine.py gives ds and diag(W_rec)
 (its `self_recurrence` extra). The readout has no recurrent weight: D-RTRL there.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from rsnn.rules import chunks
-from rsnn.rules.chunked_rule import ChunkedRule
+from rsnn.rules import chunk_engine
+from rsnn.rules.engine_rule import EngineRule
 from rsnn.rules.d_rtrl import drtrl_chunk
 
 
@@ -23,7 +23,7 @@ def with_self_recurrence(rel):
     return dict(rel, D=D)
 
 
-class SnAp1(ChunkedRule):
+class SnAp1(EngineRule):
     name = 'snap1'
     chunk_kwargs = {'self_recurrence': True}
 
@@ -31,7 +31,7 @@ class SnAp1(ChunkedRule):
         """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout), as D-RTRL."""
         B = self.options.batch_size
         return [(jnp.zeros((B, n_in, n_out, S)), jnp.zeros((B, n_out, S)))
-                for n_in, n_out, S in chunks.relation_shapes(self.model)]
+                for n_in, n_out, S in chunk_engine.relation_shapes(self.model)]
 
     def chunk_update(self, key, rel, trace, t0):
         if key == 'out':

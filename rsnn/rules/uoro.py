@@ -28,22 +28,22 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
-from rsnn.rules import chunks
+from rsnn.rules import chunk_engine
 from rsnn.rules.base import Result, Rule, RuleOptions
-from rsnn.rules.chunked_rule import ChunkedRule
+from rsnn.rules.engine_rule import refuse_unsupported
 from rsnn.errors import UserError
 
 EPS = 1e-7
 
 
 class PureNetwork:
-    """A network of chunks.py (layers of models.py and a leaky readout) as a pure step of
+    """A network of the neuron seam (rsnn/neurons/seam.py: its recurrent layers and a leaky readout) as a pure step of
     (states, x, weights): states = ([layer state dicts], r); weights = {'layers': [{'weight', 'bias'}...], 'out': {...}}."""
 
     def __init__(self, model):
         self.model = model
-        self.cells, self.readout_input = chunks.network_cells(model)
-        self.param_states = chunks.param_states(model, self.cells)
+        self.cells, self.readout_input = chunk_engine.network_cells(model)
+        self.param_states = chunk_engine.param_states(model, self.cells)
         self.decay = model.out.decay
 
     def values(self):
@@ -160,7 +160,7 @@ class UORO(Rule):
 
     def __init__(self, model, params: dict, options: RuleOptions):
         super().__init__(model, params, options)
-        ChunkedRule.check_supported.__func__(self.__class__, model, options)
+        refuse_unsupported(self.name, model, options)
         if options.trace_chunk not in (None, 1):
             raise UserError(f'--method uoro runs step by step only; use --trace_chunk 1 (got {options.trace_chunk})')
         self.net = PureNetwork(model)

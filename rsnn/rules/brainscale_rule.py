@@ -1,5 +1,5 @@
-"""What D-RTRL and ES-D-RTRL share: brainscale's algorithm step by step at --trace_chunk 1, or the rule's own
-chunked update K steps at a time (rsnn/rules/chunks.py) with the traces as named brainstate states, carried
+"""BrainscaleRule: what D-RTRL and ES-D-RTRL share: brainscale's algorithm step by step at --trace_chunk 1, or
+the rule's own chunked update K steps at a time on the chunk engine (rsnn/rules/chunk_engine.py) with the traces as named brainstate states, carried
 across updates on a stream and zeroed by `reset()` before each batch of trials.
 
 A subclass gives `brainscale_algorithm(model, options)`, `zero_traces()`, `chunk_update(key, rel, trace, t0)`,
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rsnn import brainscale_adapter
-from rsnn.rules import chunks
+from rsnn.rules import chunk_engine
 from rsnn.rules.base import Result, Rule, RuleOptions, chunk_for, step_by_step
 from rsnn.chunk_policy import auto_trace_chunk
 from rsnn.errors import UserError
@@ -20,7 +20,7 @@ from rsnn.errors import UserError
 brainscale_adapter.ensure_adapted()  # before any brainscale algorithm is built
 
 
-class BrainscaleOrChunkedRule(Rule):
+class BrainscaleRule(Rule):
     auto_name = ''  # the method whose buffer budget rsnn.chunk_policy.auto_trace_chunk applies
 
     def __init__(self, model, params: dict, options: RuleOptions):
@@ -54,11 +54,9 @@ class BrainscaleOrChunkedRule(Rule):
     @classmethod
     def choose_chunk(cls, model, options: RuleOptions) -> int:
         """The K this rule runs with on `model` (rules.base.chunk_for)."""
-        why_not = None if chunks.supports(model) else \
-            f'{type(model).__name__} is not one of the networks rsnn/rules/chunks.py knows'
-        why_not = why_not or cls.chunk_refusal()
+        why_not = chunk_engine.why_not(model) or cls.chunk_refusal()
         return chunk_for(options, True, why_not, lambda: auto_trace_chunk(
-            cls.auto_name, chunks.relation_shapes(model), options.batch_size))
+            cls.auto_name, chunk_engine.relation_shapes(model), options.batch_size))
 
     def carried_states(self) -> dict:
         if self.algo is not None:
@@ -79,7 +77,7 @@ class BrainscaleOrChunkedRule(Rule):
         if self.algo is not None:
             return step_by_step(self.algo, self.model, self.params, xs, targets, objective, step_hook, keep_outputs,
                                 hook_inputs)
-        grads, loss, wout, outs, traces, t_end = chunks.chunked_online_gradients(
+        grads, loss, wout, outs, traces, t_end = chunk_engine.chunked_online_gradients(
             self.model, self.chunk_update, self.trace_chunk, xs, targets, objective,
             [st.value for st in self.traces], self.t0.value, keep_outputs)
         for st, tr in zip(self.traces, traces):

@@ -1,6 +1,7 @@
-"""D-RTRL and ES-D-RTRL K time steps at a time: the same gradient as brainscale's step-by-step
-algorithms (`--trace_chunk 1`), for this repository's networks (models.SpikingStack with LIF, ALIF or
-LIF-exp layers, models.DMSNet), at the speed of BPTT.
+"""The chunk engine: an online rule's trace recursion run K time steps at a time, for any network of the
+neuron seam (rsnn/neurons/seam.py: recurrent layers in a chain with a pure `step`, and a leaky readout).
+D-RTRL and ES-D-RTRL get the same gradient as brainscale's step-by-step algorithms (`--trace_chunk 1`) at
+the speed of BPTT; e-prop, OTTT and SnAp-1 run on it only (rsnn/rules/engine_rule.py).
 
 Within one update the weights are fixed, so the work of K consecutive steps can be done together.
 For each chunk of K steps (the last one may be shorter):
@@ -29,9 +30,10 @@ For each chunk of K steps (the last one may be shorter):
 Exact in real arithmetic; in float32 the sums are ordered differently (tests/test_chunked_traces.py:
 cosine >= 0.99999 and norm ratio within 1e-5 of brainscale's, per weight).
 
-The networks' neuron updates as pure functions: `LayerCell` uses the layers' `step` (the pure
-form of models.RecurrentLIFLayer.update and models.GIFExpLayer.update that BPTT's run_sequence also uses). The tests compare against brainscale running the models' stateful `update`, so a change there that
-is not made in the pure form fails them.
+The networks' neuron updates as pure functions: `LayerCell` uses the layers' `step` (the seam's pure step,
+from which rsnn.neurons.base derives the stateful `update` that brainscale runs and BPTT's run_sequence).
+The tests compare against brainscale running the models' stateful `update`, so a layer whose `update` is
+not its `step` fails them (tests/test_neuron_seam.py: a toy model defined in the test).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 
 from rsnn import models
 from rsnn import recurrence
+from rsnn.neurons import seam
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,8 +51,7 @@ from rsnn import recurrence
 
 
 class LayerCell:
-    """A recurrent layer of models.py (RecurrentLIFLayer: LIF / ALIF, delta or exponential current synapse;
-    GIFExpLayer: the DMS network's layer, whose output is V) as a pure function of its states `names`."""
+    """A recurrent layer of the neuron seam (rsnn/neurons/seam.py) as a pure function of its states `names`."""
 
     def __init__(self, layer, names):
         self.layer, self.names = layer, list(names)
@@ -75,18 +77,25 @@ class LayerCell:
         return self.layer.output(h)
 
 
+def why_not(model):
+    """Why the engine cannot run `model` (one line), or None: a network of the seam (recurrent_layers(),
+    readout_input(), layers with the seam's methods) with the leaky readout models.LeakyReadout."""
+    reason = seam.why_not_network(model)
+    if reason is None and not isinstance(getattr(model, 'out', None), models.LeakyReadout):
+        reason = f'{type(model).__name__}.out is not the leaky readout models.LeakyReadout'
+    return reason
+
+
 def network_cells(model):
-    """(cells, readout input function) of a supported network, or None."""
-    if isinstance(model, models.SpikingStack) and all(type(l) is models.RecurrentLIFLayer for l in model.layers):
-        return [LayerCell(l, l.state_names()) for l in model.layers], lambda s: s
-    if isinstance(model, models.DMSNet) and type(model.rec) is models.GIFExpLayer:
-        return [LayerCell(model.rec, model.rec.state_names())], models.standardize
-    return None
+    """(cells, readout input function) of a network of the seam, or None."""
+    if seam.why_not_network(model) is not None:
+        return None
+    return [LayerCell(l, l.state_names()) for l in model.recurrent_layers()], model.readout_input
 
 
 def supports(model) -> bool:
-    """The chunked path knows this network (every other network goes through brainscale)."""
-    return network_cells(model) is not None and isinstance(getattr(model, 'out', None), models.LeakyReadout)
+    """The engine can run this network (every other network goes through brainscale or is refused)."""
+    return why_not(model) is None
 
 
 # --------------------------------------------------------------------------------------------
