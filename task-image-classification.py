@@ -18,6 +18,7 @@ import sys
 import utils
 
 from rsnn import argparse_adapter, run_folder
+from rsnn import datasets as dataset_table
 from rsnn import methods
 
 
@@ -60,9 +61,9 @@ def build_parser():
                         'a tiny synthetic stand-in in data/synthetic-smoke (made on first use: ' +
                         SMOKE_DATA_COMMAND.format(dataset='nmnist', data_dir=SMOKE_DATA) + ')')
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', choices=('nmnist', 'shd'), default='nmnist',
-                   help='nmnist = N-MNIST (first saccade, 2312 inputs, 10 classes); shd = Spiking Heidelberg '
-                        'Digits (700 inputs, 20 classes)')
+    g.add_argument('--dataset', choices=dataset_table.names(dataset_table.IMAGE_SCRIPT), default='nmnist',
+                   help='; '.join(f'{d.name} = {d.title} ({d.n_in} inputs, {d.n_classes} classes)' for d in
+                                  dataset_table.DATASETS.values() if d.script == dataset_table.IMAGE_SCRIPT))
     g.add_argument('--data_dir', default='./data',
                    help='folder holding NMNIST/ or SHD/ as tonic lays them out (downloaded there if absent)')
     g.add_argument('--cache_dir', default=None,
@@ -252,7 +253,7 @@ def main(argv) -> int:
     make_smoke_data(args)
     args.experiment = args.dataset  # results/<dataset>/<exp_name>/<method>-<timestamp>
     ws = step_weights(args.data_length, args.warmup_ratio)  # bad sizes fail before anything is written
-    n_in = {'nmnist': 2 * 34 * 34, 'shd': 700}[args.dataset]
+    n_in = dataset_table.input_size(args.dataset)
     utils.check_memory([('--batch_size', args.batch_size, args.batch_size * args.data_length * n_in * 4 * 2,
                          'one batch of float32 event frames (and its copy on the device)')])
     utils.check_batch_for_devices(args.batch_size, args.devices)

@@ -131,7 +131,7 @@ def build_parser():
     p.add_argument('--density', type=float, default=0.1, help='probability that an input channel spikes in a step')
     p.add_argument('--etrace_decay', type=utils.decay_or_rank, default=0.9,
                    help='ES-D-RTRL decay in (0,1) or integer rank')
-    p.add_argument('--model', choices=('lif-delta', 'alif-delta', 'lif-exp-cu'), default='lif-delta',
+    p.add_argument('--model', choices=utils.MODEL_NAMES, default='lif-delta',
                    help='neuron/synapse model of the recurrent layers')
     p.add_argument('--trace_chunk', type=chunk_list, default='1,auto',
                    help="online methods: comma list of the K to measure each at (time steps per chunk of the "
