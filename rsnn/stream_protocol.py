@@ -188,9 +188,6 @@ class StreamSource:
     """The stream protocol for train_loop.run: a period is the stretch of stream between two held-out
     evaluations (every --eval_every_trials trials per stream, and at the end), one update per chunk, the
     states and traces carried on (the trainer does not reset them)."""
-    period_name = 'evaluation'
-    default_stop = 'stream_trials'
-    stops_at_acc_th = False
     validation = None  # (the validation TrialStream, trials per stream): val_loss, val_acc in each evaluation row
 
     def __init__(self, cfg: StreamConfig, trainer, train, held_out, n_chunks: int, n_test: int, eval_steps: float):
@@ -198,6 +195,11 @@ class StreamSource:
         self.n_chunks, self.n_test, self.eval_steps = n_chunks, n_test, eval_steps
         self.scorer = trial_stream.TrialScorer(cfg.n_streams, train.task.n_out)
         self.next_chunk, self.trials_done, self.periods_done = 0, 0, 0
+        from rsnn.train_loop import SourceTerms
+        self.terms = SourceTerms(
+            period_name='evaluation', default_stop='stream_trials', stops_at_acc_th=False, best_on_ties=True,
+            further=f'--stream_trials N > {cfg.stream_trials}',
+            figure_title=f'{cfg.title} stream, {methods.title(cfg.method)}, {cfg.chunk_ms:g} ms per update')
 
     # -- the periods
     def _ends_here(self, k: int) -> bool:
@@ -258,40 +260,26 @@ class StreamSource:
         return row
 
     @staticmethod
-    def is_best(test_acc: float, best: float) -> bool:
-        return test_acc >= best
-
-    @staticmethod
     def describe(row: dict) -> str:
         return (f'{row["trials_per_stream"]:.0f} trials per stream ({row["stream_s"]:.0f} s of stream): train '
                 f'acc {row["train_acc"]:.3f} | held-out loss {row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | '
                 f'{row["s_per_1000_steps"]:.3f} s per 1000 steps')
 
-    def checkpoint_extra(self) -> dict:
-        return stream_extra(self.trainer, self.next_chunk, self.scorer)
+    # -- checkpoints and resume: the stream's states, the scorer's partial trials and the position
+    def checkpoint(self) -> tuple:
+        return stream_extra(self.trainer, self.next_chunk, self.scorer), dict(trials_done=self.trials_done)
 
-    def restored(self, extra: dict, meta: dict):
+    def restore(self, extra: dict, meta: dict, done: int, settings) -> Optional[str]:
         self.trainer.set_states(dict(extra['stream_state']))
         self.scorer.partial[:] = np.asarray(extra['partial'])
         self.scorer.loss_partial[:] = np.asarray(extra['loss_partial'])
         self.next_chunk = int(extra['chunks_done'])
         self.trials_done = int(meta.get('trials_done', 0))
-
-    def meta(self) -> dict:
-        return dict(trials_done=self.trials_done)
-
-    # -- resume
-    def finished_because(self, meta: dict, done: int, settings):
         self.periods_done = done
         if self.next_chunk >= self.n_chunks:
             return f'it ran its {self.n_chunks} chunks of stream'
+        print(f'the stream goes on at chunk {self.next_chunk} of {self.n_chunks}', flush=True)
         return None
-
-    def train_further_hint(self, done: int) -> str:
-        return f'give --stream_trials N > {self.cfg.stream_trials} to train it further'
-
-    def resumed_message(self, run_dir: str, done: int) -> str:
-        return f'resumed {run_dir} after evaluation {done} (chunk {self.next_chunk} of {self.n_chunks})'
 
     # -- the end
     def gradient_check(self, settings, run_dir: str):
@@ -299,9 +287,6 @@ class StreamSource:
             print('note: --check_grad compares gradients on independent trials; the stream protocol has none '
                   '(no grad_fidelity.csv)', file=sys.stderr, flush=True)
         return None
-
-    def figure_title(self, settings) -> str:
-        return f'{self.cfg.title} stream, {methods.title(self.cfg.method)}, {self.cfg.chunk_ms:g} ms per update'
 
     def summary(self, settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
         cfg, train = self.cfg, self.train_stream

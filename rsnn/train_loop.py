@@ -2,9 +2,10 @@
 or a stretch of stream between two held-out evaluations), a batches.csv row per update, a metrics.csv row
 and a checkpoint per period, resume, the learning curves and summary.json at the end.
 
-What differs between the protocols is a `source` (TrialSource below; stream_protocol.StreamSource): the
-updates of a period, how one update is trained and accounted, the evaluation row, what the checkpoint holds
-besides the weights and the optimizer (a stream: its states and traces), and the summary's own fields.
+What differs between the protocols is a `source`, declared by the protocol `Source` below (TrialSource below
+and stream_protocol.StreamSource implement it): the updates of a period, how one update is trained and
+accounted, the evaluation row, what the checkpoint holds besides the weights and the optimizer (a stream: its
+states and traces), and the summary's own fields.
 
 `fit(settings, trainer, run_dir, train_batches, test_batches, step_weights, config)` trains on trials;
 `stream_protocol.fit_stream` on a stream; both end in `run(settings, trainer, run_dir, source, config)`.
@@ -16,7 +17,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Protocol, Callable, Iterable, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -50,6 +51,56 @@ class LoopSettings:
         return cls(epochs=args.epochs, method=args.method, experiment=args.experiment, resume=bool(args.resume),
                    acc_th=acc_th, smooth=smooth, check_grad_every=every or 0,
                    progress_bars=not args.no_progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceTerms:
+    """How a protocol's periods read in the log, when its run stops and how a finished run goes on."""
+    period_name: str          # a period between two evaluations: 'epoch' (trials), 'evaluation' (stream)
+    default_stop: str         # summary.json's stopped_because when the periods run out
+    stops_at_acc_th: bool     # the smoothed training-accuracy stop (--acc_th) applies
+    best_on_ties: bool        # a test accuracy equal to the best so far saves the 'best' checkpoint too
+    further: str              # what to give to train a finished run further, '{done}' = periods done
+    figure_title: str = ''    # the title of learning_curves.png
+
+
+class Source(Protocol):
+    """What the loop (`run`) needs of a protocol: its periods, one update, the rows it logs, what its checkpoint
+    holds besides the trainer, and its summary. TrialSource (below) and stream_protocol.StreamSource implement
+    it; a new protocol is one class with these members."""
+    terms: SourceTerms
+
+    def last_period(self, settings: LoopSettings) -> int:
+        """The last period of the run (periods are numbered from 1)."""
+
+    def updates(self, period: int) -> Optional[Iterable]:
+        """The items of one period, each one `train` call; None when there is nothing left."""
+
+    def train(self, item) -> dict:
+        """One update from `item`: at least loss (float) and grad_norm; timed by the loop."""
+
+    def account(self, ep: EpochStats, progress: Progress, item, result: dict, smooth: int) -> dict:
+        """Book one update's result into the period's statistics; returns its batches.csv row."""
+
+    def evaluation_row(self, period: int, ep: EpochStats, progress: Progress, seconds: float, total: float) -> dict:
+        """The metrics.csv row after a period (test_loss, test_acc, ...)."""
+
+    def describe(self, row: dict) -> str:
+        """The printed line of an evaluation row."""
+
+    def checkpoint(self) -> tuple:
+        """(extra, meta): the arrays the checkpoint keeps besides the trainer's (None: none), and the
+        JSON entries of its meta."""
+
+    def restore(self, extra, meta: dict, done: int, settings: LoopSettings) -> Optional[str]:
+        """Take back what `checkpoint` saved after `done` periods; returns why the run is finished, or None."""
+
+    def gradient_check(self, settings: LoopSettings, run_dir: str):
+        """A callable check(period) of the rule's gradient against BPTT's (--check_grad), or None."""
+
+    def summary(self, settings: LoopSettings, metrics: list, state: 'RunState', progress: Progress, stopped: str,
+                seconds: float, run_dir: str) -> dict:
+        """summary.json of the run."""
 
 
 @dataclasses.dataclass
@@ -130,9 +181,9 @@ def run(settings: LoopSettings, trainer, run_dir: str, source, config: dict) -> 
 def resume(ckpt: Checkpoints, trainer, log: RunLog, settings: LoopSettings, run_dir: str, source):
     """Load the newest checkpoint that verifies; returns (RunState, None), or (RunState, summary) when the
     run is finished."""
-    extra = source.checkpoint_extra()
+    extra, _ = source.checkpoint()
     done, meta = ckpt.restore(trainer, extra=extra)
-    source.restored(extra, meta)
+    finished = source.restore(extra, meta, done, settings)
     log.truncate_after(done)  # the rows of periods after the checkpoint are trained again
     fidelity_path = os.path.join(run_dir, GRAD_FIDELITY_FILE)
     kept = [r for r in read_grad_fidelity(fidelity_path) if r['epoch'] <= done]
@@ -141,28 +192,27 @@ def resume(ckpt: Checkpoints, trainer, log: RunLog, settings: LoopSettings, run_
     state = RunState(start_epoch=done + 1, best_test_acc=meta.get('best_test_acc', -1.0),
                      recent=list(meta.get('recent_train_acc', [])), seconds_before=meta.get('seconds', 0.),
                      batches_done=meta.get('batches_done'), meta=meta)
-    finished = source.finished_because(meta, done, settings)
     if finished:
         print(f'{run_dir} is finished ({finished}); nothing to train. '
               f'Its results are in {run_dir}/summary.json'
-              + ('' if meta.get('stopped_because') == 'acc_th' else f'; {source.train_further_hint(done)}'),
+              + ('' if meta.get('stopped_because') == 'acc_th' else f'; give {source.terms.further.format(done=done)} to train it further'),
               flush=True)
         summary = read_summary(run_dir)
         if not summary:  # stopped after its last checkpoint, before summary.json was written: write it now
-            stopped = meta.get('stopped_because') or source.default_stop
+            stopped = meta.get('stopped_because') or source.terms.default_stop
             summary = finish_run(settings, run_dir, log, state, Progress(state.batches_done or 0, state.recent),
                                  stopped, state.seconds_before, source)
             print(f'wrote the missing {run_dir}/summary.json', flush=True)
-        summary.setdefault('stopped_because', meta.get('stopped_because') or source.default_stop)
+        summary.setdefault('stopped_because', meta.get('stopped_because') or source.terms.default_stop)
         return RunState(), dict(summary, finished=True)
-    print(source.resumed_message(run_dir, done), flush=True)
+    print(f'resumed {run_dir} after {source.terms.period_name} {done}', flush=True)
     return state, None
 
 
 def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunLog, ckpt: Checkpoints,
                 state: RunState, config: dict, check) -> dict:
     """The periods from state.start_epoch on: train, evaluate, log a metrics.csv row, checkpoint."""
-    stopped = source.default_stop
+    stopped = source.terms.default_stop
     t0 = time.time()
     metrics = log.read_metrics()
     # optimizer updates so far, the last `smooth` batch accuracies (acc_th), the compiling step's time
@@ -174,21 +224,22 @@ def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunL
         if updates is None:
             break
         bar = tqdm(total=len(updates) if hasattr(updates, '__len__') else None,
-                   desc=f'{source.period_name} {epoch}/{source.last_period(settings)} [{settings.method}]',
+                   desc=f'{source.terms.period_name} {epoch}/{source.last_period(settings)} [{settings.method}]',
                    disable=not settings.progress_bars, leave=False, dynamic_ncols=True)
         ep = train_period(trainer, source, updates, log, progress, epoch=epoch, acc_th=settings.acc_th,
                           smooth=settings.smooth, bar=bar)
         bar.close()
         interrupts.check()
-        stopped = ep.stopped or source.default_stop
+        stopped = ep.stopped or source.terms.default_stop
         if stopped != 'nan' and not values_finite(trainer.param_values()):
             stopped = 'nan'
         if stopped == 'nan':
-            print(f'{source.period_name} {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
+            print(f'{source.terms.period_name} {epoch}: the loss, the gradient norm or the weights became NaN or infinite; '
                   f'stopping (the last good checkpoint is kept)', flush=True)
             break
         row = source.evaluation_row(epoch, ep, progress, time.time() - ep_t0, state.seconds_before + time.time() - t0)
-        is_best = source.is_best(row['test_acc'], state.best_test_acc)
+        is_best = (row['test_acc'] >= state.best_test_acc if source.terms.best_on_ties
+                   else row['test_acc'] > state.best_test_acc)
         state.best_test_acc = max(state.best_test_acc, row['test_acc'])
         log.append(row)
         metrics.append(row)
@@ -197,9 +248,10 @@ def run_periods(settings: LoopSettings, trainer, run_dir: str, source, log: RunL
         meta = dict(best_test_acc=state.best_test_acc, recent_train_acc=list(progress.recent),
                     seconds=state.seconds_before + time.time() - t0, config=config,
                     stopped_because=stopped if stopped == 'acc_th' else None, epochs=settings.epochs,
-                    batches_done=progress.batches_done, **source.meta())
+                    batches_done=progress.batches_done)
+        extra, own_meta = source.checkpoint()
         with interrupts.deferred():  # a signal during the write stops the run once the checkpoint is complete
-            ckpt.save(trainer, epoch, meta, best=is_best, extra=source.checkpoint_extra())
+            ckpt.save(trainer, epoch, dict(meta, **own_meta), best=is_best, extra=extra)
         print(source.describe(row), flush=True)
         if stopped == 'acc_th':
             print(f'smoothed training accuracy {np.mean(progress.recent):.3f} >= acc_th {settings.acc_th}: stopping')
@@ -241,7 +293,7 @@ def train_period(trainer, source, updates: Iterable, log: RunLog, progress: Prog
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.4f}", acc_avg=f'{np.mean(progress.recent):.3f}'
                             if progress.recent else 'nan')
-        if (acc_th is not None and source.stops_at_acc_th and len(progress.recent) == smooth
+        if (acc_th is not None and source.terms.stops_at_acc_th and len(progress.recent) == smooth
                 and np.mean(progress.recent) >= acc_th):
             ep.stopped = 'acc_th'
             break
@@ -254,7 +306,7 @@ def finish_run(settings: LoopSettings, run_dir: str, log: RunLog, state: RunStat
     them missing)."""
     metrics = log.read_metrics()
     if is_main_process():
-        plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'), source.figure_title(settings))
+        plot_learning_curves(metrics, os.path.join(run_dir, 'learning_curves.png'), source.terms.figure_title)
     summary = source.summary(settings, metrics, state, progress, stopped, seconds, run_dir)
     if metrics and not math.isfinite(metrics[-1]['test_acc']):
         print('warning: test_acc is not a number (no test sample was evaluated); summary.json holds null',
@@ -275,19 +327,19 @@ def fit(settings: LoopSettings, trainer, run_dir: str, train_batches: Callable[[
     test_batches() the held-out ones, validation_batches() (optional, --validation) a validation set whose
     loss and accuracy go into metrics.csv as val_loss, val_acc. `config` is written to config.json (a later
     --resume reads it). Returns the summary (also written to summary.json)."""
-    source = TrialSource(trainer, train_batches, test_batches, step_weights)
+    source = TrialSource(trainer, train_batches, test_batches, step_weights,
+                         title=f'{settings.experiment} {methods.title(settings.method)}')
     source.validation_batches = validation_batches
     return run(settings, trainer, run_dir, source, config)
 
 
 class TrialSource:
     """The trial protocol: a period is an epoch of batches, each an update from zero states."""
-    period_name = 'epoch'
-    default_stop = 'epochs'
-    stops_at_acc_th = True
     validation_batches = None  # fit(validation_batches=...): val_loss, val_acc in each evaluation row
 
-    def __init__(self, trainer, train_batches, test_batches, step_weights):
+    def __init__(self, trainer, train_batches, test_batches, step_weights, title: str = ''):
+        self.terms = SourceTerms(period_name='epoch', default_stop='epochs', stops_at_acc_th=True,
+                                 best_on_ties=False, further='--epochs N > {done}', figure_title=title)
         self.trainer, self.train_batches, self.test_batches = trainer, train_batches, test_batches
         self.step_weights = step_weights
         self.per_batch = None  # optimizer updates per batch where the rule updates within it (FPTT), else None
@@ -329,44 +381,23 @@ class TrialSource:
         return row
 
     @staticmethod
-    def is_best(test_acc: float, best: float) -> bool:
-        return test_acc > best
-
-    @staticmethod
     def describe(row: dict) -> str:
         return (f'epoch {row["epoch"]}: train loss {row["train_loss"]:.4f} acc {row["train_acc"]:.3f} | test loss '
                 f'{row["test_loss"]:.4f} acc {row["test_acc"]:.3f} | {row["step_s_per_batch"]:.3f} s/batch step, '
                 f'{row["data_wait_s_per_batch"]:.3f} s/batch data')
 
-    def checkpoint_extra(self):
-        return None
-
-    def restored(self, extra, meta: dict):
-        pass
-
-    def meta(self) -> dict:
-        return {}
-
-    # -- resume
+    # -- checkpoints and resume: the trainer's state is all a trial run keeps
     @staticmethod
-    def finished_because(meta: dict, done: int, settings) -> Optional[str]:
+    def checkpoint() -> tuple:
+        return None, {}
+
+    @staticmethod
+    def restore(extra, meta: dict, done: int, settings) -> Optional[str]:
         return finished_because(meta, done, settings.epochs)
-
-    @staticmethod
-    def train_further_hint(done: int) -> str:
-        return f'give --epochs N > {done} to train it further'
-
-    @staticmethod
-    def resumed_message(run_dir: str, done: int) -> str:
-        return f'resumed {run_dir} after epoch {done}'
 
     # -- the end
     def gradient_check(self, settings, run_dir: str):
         return GradientCheck.for_run(settings, self.trainer, run_dir, self.test_batches, self.step_weights)
-
-    @staticmethod
-    def figure_title(settings) -> str:
-        return f'{settings.experiment} {methods.title(settings.method)}'
 
     def summary(self, settings, metrics, state, progress, stopped, seconds, run_dir) -> dict:
         summary = run_summary(settings.method, metrics, state, progress, stopped, seconds, run_dir)
