@@ -66,7 +66,8 @@ FULL = dict(
     image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '400', '--epochs', '2',
            '--batches_per_epoch', '40', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
     synth=dict(nmnist=(6000, 1000), shd=(4000, 1000)),
-    caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1']},
+    caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1'],
+          ('uoro', 'cue-accumulation'): ['--epochs', '2'], ('uoro', 'store-recall'): ['--epochs', '2']},
     credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '150'],
     trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation'], 'store-recall': ['--preset', 'store-recall']},
 )
