@@ -33,7 +33,8 @@ FLAGS = (
 # credit_layout, as --preset credit): 80 neurons whose adaptation forgets within the delay (tau_I2 ~ U(20, 75)
 # ms) and 20 memory neurons (tau_I2 3000 ms) whose input and recurrent weights start 10 x weaker, so that the
 # untrained network does not hold the cues to the recall cue: the memory has to be written by learned weights.
-# Controls: --freeze_rec 1 (readout only) and --A2 0 (adaptation off) stay near chance (docs/tasks.md).
+# Controls: --freeze_rec 1 (readout only: at chance) and --A2 0 (adaptation off); BPTT learns it on one seed of
+# three in this budget (docs/tasks.md).
 # (At a 500 ms delay the readout-only control still reads 0.62: docs/tasks.md.) The earlier preset (all 100
 # neurons adapting slowly, tau_I2 ~ U(100, 2250) ms, 500 ms delay): --n_memory 0 --tau_I2 1500 --cue_t_delay 500.
 MEMORY = dict(n_memory=20, tau_memory=3000., tau_I2=50., tau_fast_min=20., memory_in_scale=0.1,
