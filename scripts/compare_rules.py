@@ -7,7 +7,8 @@
 
 Tasks: `dms` (the 1000 ms DMS trials with make demo's settings, the preset cpu-demo), `dms-stream` (the same
 task as a stream, --protocol stream), `nmnist` and `shd` (the synthetic stand-ins of scripts/synthetic_events.py,
-3 x 128 LIF-delta). Each (task, rule, seed) is one run of the task script in its own process and run folder
+3 x 128 LIF-delta), `shd-adlif` (the SHD stand-in with adaptive neurons, --model adlif, 3 x 128), `cue-accumulation`
+and `store-recall` (the presets of docs/tasks.md, on trials), `credit` (the credit task on a stream). Each (task, rule, seed) is one run of the task script in its own process and run folder
 under OUT/runs/: a finished folder is reused, an interrupted one resumed, so the script can be stopped and
 started again. The trial tasks run with --check_grad (the cosine to BPTT's gradient on the first test batch,
 before training and at the last epoch). Written to OUT (default results/compare-rules/):
@@ -44,7 +45,11 @@ DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
 IMAGE = os.path.join(ROOT, 'task-image-classification.py')
 COLUMNS = ['rule', 'task', 'seed', 'final_test_acc', 'best_test_acc', 'batches', 's_per_batch', 'step_memory_mb',
            'grad_cosine_init', 'grad_cosine_trained', 'step_memory_formula_mb', 'budget', 'stopped']
-TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'credit')
+TASKS = ('dms', 'dms-stream', 'nmnist', 'shd', 'shd-adlif', 'cue-accumulation', 'store-recall', 'credit')
+# the trial tasks run by task-rsnn-long-term-dependency.py from their preset (rsnn/tasks/), one seed
+NEW_TRIAL_TASKS = ('cue-accumulation', 'store-recall')
+# the image stand-ins: the task name -> (its --dataset, its --model in place of the setting's)
+IMAGE_TASKS = {'nmnist': ('nmnist', None), 'shd': ('shd', None), 'shd-adlif': ('shd', 'adlif')}
 # the order in which rules get the extra DMS seeds: the cheaper first, so that a spent budget leaves the dearest out
 BY_COST = ('bptt', 'fptt', 'expsm_diag', 'ottt', 'diag', 'snap1', 'eprop', 'uoro')
 
@@ -61,9 +66,14 @@ FULL = dict(
     image=['--n_layer', '3', '--n_rec', '128', '--model', 'lif-delta', '--data_length', '400', '--epochs', '2',
            '--batches_per_epoch', '40', '--batch_size', '32', '--warmup_ratio', '0.', '--devices', 'cpu'],
     synth=dict(nmnist=(6000, 1000), shd=(4000, 1000)),
-    caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1']},
+    caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1'],
+          ('uoro', 'cue-accumulation'): ['--epochs', '2'], ('uoro', 'store-recall'): ['--epochs', '2']},
     credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '150'],
+    trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation'], 'store-recall': ['--preset', 'store-recall']},
 )
+# the new trial tasks at toy size: a few steps, 8 neurons (2 of them memory neurons), one batch of 4
+TINY_TRIAL = ['--n_rec', '8', '--n_memory', '2', '--batch_size', '4', '--batches_per_epoch', '2', '--epochs', '1',
+              '--n_test_trials', '8']
 TINY = dict(
     dms=['--preset', 'short-delay', '--n_rec', '8', '--t_sample', '20', '--t_delay', '20', '--t_test', '20',
          '--batch_size', '4', '--batches_per_epoch', '2', '--epochs', '1', '--n_test_trials', '8'],
@@ -77,6 +87,10 @@ TINY = dict(
     credit=['--preset', 'credit', '--protocol', 'stream', '--t_fixation', '5', '--t_sample', '20', '--t_test', '20',
             '--n_rec', '12', '--n_memory', '3', '--batch_size', '4', '--t_iti', '5-15', '--n_test_trials', '8',
             '--eval_every_trials', '2', '--t_delay', '20', '--stream_trials', '3', '--update_every', '20'],
+    trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation', '--cue_n', '1', '--cue_t_cue', '5',
+                                      '--cue_t_gap', '2', '--cue_t_delay', '5', '--cue_t_recall', '5'] + TINY_TRIAL,
+                 'store-recall': ['--preset', 'store-recall', '--sr_periods', '4', '--sr_t_period', '5',
+                                  '--sr_min_delay', '1'] + TINY_TRIAL},
 )
 # A reduced comparison that fits a shared 2-core CPU in about half an hour: the short-delay DMS preset (100 ms
 # delay, 100 GIF neurons, 310 steps) for 4 epochs of 50 batches, its stream for 100 trials, the image stand-ins
@@ -89,6 +103,7 @@ REDUCED = dict(
     synth=dict(nmnist=(2000, 500), shd=(2000, 500)),
     caps={},
     credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '50'],
+    trial_tasks={t: ['--preset', t, '--epochs', '4', '--n_test_trials', '512'] for t in NEW_TRIAL_TASKS},
 )
 # each rule's own flags (the ES-D-RTRL decay of the README image commands; UORO: step by step). FPTT runs with
 # its defaults: --fptt_window 100 steps on trials (the 2010-step DMS trial: 21 windows, the 400-bin images: 4;
@@ -99,16 +114,29 @@ RULE_FLAGS = {'expsm_diag': ['--etrace_decay', '0.9'], 'ottt': ['--etrace_decay'
 
 def flags_for(task, rule, seed, cfg, data_dir):
     common = ['--method', rule, '--seed', str(seed), '--no_progress']
-    own = RULE_FLAGS.get(rule, []) if task in ('nmnist', 'shd') else (['--trace_chunk', '1'] if rule == 'uoro' else [])
-    cap = cfg['caps'].get((rule, 'image' if task in ('nmnist', 'shd') else task), [])
+    own = RULE_FLAGS.get(rule, []) if task in IMAGE_TASKS else (['--trace_chunk', '1'] if rule == 'uoro' else [])
+    cap = cfg['caps'].get((rule, 'image' if task in IMAGE_TASKS else task), [])
     if task == 'dms':
         return DMS, cfg['dms'] + ['--check_grad'] + common + own + cap
     if task == 'dms-stream':
         return DMS, cfg['stream'] + common + own + cap
     if task == 'credit':
         return DMS, cfg['credit'] + common + own + cap
-    return IMAGE, cfg['image'] + ['--dataset', task, '--data_dir', os.path.join(data_dir, task),
-                                  '--check_grad'] + common + own + cap
+    if task in NEW_TRIAL_TASKS:
+        return DMS, cfg['trial_tasks'][task] + ['--check_grad'] + common + own + cap
+    dataset, model = IMAGE_TASKS[task]
+    image = cfg['image'] if model is None else with_flag(cfg['image'], '--model', model)
+    return IMAGE, image + ['--dataset', dataset, '--data_dir', os.path.join(data_dir, dataset),
+                           '--check_grad'] + common + own + cap
+
+
+def with_flag(argv, flag, value):
+    """argv with flag's value replaced (or the flag added)."""
+    argv = list(argv)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return argv + [flag, value]
 
 
 def cells(tasks, rules, seeds):
@@ -117,7 +145,7 @@ def cells(tasks, rules, seeds):
     cells are read from make reproduce-credit's table (CREDIT_FROM), the other rules run here as it runs them."""
     first, rest = [], []
     streams = ('dms-stream', 'credit')
-    for task in [t for t in ('dms', 'nmnist', 'shd') + streams if t in tasks]:
+    for task in [t for t in ('dms', 'nmnist', 'shd', 'shd-adlif') + NEW_TRIAL_TASKS + streams if t in tasks]:
         for rule in methods.ordered(rules):
             if task in streams and not methods.get(rule).stream or task == 'credit' and rule in CREDIT_FROM.values():
                 continue
@@ -158,8 +186,10 @@ def credit_rows(rules, credit_table):
     return rows
 
 
-def ensure_data(data_dir, cfg):
+def ensure_data(data_dir, cfg, datasets=None):
     for ds, (n_train, n_test) in cfg['synth'].items():
+        if datasets is not None and ds not in datasets:
+            continue
         out = os.path.join(data_dir, ds)
         if not os.path.isdir(out):
             import subprocess
@@ -214,20 +244,13 @@ def trial_step_memory(task, rule, config):
     c = config
     B = int(c['batch_size'])
     brainstate.environ.set(dt=float(c.get('dt', 1.)))
-    if task == 'dms':
-        from rsnn import datasets
-        cfg = datasets.DMSConfig(dt=c['dt'], t_fixation=c['t_fixation'], t_sample=c['t_sample'],
-                                 t_delay=c['t_delay'], t_test=c['t_test'])
-        model = models.DMSNet(cfg.n_input, c['n_rec'], cfg.n_output, dt=c['dt'], tau_neu=c['tau_neu'],
-                              tau_syn=c['tau_syn'], tau_I2=c['tau_I2'], A2=c['A2'], ff_scale=c['ff_scale'],
-                              rec_scale=c['rec_scale'], spk_fun=c['spk_fun'], diff_spike=bool(c['diff_spike']),
-                              syn_gain=c['syn_gain'], tau_o=c['tau_o'], readout_scale=c['readout_scale'],
-                              seed=c['seed'])
-        n_in, T, n_out, S = cfg.n_input, cfg.n_steps, cfg.n_output, 3
+    if task == 'dms' or task in NEW_TRIAL_TASKS:
+        model, n_in, T, n_out = trial_network(task, c)
+        S = 3
         layers = ((n_in + c['n_rec'], c['n_rec'], 3),)
     else:
         from rsnn.tonic_data import EVENT_DATASETS
-        info = EVENT_DATASETS[task]
+        info = EVENT_DATASETS[IMAGE_TASKS[task][0]]
         n_in, T, n_out = info.n_in, int(c['data_length']), info.n_classes
         model = models.SpikingStack(n_in, c['n_rec'], n_out, c['n_layer'], model=c['model'], seed=c['seed'])
         S = len(model.layers[0].state_names())
@@ -242,6 +265,21 @@ def trial_step_memory(task, rule, config):
     formula = methods.memory_floats(rule, methods.Sizes(layers=layers, readout=(int(c['n_rec']), n_out), batch=B,
                                                         T=T)) * 4 / 2 ** 20
     return measured, formula
+
+
+def trial_network(task, c):
+    """(the GIF DMSNet, n_in, n_steps, n_out) of a trial task's run, built from its config.json as the task
+    script builds it (the credit layout's memory neurons with --n_memory)."""
+    from rsnn import models, tasks
+    trial = tasks.make_task(dict(c, dataset=task))
+    memory = (dict(n_memory=c['n_memory'], tau_memory=c['tau_memory'], tau_fast_min=c['tau_fast_min'],
+                   in_scale=c['memory_in_scale'], rec_scale=c['memory_rec_scale']) if c.get('n_memory') else None)
+    model = models.DMSNet(trial.n_in, c['n_rec'], trial.n_out, dt=c['dt'], tau_neu=c['tau_neu'],
+                          tau_syn=c['tau_syn'], tau_I2=c['tau_I2'], A2=c['A2'], ff_scale=c['ff_scale'],
+                          rec_scale=c['rec_scale'], spk_fun=c['spk_fun'], diff_spike=bool(c['diff_spike']),
+                          syn_gain=c['syn_gain'], tau_o=c['tau_o'], readout_scale=c['readout_scale'],
+                          seed=c['seed'], memory=memory)
+    return model, trial.n_in, trial.n_steps, trial.n_out
 
 
 def cached_step_memory(run_dir, task, rule, config):
@@ -461,8 +499,8 @@ def main(argv=None) -> int:
     cfg = TINY if args.tiny else REDUCED if args.reduced else FULL
     os.makedirs(os.path.join(args.out, 'runs'), exist_ok=True)
     data_dir = args.data_dir or os.path.join(args.out, 'data')
-    if any(t in ('nmnist', 'shd') for t in tasks):
-        ensure_data(data_dir, cfg)
+    if any(t in IMAGE_TASKS for t in tasks):
+        ensure_data(data_dir, cfg, {IMAGE_TASKS[t][0] for t in tasks if t in IMAGE_TASKS})
     seeds = [int(x) for x in (args.seeds or ('0' if args.tiny or args.reduced else '0,1,2')).split(',')]
     rows = run_cells(cells(tasks, rules, seeds), args, cfg, data_dir, tasks)
     if 'credit' in tasks:

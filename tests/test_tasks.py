@@ -247,3 +247,28 @@ def test_each_new_task_trains_as_a_stream(dms_script, tmp_path, name, sizes):
                             '--out_dir', run_dir]) == 0
     s = summary_of(run_dir)
     assert s['protocol'] == 'stream' and s['trials'] >= 4 * 3 and 0 <= s['test_acc'] <= 1
+
+
+@pytest.mark.parametrize('preset', ['cue-accumulation', 'store-recall'])
+def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script, preset):
+    """The presets run on the credit layout (docs/tasks.md): 80 neurons whose adaptation forgets within
+    75 ms and 20 memory neurons (tau_I2 3000 ms) with 10 x weaker initial input and recurrent weights, so that
+    the readout-only control cannot read the cues off the untrained network; the memory must last 500 ms
+    (store-recall: the store cue 5 to 9 periods before the recall cue) or 1000 ms (cue accumulation)."""
+    import brainstate
+    p = dms_script.build_parser()
+    p.set_defaults(**dms_script.PRESETS[preset])
+    args = p.parse_args([])
+    brainstate.environ.set(dt=1.)
+    task = dms_script.make_task(args)
+    layer = dms_script.build_network(args, task).rec
+    tau, n_in = np.asarray(layer.tau_I2), task.n_in
+    assert np.all(tau[80:] == 3000.) and tau[:80].max() <= 75. and tau[:80].min() >= 20.
+    w = np.asarray(layer.linear.weight_op.value['weight'])
+    for rows in (slice(0, n_in), slice(n_in, None)):  # input, recurrent: into memory neurons 10 x weaker
+        ratio = np.abs(w[rows, 80:]).mean() / np.abs(w[rows, :80]).mean()
+        assert 0.07 < ratio < 0.14, (rows, ratio)
+    if preset == 'store-recall':
+        assert task.min_delay * task.period_steps == 500 and task.n_periods == 10
+    else:
+        assert task.decision_start - task.cue_start(task.n_cues) == 1000  # the delay: 1000 ms of silence
