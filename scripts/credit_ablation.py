@@ -42,7 +42,25 @@ def parse(argv):
     p.add_argument('--n_val', type=int, default=256, help='validation trials (also the probe fit)')
     p.add_argument('--n_test', type=int, default=256, help='held-out trials (also the probe score)')
     p.add_argument('--out', required=True, help='CSV file the row is appended to')
+    p.add_argument('--table', action='store_true',
+                   help='run nothing: print --out as a markdown table, mean +- s.e. (seeds) per method, H and lr')
     return p.parse_args(argv)
+
+
+def table(path: str) -> str:
+    """The rows of `path` grouped by (method, H, lr): each column's mean +- s.e. over the seeds (n)."""
+    from rsnn.benchmark_stats import mean_se
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    cols = ('val_acc', 'test_acc', 'probe_init', 'probe_final', 'probe_fast_final', 'seconds')
+    groups = {}
+    for r in rows:
+        groups.setdefault((r['method'], r['trace_reset_every_ms'], r['lr']), []).append(r)
+    out = ['| method | H (ms) | lr | seeds | ' + ' | '.join(cols) + ' |', '|' + '---|' * (4 + len(cols))]
+    for (m, H, lr), rs in groups.items():
+        out.append(f'| {m} | {H} | {lr} | {",".join(r["seed"] for r in rs)} | ' + ' | '.join(
+            mean_se([float(r[c]) for r in rs]).text(1 if c == 'seconds' else 3).rsplit(' (', 1)[0] for c in cols) + ' |')
+    return '\n'.join(out)
 
 
 def build(values: dict, seed: int):
@@ -106,6 +124,9 @@ def accuracy(trainer, x, labels, ws, B: int) -> float:
 
 def main(argv=None) -> dict:
     a = parse(argv)
+    if a.table:
+        print(table(a.out))
+        return {}
     values = dict(credit_split.ABLATION)
     task, model = build(values, a.seed)
     H = None if a.trace_reset_every is None else max(1, int(round(a.trace_reset_every / values['dt'])))
