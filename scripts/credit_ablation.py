@@ -2,13 +2,15 @@
 docs/stream.md, "The credit task with split channels"): one run of one rule on trials, in this process, and
 one row of results appended to --out (CSV):
 
-  method, trace_reset_every_ms, seed, lr, batches, val_acc, test_acc, probe_init, probe_final, seconds
+  method, trace_reset_every_ms, seed, lr, batches, val_acc, test_acc, probe_init, probe_final,
+  probe_fast_init, probe_fast_final, w_sample_memory, seconds
 
 val_acc / test_acc: accuracy on --n_val validation trials and --n_test held-out trials after the last update
 (the generator keys of rsnn.datasets, disjoint from training); probe_*: the decodability of the sample
 direction (8 classes, chance 0.125) from the memory neurons' states (V, g, I2) at the end of the delay, a
 logistic-regression probe fitted on the validation trials and scored on the held-out ones, before training
-and after it; probe_fast_*: the same from the other (fast-adapting) neurons. BPTT on trials backpropagates through the whole trial (a window of fixation + sample + delay +
+and after it; probe_fast_*: the same from the other (fast-adapting) neurons; w_sample_memory: the largest
+|weight| from the sample channels into the memory neurons after training (0 at the start). BPTT on trials backpropagates through the whole trial (a window of fixation + sample + delay +
 test steps)."""
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from rsnn.tasks import credit_split  # noqa: E402
 from rsnn.trainer import Trainer  # noqa: E402
 
 FIELDS = ('method', 'trace_reset_every_ms', 'seed', 'lr', 'batches', 'val_acc', 'test_acc', 'probe_init',
-          'probe_final', 'probe_fast_init', 'probe_fast_final', 'seconds')
+          'probe_final', 'probe_fast_init', 'probe_fast_final', 'w_sample_memory', 'seconds')
 
 
 def parse(argv):
@@ -114,6 +116,12 @@ def probe(f_fit, y_fit, f_score, y_score) -> float:
     return float(clf.fit(f_fit, y_fit).score(f_score, y_score))
 
 
+def w_sample_memory(model, task, n_memory: int) -> float:
+    """max |W| from the sample channels into the memory neurons (0 at the start)."""
+    w = np.asarray(model.rec.linear.weight_op.value['weight'])
+    return float(np.abs(w[task.sample_channels, -n_memory:]).max())
+
+
 def accuracy(trainer, x, labels, ws, B: int) -> float:
     correct = 0.
     for start in range(0, x.shape[1], B):
@@ -150,7 +158,8 @@ def main(argv=None) -> dict:
                batches=a.batches, val_acc=round(accuracy(trainer, xv, yv, ws, a.batch), 4),
                test_acc=round(accuracy(trainer, xt, yt, ws, a.batch), 4), probe_init=round(probe_init[0], 4),
                probe_final=round(probe_final[0], 4), probe_fast_init=round(probe_init[1], 4),
-               probe_fast_final=round(probe_final[1], 4), seconds=round(seconds, 1))
+               probe_fast_final=round(probe_final[1], 4), w_sample_memory=w_sample_memory(model, task, n_mem),
+               seconds=round(seconds, 1))
     new = not os.path.exists(a.out)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, 'a', newline='') as f:
