@@ -67,5 +67,9 @@ def make(values: dict) -> SplitDMSTask:
                                            t_test=values['t_test']))
 
 
-ROW = register(TaskRow('dms-split', 'DMS with disjoint sample and test channels, the sample channels silent '
-                       'outside the sample (the credit ablation: scripts/credit_ablation.py)', FLAGS, make, PRESETS))
+TITLE = ('DMS with disjoint sample and test channels, the sample channels silent outside the sample (the credit '
+         'ablation: scripts/credit_ablation.py)')
+ROW = register(TaskRow('dms-split', TITLE, FLAGS, make, PRESETS, data=datasets.Dataset(
+    'dms-split', 'DMS, split sample / test channels', n_in=200, n_out=2, train='fresh trials every batch (seeded by seed, epoch, batch)',
+    test='--n_test_trials fixed held-out trials', steps='t_fixation + t_sample + t_delay + t_test (2010)',
+    loader='rsnn.tasks.base:train_loader', script=datasets.TRIAL_SCRIPT)))
