@@ -44,7 +44,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', required=True, help='folder for horizon.csv and horizon.png')
     p.add_argument('--lags', default=','.join(map(str, LAGS_MS)), help='lags in ms, comma separated')
-    p.add_argument('--networks', default='gif,lif', help='gif (the paper\'s GIF, A2 = 1) and/or lif (A2 = 0)')
+    p.add_argument('--networks', default='gif,lif', help='gif (the paper\'s GIF, A2 = 1), lif (A2 = 0) and/or '
+                   'credit-split (the credit ablation\'s network, scripts/credit_ablation.py)')
     p.add_argument('--methods', default='bptt,tbptt:1000,diag,expsm_diag:0.99,expsm_diag:0.999',
                    help='bptt, tbptt:K2_MS, diag (D-RTRL), expsm_diag:DECAY (ES-D-RTRL)')
     p.add_argument('--n_rec', type=int, default=200, help='recurrent neurons of each network')
@@ -69,6 +70,14 @@ def build_parser():
 
 def make_model(network: str, a, seed: int):
     from rsnn import models
+    if network == 'credit-split':  # the ablation's credit network (rsnn/tasks/credit_split.py ABLATION): the
+        # pulsed channels play the sample channels (silent outside the pulse; the memory neurons' weights from
+        # them start at 0); --n_rec, --tau_I2 and --syn_gain are the ablation's, not the flags'
+        from rsnn.tasks.credit_split import ABLATION as v
+        return models.DMSNet(a.n_in, v['n_rec'], 2, dt=1., tau_neu=v['tau_neu'], tau_syn=v['tau_syn'],
+                             tau_I2=v['tau_I2'], A2=v['A2'], ff_scale=v['ff_scale'], rec_scale=v['rec_scale'],
+                             syn_gain=v['syn_gain'], spk_fun=v['spk_fun'], seed=seed,
+                             memory=dict(v['memory'], zero_in_rows=a.n_pulse))
     if network == 'gif':  # the paper's network (task-rsnn-long-term-dependency.py PAPER_TASK)
         kw = dict(tau_neu=100., tau_syn=100., A2=1., rec_scale=2., syn_gain=a.syn_gain)
     else:  # no adaptation current; faster membrane and synapse, weaker recurrence (module docstring)

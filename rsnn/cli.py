@@ -105,7 +105,13 @@ def rule_options(args) -> dict:
                 drtrl_readout_filter=int(getattr(args, 'drtrl_readout_filter', 0) or 0),
                 uoro_per_sample=int(getattr(args, 'uoro_per_sample', 0) or 0),
                 fptt_alpha=getattr(args, 'fptt_alpha', None), fptt_window=getattr(args, 'fptt_window', None),
-                seed=int(getattr(args, 'seed', 0) or 0))
+                seed=int(getattr(args, 'seed', 0) or 0), trace_reset_every_steps=reset_steps(args))
+
+
+def reset_steps(args):
+    """--trace_reset_every H ms as steps of --dt (at least 1), or None (never)."""
+    H = getattr(args, 'trace_reset_every', None)
+    return None if H is None else max(1, int(round(H / float(getattr(args, 'dt', 1.) or 1.))))
 
 
 def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
@@ -137,6 +143,9 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
                    help="D-RTRL: 1 = low-pass filter each layer trace with the readout's decay, adding the path "
                         "through the leaky readout that brainscale's D-RTRL drops (2x the layer traces; chunked "
                         "path only); 0 = the paper's algorithm")
+    g.add_argument('--trace_reset_every', type=positive_float, default=None, metavar='H',
+                   help='diag, expsm_diag, eprop, ottt, snap1: zero the eligibility traces every H ms of stream '
+                        '(of the trial on trials), states untouched (an ablation of the trace\'s horizon); default: never')
     g.add_argument('--uoro_per_sample', type=int, choices=(0, 1), default=0,
                    help='UORO: 1 = one rank-1 estimate per sample (one theta~ per sample: O(B P) memory, the '
                         'variance averaged over the batch); 0 = one estimate for the whole batch (O(P))')

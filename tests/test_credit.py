@@ -170,3 +170,64 @@ def test_reproduce_credit_tiny_end_to_end(tmp_path):
         assert k in m
     # resumable: a second call reuses every finished run folder
     assert repro.main(['--tiny', '--skip_horizon', '--out', out]) == 0
+
+
+# -- the split-channel credit task (rsnn/tasks/credit_split.py, scripts/credit_ablation.py) -------------
+
+def split_task_and_net(n_memory=4):
+    import jax.numpy as jnp  # noqa: F401
+    from rsnn.tasks import credit_split
+    task = credit_split.make(dict(dt=1., t_fixation=5., t_sample=20., t_delay=30., t_test=10.))   # 65 steps
+    brainstate.environ.set(dt=1.)
+    memory = dict(credit_split.ABLATION['memory'], n_memory=n_memory, zero_in_rows=task.sample_channels.stop)
+    model = models.DMSNet(task.n_in, 12, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=15., A2=1., ff_scale=6.,
+                          rec_scale=2., syn_gain=1., seed=0, memory=memory)
+    return task, model
+
+
+def window_gradient(task, model, x, y, W):
+    """BPTT over the trial's last W steps, the states before them carried in as constants (a TBPTT window
+    that ends at the trial's end): the recurrent layer's weight gradient (n_in + n_rec, n_rec)."""
+    import jax
+    import jax.numpy as jnp
+    from rsnn.trainer import per_sample_loss
+    T = x.shape[0]
+    brainstate.nn.init_all_states(model, x.shape[1])
+    if T > W:
+        brainstate.transform.for_loop(lambda xt: model(xt), jnp.asarray(x[:T - W], jnp.float32))
+    for s in model.states().values():
+        if not isinstance(s, brainstate.ParamState):
+            s.value = jax.lax.stop_gradient(s.value)
+    ws = jnp.asarray(task.loss_weights()[T - W:])
+    params = model.states(brainstate.ParamState)
+
+    def loss():
+        outs = model.run_sequence(jnp.asarray(x[T - W:], jnp.float32))
+        return jnp.sum(ws * jax.vmap(lambda o: jnp.mean(per_sample_loss(o, jnp.asarray(y), 'cel')))(outs))
+
+    g = brainstate.transform.grad(loss, params)()
+    g = next(v for k, v in g.items() if 'rec' in str(k))
+    return np.asarray(g['weight'] if isinstance(g, dict) else g)
+
+
+def test_split_task_sample_channels_are_silent_outside_the_sample_and_memory_weights_start_at_zero():
+    task, model = split_task_and_net()
+    n, cfg = task.sample_channels.stop, task.cfg
+    x, y = task.trials(64, np.random.default_rng(0))
+    assert x.shape == (cfg.n_steps, 64, 2 * n)
+    assert x[:cfg.sample_start, :, :n].sum() == 0 and x[cfg.delay_start:, :, :n].sum() == 0
+    assert x[cfg.sample_start:cfg.delay_start, :, :n].sum() > 0 and x[:, :, n:].sum() > 0
+    w = np.asarray(model.rec.linear.weight_op.value['weight'])
+    assert np.all(w[:n, -4:] == 0.) and np.all(w[task.n_in:, -4:] == 0.), 'memory: no sample input, no recurrence'
+    assert np.all(w[:n, :-4] != 0.) and np.all(w[n:task.n_in, -4:] != 0.)
+
+
+def test_split_task_a_window_shorter_than_sample_to_test_gives_exactly_zero_gradient_to_the_sample_weights():
+    task, model = split_task_and_net()
+    n, cfg = task.sample_channels.stop, task.cfg
+    x, y = task.trials(B, np.random.default_rng(3))
+    short = window_gradient(task, model, x, y, cfg.n_steps - cfg.delay_start - 1)   # starts after the sample
+    assert np.all(short[:n] == 0.), 'no path back to the sample: exactly zero'
+    assert np.abs(short[n:task.n_in]).sum() > 0
+    full = window_gradient(task, model, x, y, cfg.n_steps)
+    assert np.abs(full[:n, -4:]).sum() > 0, 'a window over the whole trial reaches the memory neurons\' sample weights'

@@ -75,15 +75,18 @@ class GIFExpLayer(NeuronLayer):
 
 
 def credit_layout(rng, n_in: int, n_rec: int, tau_I2_max: float, w: np.ndarray, *, n_memory: int,
-                  tau_memory: float, tau_fast_min: float, in_scale: float, rec_scale: float):
+                  tau_memory: float, tau_fast_min: float, in_scale: float, rec_scale: float, zero_in_rows: int = 0):
     """The credit task's layer (--preset credit, docs/stream.md): the last n_memory neurons are memory
     neurons with slow adaptation (tau_I2 = tau_memory) whose input and recurrent weights into them are
     scaled by in_scale and rec_scale (weak at the start: the sample has to be routed into them by learning);
-    the others adapt fast, tau_I2 ~ U(tau_fast_min, 1.5 tau_I2_max), and forget within the delay."""
+    the others adapt fast, tau_I2 ~ U(tau_fast_min, 1.5 tau_I2_max), and forget within the delay.
+    zero_in_rows N: the weights from the first N inputs (the split-channel task's sample channels,
+    rsnn/tasks/credit_split.py) into the memory neurons start at exactly 0."""
     tau = rng.uniform(tau_fast_min, max(1.5 * tau_I2_max, tau_fast_min), n_rec)
     m = slice(n_rec - n_memory, n_rec)
     tau[m] = tau_memory
     w = w.copy()
     w[:n_in, m] *= in_scale
     w[n_in:, m] *= rec_scale
+    w[:zero_in_rows, m] = 0.
     return tau, w

@@ -67,9 +67,17 @@ class Rule:
     """The interface; see the module docstring. `trace_chunk` is the K the rule runs with (1: step by step)."""
     trace_chunk = 1
     supports_step_hook = True
+    supports_trace_reset = False  # --trace_reset_every: the rules whose traces run on the chunk engine
 
     def __init__(self, model, params: dict, options: RuleOptions):
         self.model, self.params, self.options = model, params, options
+        if options.extra.get('trace_reset_every_steps') and not self.supports_trace_reset:
+            raise UserError('--trace_reset_every needs a rule with eligibility traces on the chunk engine '
+                            '(diag, expsm_diag, eprop, ottt, snap1); drop it for this --method')
+
+    def reset_every(self):
+        """H in steps (--trace_reset_every), or None: the traces are never zeroed within a sequence."""
+        return self.options.extra.get('trace_reset_every_steps') or None
 
     @staticmethod
     def choose_chunk(model, options: RuleOptions) -> int:

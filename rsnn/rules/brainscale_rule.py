@@ -21,11 +21,15 @@ brainscale_adapter.ensure_adapted()  # before any brainscale algorithm is built
 
 
 class BrainscaleRule(Rule):
+    supports_trace_reset = True
     auto_name = ''  # the method whose buffer budget rsnn.chunk_policy.auto_trace_chunk applies
 
     def __init__(self, model, params: dict, options: RuleOptions):
         super().__init__(model, params, options)
         self.trace_chunk = self.choose_chunk(model, options)
+        if self.reset_every() and chunk_engine.why_not(model):
+            raise UserError(f'--trace_reset_every needs the chunked traces, which do not know '
+                            f'{type(model).__name__}; drop --trace_reset_every')
         if self.chunked_only() and (options.vjp_time != 't' or options.several_devices or options.step_hook):
             raise UserError(f'{self.chunked_only()} needs the chunked traces: --vjp_time t, one device and '
                             '--stream_reset 0')
@@ -43,8 +47,9 @@ class BrainscaleRule(Rule):
 
     def chunked_only(self) -> str:
         """The option (its flag) for which the rule runs its chunked update even at K = 1 (brainscale's
-        algorithm does not have it), or ''."""
-        return ''
+        algorithm does not have it), or ''. --trace_reset_every is one: at --trace_chunk 1 the traces run
+        step by step as one-step chunks of the engine (the same gradient as brainscale's)."""
+        return '--trace_reset_every' if self.reset_every() else ''
 
     @staticmethod
     def chunk_refusal():
@@ -79,7 +84,7 @@ class BrainscaleRule(Rule):
                                 hook_inputs)
         grads, loss, wout, outs, traces, t_end = chunk_engine.chunked_online_gradients(
             self.model, self.chunk_update, self.trace_chunk, xs, targets, objective,
-            [st.value for st in self.traces], self.t0.value, keep_outputs)
+            [st.value for st in self.traces], self.t0.value, keep_outputs, reset_every=self.reset_every())
         for st, tr in zip(self.traces, traces):
             st.value = tr
         self.t0.value = t_end

@@ -37,6 +37,8 @@ not its `step` fails them (tests/test_neuron_seam.py: a toy model defined in the
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -267,8 +269,26 @@ def prepared_weights(values, n_in: int) -> list:
     return out + [{'in_T': jnp.transpose(values['out']['weight'])}]
 
 
+def reset_chunk(K: int, T: int, reset_every) -> int:
+    """The chunk length with --trace_reset_every H steps: gcd(K, H, T), so that every multiple of H (counted
+    from the last reset()) is a chunk boundary when the update starts at a multiple of gcd(H, T) (trials: 0;
+    a stream of updates of T steps: a multiple of T). K itself without H."""
+    if not reset_every:
+        return K
+    return math.gcd(math.gcd(int(K), int(reset_every)), int(T))
+
+
+def zeroed_at(traces, t, reset_every):
+    """The traces zeroed where t (the chunk's first step since the last reset()) is a multiple of H
+    (--trace_reset_every), unchanged otherwise (and always without H); the states are not touched."""
+    if not reset_every:
+        return traces
+    keep = (t % int(reset_every) != 0).astype(jnp.float32)
+    return jax.tree.map(lambda a: a * keep.astype(a.dtype), traces)
+
+
 def chunked_online_gradients(model, update, K: int, xs, targets, objective, traces, t0, keep_outputs=False,
-                             feedback=None, self_recurrence=False, output_signals=False):
+                             feedback=None, self_recurrence=False, output_signals=False, reset_every=None):
     """An online rule over xs (T, B, n_in), K steps per chunk, from the model's current states and the
     traces `traces` (one per relation: layers..., readout; zeros after a reset). `update(key, relation,
     trace, t0) -> (gradient dict, new trace)` is the rule's trace recursion and gradient read of one chunk
@@ -278,12 +298,14 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
     Returns ({param state: gradient}, summed loss, summed weighted readout (B, n_out), per-step readouts
     (T, B, n_out) or None, the traces after the last step, t0 + T); the model's hidden states are left at
     their values after the last step (as brainscale's step does). feedback, self_recurrence, output_signals:
-    as in chunk_forward_and_signals (other rules' extras; the defaults change nothing)."""
+    as in chunk_forward_and_signals (other rules' extras; the defaults change nothing). reset_every: H steps
+    (--trace_reset_every): the traces are zeroed before every step t0 + t that is a multiple of H, the chunks
+    cut to gcd(K, H, T) steps (reset_chunk); None: never."""
     cells, readout_input = network_cells(model)
     states = param_states(model, cells)
     values = {'layers': [s.value for s in states[:-1]], 'out': states[-1].value}
     T, B = xs.shape[:2]
-    K = max(1, min(int(K), T))
+    K = reset_chunk(max(1, min(int(K), T)), T, reset_every)
     keys = list(range(len(cells))) + ['out']
     weights = prepared_weights(values, n_in=xs.shape[-1])
     zero_grads = [jax.tree.map(jnp.zeros_like, dict(v)) for v in values['layers'] + [values['out']]]
@@ -295,6 +317,7 @@ def chunked_online_gradients(model, update, K: int, xs, targets, objective, trac
             cells, readout_input, model, values, weights, hidden, xs_c.astype(jnp.float32), tg_c, objective,
             feedback, self_recurrence, output_signals)
         new_traces, new_grads = [], []
+        traces = zeroed_at(traces, t, reset_every)
         for key, trace, g in zip(keys, traces, grads):
             dg, trace = update(key, relations[key], trace, t)
             new_traces.append(trace)

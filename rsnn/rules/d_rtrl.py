@@ -45,7 +45,7 @@ class DRTRL(BrainscaleRule):
         super().__init__(model, params, options)
 
     def chunked_only(self) -> str:
-        return '--drtrl_readout_filter 1' if self.readout_filter is not None else ''
+        return '--drtrl_readout_filter 1' if self.readout_filter is not None else super().chunked_only()
 
     @staticmethod
     def chunk_refusal():

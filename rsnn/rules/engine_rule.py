@@ -34,6 +34,7 @@ def refuse_unsupported(name: str, model, options: RuleOptions):
 class EngineRule(Rule):
     name = 'this rule'
     supports_step_hook = False
+    supports_trace_reset = True
     chunk_kwargs: dict = {}  # extras asked of chunk_engine.chunked_online_gradients (feedback, self_recurrence)
 
     def __init__(self, model, params: dict, options: RuleOptions):
@@ -66,7 +67,7 @@ class EngineRule(Rule):
         raise NotImplementedError
 
     def extra_kwargs(self) -> dict:
-        return dict(self.chunk_kwargs)
+        return dict(self.chunk_kwargs, reset_every=self.reset_every())
 
     def gradients(self, xs, targets, objective, step_hook=None, keep_outputs=False, hook_inputs=None) -> Result:
         if step_hook is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rsnn.tasks.base import (TASKS, Flag, TaskRow, TrialTask, add_task_flags, all_presets,  # noqa: F401
                              decision_weights, make_task, rate_trials, register, test_set, train_loader)
-from rsnn.tasks import dms, cue_accumulation, store_recall  # noqa: F401,E402  (each registers its row)
+from rsnn.tasks import dms, cue_accumulation, store_recall, credit_split  # noqa: F401,E402  (each registers its row)
 
 __all__ = ['TASKS', 'Flag', 'TaskRow', 'TrialTask', 'add_task_flags', 'all_presets', 'decision_weights', 'make_task',
-           'rate_trials', 'register', 'test_set', 'train_loader', 'dms', 'cue_accumulation', 'store_recall']
+           'rate_trials', 'register', 'test_set', 'train_loader', 'dms', 'cue_accumulation', 'store_recall', 'credit_split']
