@@ -293,7 +293,8 @@ class StreamSource:
         last = metrics[-1] if metrics else {}
         reached = [r for r in metrics if r['test_acc'] >= TRIALS_TO]
         timed = [r['s_per_1000_steps'] for r in metrics if np.isfinite(r.get('s_per_1000_steps', float('nan')))]
-        memory = self.trainer.stream_update_memory(train.chunk_steps, train.n_in)
+        from rsnn.update_memory import stream_update_memory  # jax: only once a run ends
+        memory = stream_update_memory(self.trainer, train.chunk_steps, train.n_in)
         best = state.best_test_acc
         return dict(method=cfg.method, protocol='stream', chunk_ms=cfg.chunk_ms, chunk_steps=train.chunk_steps,
                     trace_chunk=self.trainer.trace_chunk, stream_reset=int(cfg.stream_reset),

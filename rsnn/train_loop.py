@@ -45,8 +45,8 @@ class LoopSettings:
 
     @classmethod
     def from_args(cls, args, acc_th: Optional[float] = None, smooth: int = 20) -> 'LoopSettings':
-        every = getattr(args, 'check_grad_every', None)
-        if every is None and getattr(args, 'check_grad', False):
+        every = args.check_grad_every
+        if every is None and args.check_grad:
             every = 1  # --check_grad alone: every epoch
         return cls(epochs=args.epochs, method=args.method, experiment=args.experiment, resume=bool(args.resume),
                    acc_th=acc_th, smooth=smooth, check_grad_every=every or 0,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsnn import brainstate_adapter, methods, recurrence
+from rsnn import methods, recurrence
 from rsnn.devices import Placement
 from rsnn.rules.base import Objective, RuleOptions, path_key  # noqa: F401 (path_key: imported from here too)
 from rsnn.errors import UserError
@@ -450,19 +450,6 @@ class Trainer:
         outs, per_stream, rates = self._eval(chunk.xs, chunk.labels, chunk.weights, chunk.resets)
         self._add_rates(rates, 1)
         return np.asarray(outs), np.asarray(per_stream)
-
-    def compiled_memory(self, *args) -> dict:
-        """XLA's memory analysis of the compiled update for these arguments (arrays or ShapeDtypeStructs),
-        in bytes: temporaries, arguments, outputs, aliased."""
-        return brainstate_adapter.memory_analysis(self.update_fn, self.opt_state, *args)
-
-    def stream_update_memory(self, chunk_steps: int, n_in: int) -> dict:
-        """compiled_memory of a stream update of `chunk_steps` steps (abstract shapes: nothing allocated)."""
-        B = self.batch_size
-        return self.compiled_memory(jax.ShapeDtypeStruct((chunk_steps, B, n_in), jnp.uint8),
-                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.int32),
-                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.float32),
-                                    jax.ShapeDtypeStruct((chunk_steps, B), jnp.bool_))
 
 
 def accuracy(wout, labels, mask):

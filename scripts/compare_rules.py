@@ -257,9 +257,10 @@ def trial_step_memory(task, rule, config):
         layers = tuple((n_in + c['n_rec'] if i == 0 else 2 * c['n_rec'], c['n_rec'], S) for i in range(c['n_layer']))
     tr = Trainer(model, rule, n_in, B, etrace_decay=c.get('etrace_decay', 0.99),
                           trace_chunk=c.get('trace_chunk'), rule_options=rule_options(argparse.Namespace(**c)))
+    from rsnn.update_memory import update_memory
     sds = jax.ShapeDtypeStruct
     xs = sds((T, B, n_in), jnp.float32)
-    mem = tr.compiled_memory(xs, sds((B,), jnp.int32), sds((B,), jnp.float32), sds((T,), jnp.float32))
+    mem = update_memory(tr, xs, sds((B,), jnp.int32), sds((B,), jnp.float32), sds((T,), jnp.float32))
     total = mem['temp_bytes'] + mem['argument_bytes'] + mem['output_bytes'] - mem['alias_bytes']
     measured = (total - 4 * T * B * n_in - 4 * T) / 2 ** 20
     formula = methods.memory_floats(rule, methods.Sizes(layers=layers, readout=(int(c['n_rec']), n_out), batch=B,

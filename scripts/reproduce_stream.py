@@ -126,6 +126,7 @@ def measure_update(spec: dict) -> dict:
     from rsnn import datasets
     from rsnn import models
     from rsnn.trainer import Trainer
+    from rsnn.update_memory import stream_update_memory
     brainstate.environ.set(dt=args.dt)
     cfg = datasets.DMSConfig(dt=args.dt, t_fixation=args.t_fixation, t_sample=args.t_sample, t_delay=args.t_delay,
                              t_test=args.t_test)
@@ -135,7 +136,7 @@ def measure_update(spec: dict) -> dict:
                           readout_scale=args.readout_scale, seed=args.seed)
     st = Trainer(model, args.method, cfg.n_input, args.batch_size, etrace_decay=args.etrace_decay,
                           trace_chunk=args.trace_chunk, protocol='stream')
-    m = st.stream_update_memory(spec['steps'], cfg.n_input)
+    m = stream_update_memory(st, spec['steps'], cfg.n_input)
     need = (m['temp_bytes'] + m['argument_bytes'] + m['output_bytes'] - m['alias_bytes']) / 2 ** 20
     row = dict(update_memory_mb=need, update_temp_mb=m['temp_bytes'] / 2 ** 20, status='ok')
     if need > spec['machine_mb']:

@@ -1,8 +1,8 @@
 """Tiny class-separable event data sets in the official N-MNIST / SHD on-disk formats, for the tests.
 
-The format writers live with the realistic generator (scripts/synthetic_events.py) and are re-exported
-here; `synthetic_event_samples` draws the toy samples the tests train on (each class fires in its own
-band of pixels or channels). A benchmark set in the same way:
+The format writers are rsnn/event_files.py's (the realistic generator, scripts/synthetic_events.py, writes
+through them too), re-exported here; `synthetic_event_samples` draws the toy samples the tests train on (each
+class fires in its own band of pixels or channels). A benchmark set in the same way:
 
     PYTHONPATH=.:tests python -c "import fake_data as f; \
         f.write_nmnist_files('bench', f.synthetic_event_samples('nmnist', 10000, 10000, \
@@ -33,9 +33,7 @@ def load_generator():
     return mod
 
 
-_generator = load_generator()
-write_nmnist_files = _generator.write_nmnist_files
-write_shd_files = _generator.write_shd_files
+from rsnn.event_files import write_nmnist_files, write_shd_files  # noqa: E402,F401  (the official formats)
 
 
 def synthetic_event_samples(name: str, n_train: int, n_test: int, *, n_classes: int = None,
