@@ -272,6 +272,42 @@ def braintrace_network(d: dict):
     return Net
 
 
+def compare_pairs(d, ours, rule_grads, rows: list):
+    """Each (ours, braintrace) pair of PAIRS: braintrace's gradient by `rule_grads`, a row per weight appended to
+    `rows` (cosines to ours and to BPTT, norm ratio). Returns (errors: label -> the exact error of a rule that
+    cannot run, extra: UORO's single-seed and SnAp(n=2) comparisons)."""
+    errors, extra, snap2 = {}, {}, None
+    for ours_name, bt_name, options in PAIRS:
+        if ours_name not in ours:  # not exported (--rules)
+            continue
+        shown = {k: (f'{float(d[v]):.4g}' if isinstance(v, str) and v in d else v) for k, v in options.items()}
+        label = bt_name + (f'({", ".join(f"{k}={v}" for k, v in shown.items())})' if options else '')
+        t0 = time.time()
+        try:
+            g_bt, g_bt_1 = rule_grads(bt_name, options)
+        except Exception as e:  # a rule that cannot run: the exact error goes into the table
+            errors[label] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+            print(f'{label}: FAILED {errors[label]}')
+            continue
+        for k in WEIGHTS:
+            rows.append(dict(rule=LABELS[ours_name], ours=ours_name, braintrace=label, weight=k,
+                             cos_ours_bt=cosine(ours[ours_name][k], g_bt[k]),
+                             norm_ratio=ratio(ours[ours_name][k], g_bt[k]),
+                             cos_ours_bptt=cosine(ours[ours_name][k], ours['bptt'][k]),
+                             cos_bt_bptt=cosine(g_bt[k], ours['bptt'][k])))
+        if bt_name == 'SnAp' and options.get('n') == 2:
+            snap2 = g_bt
+        if g_bt_1 is not None:
+            extra[label] = {k: (cosine(ours['uoro_1'][k], ours['bptt'][k]), cosine(g_bt_1[k], ours['bptt'][k]))
+                            for k in WEIGHTS}
+            if snap2 is not None:
+                extra[label + ', mean over seeds, cosine to braintrace SnAp(n=2)'] = {
+                    k: (cosine(ours['uoro'][k], snap2[k]), cosine(g_bt[k], snap2[k])) for k in WEIGHTS}
+        print(f'{label}: {time.time() - t0:.1f} s; W_rec cos ours~bt '
+              f'{[r["cos_ours_bt"] for r in rows if r["braintrace"] == label and r["weight"] == "W_rec"][-1]:.4f}')
+    return errors, extra
+
+
 def braintrace_half(path: str, out_dir: str):
     import brainstate
     import braintrace
@@ -314,7 +350,7 @@ def braintrace_half(path: str, out_dir: str):
 
     g_bptt = blocks(net, by_state(params, brainstate.transform.jit(
         brainstate.transform.grad(window_loss, params))()))
-    rows, errors = [], {}
+    rows = []
     match = {k: (cosine(ours['bptt'][k], g_bptt[k]), ratio(ours['bptt'][k], g_bptt[k])) for k in WEIGHTS}
     rows += [dict(rule='BPTT (model match)', ours='bptt', braintrace='brainstate grad (BPTT)', weight=k,
                   cos_ours_bt=match[k][0], norm_ratio=match[k][1], cos_ours_bptt=1.,
@@ -346,35 +382,7 @@ def braintrace_half(path: str, out_dir: str):
         runs = [blocks(net, by_state(ps, run(keys[i]))) for i in range(n)]
         return {k: np.mean([r[k] for r in runs], 0) for k in WEIGHTS}, runs[0]
 
-    extra, snap2 = {}, None
-    for ours_name, bt_name, options in PAIRS:
-        if ours_name not in ours:  # not exported (--rules)
-            continue
-        shown = {k: (f'{float(d[v]):.4g}' if isinstance(v, str) and v in d else v) for k, v in options.items()}
-        label = bt_name + (f'({", ".join(f"{k}={v}" for k, v in shown.items())})' if options else '')
-        t0 = time.time()
-        try:
-            g_bt, g_bt_1 = rule_grads(bt_name, options)
-        except Exception as e:  # a rule that cannot run: the exact error goes into the table
-            errors[label] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
-            print(f'{label}: FAILED {errors[label]}')
-            continue
-        for k in WEIGHTS:
-            rows.append(dict(rule=LABELS[ours_name], ours=ours_name, braintrace=label, weight=k,
-                             cos_ours_bt=cosine(ours[ours_name][k], g_bt[k]),
-                             norm_ratio=ratio(ours[ours_name][k], g_bt[k]),
-                             cos_ours_bptt=cosine(ours[ours_name][k], ours['bptt'][k]),
-                             cos_bt_bptt=cosine(g_bt[k], ours['bptt'][k])))
-        if bt_name == 'SnAp' and options.get('n') == 2:
-            snap2 = g_bt
-        if g_bt_1 is not None:
-            extra[label] = {k: (cosine(ours['uoro_1'][k], ours['bptt'][k]), cosine(g_bt_1[k], ours['bptt'][k]))
-                            for k in WEIGHTS}
-            if snap2 is not None:
-                extra[label + ', mean over seeds, cosine to braintrace SnAp(n=2)'] = {
-                    k: (cosine(ours['uoro'][k], snap2[k]), cosine(g_bt[k], snap2[k])) for k in WEIGHTS}
-        print(f'{label}: {time.time() - t0:.1f} s; W_rec cos ours~bt '
-              f'{[r["cos_ours_bt"] for r in rows if r["braintrace"] == label and r["weight"] == "W_rec"][-1]:.4f}')
+    errors, extra = compare_pairs(d, ours, rule_grads, rows)
     write_tables(out_dir, rows, errors, extra, meta, match)
     return rows, errors
 
