@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from rsnn.cli import rule_options
 from rsnn.files import write_json
 from rsnn import methods
+from rsnn.benchmark_report import grad_cosines, read_csv  # (the benchmark's: one reading of a run folder)
 from rsnn.child_runs import run_folder_state, run_or_resume
 
 DMS = os.path.join(ROOT, 'task-rsnn-long-term-dependency.py')
@@ -196,30 +197,6 @@ def ensure_data(data_dir, cfg, datasets=None):
             subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'synthetic_events.py'), '--dataset', ds,
                             '--out', out, '--n_train', str(n_train), '--n_test', str(n_test), '--seed', '0',
                             '--no_baselines'], check=True, cwd=ROOT)
-
-
-def read_csv(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def grad_cosines(run_dir):
-    """(mean per-weight cosine at the first check, at the last), from grad_fidelity.csv."""
-    rows = read_csv(os.path.join(run_dir, 'grad_fidelity.csv'))
-    if not rows:
-        return None, None
-    by_epoch = {}
-    for r in rows:
-        by_epoch.setdefault(int(r['epoch']), []).append(float(r['cosine']))
-    first, last = min(by_epoch), max(by_epoch)
-    import math
-
-    def mean(v):  # a weight whose gradient is 0 (no spikes) has no cosine: left out
-        v = [c for c in v if math.isfinite(c)]
-        return sum(v) / len(v) if v else None
-    return mean(by_epoch[first]), (mean(by_epoch[last]) if last != first else None)
 
 
 def batches_to(run_dir, acc):
