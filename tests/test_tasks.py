@@ -270,5 +270,7 @@ def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script
         assert 0.07 < ratio < 0.14, (rows, ratio)
     if preset == 'store-recall':
         assert task.min_delay * task.period_steps == 500 and task.n_periods == 10
+        assert not layer.diff_spike
     else:
         assert task.decision_start - task.cue_start(task.n_cues) == 1000  # the delay: 1000 ms of silence
+        assert layer.diff_spike  # the gradient through the reset: without it BPTT's gradient diverges
