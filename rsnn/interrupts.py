@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 GRACE_S = 10.   # seconds the run has, after the first signal, to stop by itself before it is ended at once
@@ -95,7 +96,15 @@ def describe(signum: int) -> str:
         return f'interrupted ({signal.Signals(signum).name})'
 
 
+_exiting = threading.Lock()     # held by the one caller of hard_exit that writes the line and ends the process
+
+
 def hard_exit(signum: int, why: str):
+    """Write the one line and end the process now. The handler (main thread), the watcher thread and its
+    timer may all get here at once: the first writes and exits, any other waits for the exit."""
+    if not _exiting.acquire(blocking=False):
+        while True:
+            time.sleep(1.)
     line = describe(signum)
     os.write(2, f'{line} (ended at once: {why})\n'.encode())
     os._exit(exit_code(signum))

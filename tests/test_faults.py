@@ -507,3 +507,24 @@ def test_step_s_per_batch_is_the_median_of_the_steady_steps():
     assert train_loop.steady_step_s(progress, []) == 0.002
     assert train_loop.steady_step_s(train_loop.Progress(), [dict(step_s_per_batch=0.1), dict(step_s_per_batch=0.3),
                                                             dict(step_s_per_batch=float('nan'))]) == pytest.approx(0.2)
+
+
+def test_two_hard_exits_at_once_write_one_line():
+    """The handler and the watcher thread both ending the process (a second signal seen by both, under load):
+    one line, not two. The exit is slowed so that, without the lock, both lines would be written."""
+    child = textwrap.dedent('''
+        import os, signal, threading, time
+        from rsnn import interrupts
+        real_exit = os._exit
+        os._exit = lambda code: (time.sleep(0.5), real_exit(code))
+        start = threading.Barrier(2)
+        def end():
+            start.wait()
+            interrupts.hard_exit(signal.SIGINT, 'a second signal')
+        threading.Thread(target=end).start()
+        end()
+    ''')
+    proc = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert one_line(proc.stderr) == 'interrupted (SIGINT) (ended at once: a second signal)'
+
