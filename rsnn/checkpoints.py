@@ -132,7 +132,8 @@ class Checkpoints:
                 pass
         run_dir = os.path.dirname(os.path.dirname(str(self.last.directory)))
         raise UserError(write_failure_message(run_dir, error, f'the checkpoint of epoch {epoch} in '
-                                                              f'{os.path.dirname(str(self.last.directory))}'))
+                                                              f'{os.path.dirname(str(self.last.directory))}'),
+                        last_words=True)
 
     def restore(self, trainer, which: str = 'last', extra: dict = None):
         """Load params and optimizer state into `trainer` from the newest step that restores and matches

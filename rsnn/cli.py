@@ -194,6 +194,15 @@ def base_parser(description: str, experiment: str) -> argparse.ArgumentParser:
     return p
 
 
+def silence_stderr():
+    """Send what is still printed to stderr (by threads, at interpreter exit) to /dev/null."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(os.devnull, 'w')
+
+
 def cli_main(main: Callable[[list], int]):
     """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM
     stop it (rsnn/interrupts.py) with the one line the script set (interrupts.set_describe: the run folder and
@@ -204,7 +213,9 @@ def cli_main(main: Callable[[list], int]):
     try:
         code = main(sys.argv[1:])
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        if e.last_words:
+            silence_stderr()
         code = 2
     except KeyboardInterrupt as e:
         signum = getattr(e, 'signum', signal.SIGINT)

@@ -38,7 +38,7 @@ def write_nmnist_files(data_dir: str, samples: dict, zip_folders: bool = True):
     """Write <data_dir>/NMNIST/{Train,Test}/<digit>/<id>.bin and train.zip/test.zip.
 
     samples: {'train': [(label, x, y, t_us, p), ...], 'test': [...]}. tonic demands 10000 .bin files per
-    split before it reads any; a smaller set needs tonic.datasets.NMNIST._check_exists patched.
+    split before it reads any; a smaller set is read through rsnn/tonic_adapter.py, which relaxes that check.
     """
     root = os.path.join(data_dir, 'NMNIST')
     for split, folder, zname in (('train', 'Train', 'train.zip'), ('test', 'Test', 'test.zip')):

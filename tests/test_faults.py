@@ -378,6 +378,27 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_resume_rebuilds_it(tmp_
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2] and batch_numbers(run_dir) == list(range(1, 7))
 
 
+@pytest.mark.parametrize('last_words', [True, False])
+def test_last_words_silence_what_threads_print_at_exit(last_words):
+    """orbax's writer threads, after a failed checkpoint write, print 'Event loop is closed' tracebacks at
+    interpreter exit; a UserError(last_words=True) keeps the one line alone (both through sys.stderr and fd 2)."""
+    code = textwrap.dedent(f'''
+        import atexit, os, sys, threading
+        from rsnn.cli import cli_main
+        from rsnn.errors import UserError
+        atexit.register(lambda: (print('Traceback: from atexit', file=sys.stderr), os.write(2, b'fd noise\\n')))
+        def main(argv):
+            raise UserError('cannot write the checkpoint', last_words={last_words})
+        cli_main(main)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    if last_words:
+        assert one_line(proc.stderr) == 'error: cannot write the checkpoint'
+    else:
+        assert proc.stderr.splitlines() == ['error: cannot write the checkpoint', 'Traceback: from atexit', 'fd noise']
+
+
 def test_a_full_disk_while_logging_keeps_the_checkpoint(tmp_path, dms_script, monkeypatch):
     run_dir = str(tmp_path / 'run')
     real = run_folder.RunLog.append_batch
