@@ -3,40 +3,40 @@ docs/stream.md, "The credit task with split channels"): one run of one rule on t
 one row of results appended to --out (CSV):
 
   method, trace_reset_every_ms, seed, lr, batches, val_acc, test_acc, probe_init, probe_final,
-  probe_fast_init, probe_fast_final, w_sample_memory, seconds
+  probe_fast_init, probe_fast_final, w_sample_memory, seconds, window_ms
 
 val_acc / test_acc: accuracy on --n_val validation trials and --n_test held-out trials after the last update
 (the generator keys of rsnn.datasets, disjoint from training); probe_*: the decodability of the sample
 direction (8 classes, chance 0.125) from the memory neurons' states (V, g, I2) at the end of the delay, a
 logistic-regression probe fitted on the validation trials and scored on the held-out ones, before training
 and after it; probe_fast_*: the same from the other (fast-adapting) neurons; w_sample_memory: the largest
-|weight| from the sample channels into the memory neurons after training (0 at the start). BPTT on trials backpropagates through the whole trial (a window of fixation + sample + delay +
-test steps)."""
+|weight| from the sample channels into the memory neurons after training (0 at the start). BPTT on trials
+backpropagates through the whole trial (fixation + sample + delay + test steps); with --window W through its
+last W ms only (TBPTT(W): the steps before run forward without gradient; window_ms, 'whole' without)."""
 from __future__ import annotations
 
 import argparse
 import csv
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import brainstate
+import numpy as np
 
-import brainstate  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rsnn import datasets, models, tasks  # noqa: E402
-from rsnn.tasks import credit_split  # noqa: E402
-from rsnn.trainer import Trainer  # noqa: E402
+from rsnn import datasets, models, tasks
+from rsnn.tasks import credit_split
+from rsnn.trainer import Trainer
 
 FIELDS = ('method', 'trace_reset_every_ms', 'seed', 'lr', 'batches', 'val_acc', 'test_acc', 'probe_init',
-          'probe_final', 'probe_fast_init', 'probe_fast_final', 'w_sample_memory', 'seconds')
+          'probe_final', 'probe_fast_init', 'probe_fast_final', 'w_sample_memory', 'seconds', 'window_ms')
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--method', default='diag', help='the learning rule (diag, expsm_diag, bptt, ...)')
     p.add_argument('--trace_reset_every', type=float, default=None, help='H ms (default: never)')
+    p.add_argument('--window', type=float, default=None,
+                   help='bptt: TBPTT(W) on trials, the gradient of the last W ms only (default: the whole trial)')
     p.add_argument('--seed', type=int, default=0, help='network and data seed')
     p.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate')
     p.add_argument('--batches', type=int, default=100, help='updates (batches of --batch trials)')
@@ -57,7 +57,8 @@ def table(path: str) -> str:
     cols = ('val_acc', 'test_acc', 'probe_init', 'probe_final', 'probe_fast_final', 'seconds')
     groups = {}
     for r in rows:
-        groups.setdefault((r['method'], r['trace_reset_every_ms'], r['lr']), []).append(r)
+        method = r['method'] + (f' (window {r["window_ms"]} ms)' if r.get('window_ms') not in (None, '', 'whole') else '')
+        groups.setdefault((method, r['trace_reset_every_ms'], r['lr']), []).append(r)
     out = ['| method | H (ms) | lr | seeds | ' + ' | '.join(cols) + ' |', '|' + '---|' * (4 + len(cols))]
     for (m, H, lr), rs in groups.items():
         out.append(f'| {m} | {H} | {lr} | {",".join(r["seed"] for r in rs)} | ' + ' | '.join(
@@ -135,11 +136,19 @@ def main(argv=None) -> dict:
     if a.table:
         print(table(a.out))
         return {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            header = f.readline().strip().split(',')
+        if header != list(FIELDS):
+            raise SystemExit(f'error: {a.out} has other columns ({",".join(header)}); give a new --out')
     values = dict(credit_split.ABLATION)
     task, model = build(values, a.seed)
     H = None if a.trace_reset_every is None else max(1, int(round(a.trace_reset_every / values['dt'])))
+    if a.window is not None and a.method != 'bptt':
+        raise SystemExit(f'error: --window is for --method bptt (TBPTT on trials), not {a.method}')
+    window = None if a.window is None else max(1, int(round(a.window / values['dt'])))
     trainer = Trainer(model, a.method, task.n_in, a.batch, lr=a.lr, etrace_decay=0.99, trace_chunk=None,
-                      rule_options=dict(trace_reset_every_steps=H))
+                      rule_options=dict(trace_reset_every_steps=H, trial_window_steps=window))
     ws = task.loss_weights()
     xv, yv, sv = labelled_trials(task, a.n_val, a.seed, datasets.VALIDATION_KEY)
     xt, yt, st = labelled_trials(task, a.n_test, a.seed, datasets.TEST_KEY)
@@ -159,7 +168,7 @@ def main(argv=None) -> dict:
                test_acc=round(accuracy(trainer, xt, yt, ws, a.batch), 4), probe_init=round(probe_init[0], 4),
                probe_final=round(probe_final[0], 4), probe_fast_init=round(probe_init[1], 4),
                probe_fast_final=round(probe_final[1], 4), w_sample_memory=w_sample_memory(model, task, n_mem),
-               seconds=round(seconds, 1))
+               seconds=round(seconds, 1), window_ms=a.window or 'whole')
     new = not os.path.exists(a.out)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, 'a', newline='') as f:

@@ -231,3 +231,26 @@ def test_split_task_a_window_shorter_than_sample_to_test_gives_exactly_zero_grad
     assert np.abs(short[n:task.n_in]).sum() > 0
     full = window_gradient(task, model, x, y, cfg.n_steps)
     assert np.abs(full[:n, -4:]).sum() > 0, 'a window over the whole trial reaches the memory neurons\' sample weights'
+
+
+@pytest.mark.parametrize('W', [30, 45, 65, 200])
+def test_bptt_trial_window_is_bptt_over_the_last_W_steps(W):
+    """TBPTT(W) on trials (rule option trial_window_steps, scripts/credit_ablation.py --window): the rule's
+    gradient equals the hand-written window gradient above; W >= T (65 steps) is BPTT over the whole trial."""
+    task, model = split_task_and_net()
+    n = task.sample_channels.stop
+    x, y = task.trials(B, np.random.default_rng(3))
+    ws = task.loss_weights()
+    trainer = Trainer(model, 'bptt', task.n_in, B, trace_chunk=None, rule_options=dict(trial_window_steps=W))
+    grads = trainer.gradients(x, y, ws)
+    got = np.asarray(next(v for k, v in grads.items() if 'rec' in str(k))['weight'])
+    want = window_gradient(task, model, x, y, min(W, x.shape[0]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    whole = Trainer(model, 'bptt', task.n_in, B, trace_chunk=None).gradients(x, y, ws)
+    whole = np.asarray(next(v for k, v in whole.items() if 'rec' in str(k))['weight'])
+    if W >= x.shape[0]:
+        np.testing.assert_array_equal(got, whole)
+    else:
+        assert not np.allclose(got, whole)
+    if W < task.cfg.n_steps - task.cfg.delay_start:   # the window starts after the sample
+        assert np.all(got[:n] == 0.)

@@ -13,6 +13,11 @@ k2 - k1 steps before the chunk (`tbptt/history`) and the neuron states at the wi
 (`tbptt/start/...`): the window is re-run forward from those states with the current weights (the states
 carried in are constants), the loss counted on the chunk's steps only (each step's loss in one update).
 Before the stream's first step the history is silence from zero states. k2 = k1 is the plain TBPTT above.
+
+TBPTT(W) on trials (`RuleOptions.extra['trial_window_steps']` = W, scripts/credit_ablation.py --window): the
+trial's first T - W steps run forward without gradient, the states after them are constants, and the gradient
+is BPTT's over the last W steps, of their loss only (a window that starts after the sample gives the weights
+out of the sample channels exactly zero). W >= T is BPTT over the whole trial.
 """
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ class BPTT(Rule):
         super().__init__(model, params, options)
         self.k2 = int(options.extra.get('tbptt_k2_steps') or 0)
         self.history = None
+        self.trial_window = int(options.extra.get('trial_window_steps') or 0)
+        if self.trial_window and options.stream:
+            raise UserError('a TBPTT window on trials (trial_window_steps) is for --protocol trials; on a stream '
+                            'give --tbptt_window')
         if self.k2 and options.stream:
             if options.step_hook:
                 raise UserError('--tbptt_k2 cannot be combined with --stream_reset 1')
@@ -59,6 +68,12 @@ class BPTT(Rule):
     def gradients(self, xs, targets, objective, step_hook=None, keep_outputs=False, hook_inputs=None) -> Result:
         if self.history is not None and xs.shape[0] < self.k2:
             return self._windowed(xs, targets, objective, keep_outputs)
+        if self.trial_window and xs.shape[0] > self.trial_window:
+            # TBPTT(W) on trials: the first T - W steps forward only (_gradients then cuts the states)
+            cut = xs.shape[0] - self.trial_window
+            brainstate.transform.for_loop(lambda x: self.model(x.astype(jnp.float32)), xs[:cut])
+            xs, targets = xs[cut:], jax.tree.map(lambda a: a[cut:], targets)
+            hook_inputs = None if hook_inputs is None else jax.tree.map(lambda a: a[cut:], hook_inputs)
         return self._gradients(xs, targets, objective, step_hook, keep_outputs, hook_inputs)
 
     def _windowed(self, xs, targets, objective, keep_outputs) -> Result:
