@@ -45,8 +45,11 @@ _tiny_dms = ['--preset', 'short-delay', '--lr_schedule', 'constant', '--n_rec', 
              '--t_delay', '20', '--t_test', '20', '--batch_size', '4']
 _tiny_image = ['--n_layer', '2', '--n_rec', '8', '--model', 'lif-delta', '--data_length', '12',
                '--batches_per_epoch', '2', '--batch_size', '4', '--warmup_ratio', '0.', '--devices', 'cpu']
+_cue = ['--preset', 'cue-accumulation', '--acc_th', '2']
+_adlif = [f if f != 'lif-delta' else 'adlif' for f in _image]
 # task: script, flags, the budget's flag, its rungs (the last is the budget of the final runs), --validation N,
-# seeds of the final runs, TBPTT windows (ms) to tune over on a stream, synthetic data (n_train, n_test)
+# seeds of the final runs, TBPTT windows (ms) to tune over on a stream, synthetic data (n_train, n_test), the
+# image script's --dataset (default: the task's name)
 FULL = dict(
     dms=dict(script=DMS, flags=['--preset', 'cpu-demo', '--acc_th', '2'], budget='--epochs', rungs=[2, 5, 10],
              validation=512, seeds=5, grad_check=True),
@@ -57,6 +60,10 @@ FULL = dict(
                 synth=(6000, 1000), grad_check=True),
     shd=dict(script=IMAGE, flags=_image, budget='--epochs', rungs=[1, 2, 4], validation=500, seeds=3,
              synth=(4000, 1000), grad_check=True),
+    **{'cue-accumulation': dict(script=DMS, flags=_cue, budget='--epochs', rungs=[2, 5, 10], validation=512, seeds=5,
+                                grad_check=True),
+       'shd-adlif': dict(script=IMAGE, flags=_adlif, dataset='shd', budget='--epochs', rungs=[1, 2, 4], validation=500,
+                         seeds=3, synth=(4000, 1000), grad_check=True)},
 )
 TINY = dict(
     dms=dict(script=DMS, flags=_tiny_dms + ['--batches_per_epoch', '2', '--n_test_trials', '8', '--acc_th', '2'],
@@ -92,16 +99,17 @@ def params_flags(params: dict) -> list:
 def base_flags(task: str, rule: str, cfg: dict, data_dir: str) -> list:
     flags = list(cfg['flags']) + ['--method', rule, '--no_progress'] + ALWAYS.get(rule, [])
     if cfg['script'] == IMAGE:
-        flags += ['--dataset', task, '--data_dir', os.path.join(data_dir, task)]
+        dataset = cfg.get('dataset', task)
+        flags += ['--dataset', dataset, '--data_dir', os.path.join(data_dir, dataset)]
     return flags
 
 
 def ensure_data(tasks, table, data_dir):
     for task in tasks:
-        synth = table[task].get('synth')
-        out = os.path.join(data_dir, task)
+        synth, dataset = table[task].get('synth'), table[task].get('dataset', task)
+        out = os.path.join(data_dir, dataset)
         if synth and not os.path.isdir(out):
-            subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'synthetic_events.py'), '--dataset', task,
+            subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'synthetic_events.py'), '--dataset', dataset,
                             '--out', out, '--n_train', str(synth[0]), '--n_test', str(synth[1]), '--seed', '0',
                             '--no_baselines'], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
