@@ -45,24 +45,37 @@ def parse(argv):
     p.add_argument('--n_test', type=int, default=256, help='held-out trials (also the probe score)')
     p.add_argument('--out', required=True, help='CSV file the row is appended to')
     p.add_argument('--table', action='store_true',
-                   help='run nothing: print --out as a markdown table, mean +- s.e. (seeds) per method, H and lr')
+                   help='run nothing: print --out as a markdown table, mean +- s.e. (seeds) per method, H and lr, '
+                        'with paired differences of test_acc to whole-trial BPTT and to the uncut method')
     return p.parse_args(argv)
 
 
 def table(path: str) -> str:
-    """The rows of `path` grouped by (method, H, lr): each column's mean +- s.e. over the seeds (n)."""
-    from rsnn.benchmark_stats import mean_se
+    """The rows of `path` grouped by (method, H, lr): each column's mean +- s.e. over the seeds (n), and two
+    paired differences of test_acc with their 95 % intervals over the seeds both have: to whole-trial BPTT at
+    the same lr, and to the same method without reset and window (its full trace or the whole trial)."""
+    from rsnn.benchmark_stats import mean_se, paired_difference
     with open(path) as f:
         rows = list(csv.DictReader(f))
     cols = ('val_acc', 'test_acc', 'probe_init', 'probe_final', 'probe_fast_final', 'seconds')
     groups = {}
     for r in rows:
-        method = r['method'] + (f' (window {r["window_ms"]} ms)' if r.get('window_ms') not in (None, '', 'whole') else '')
+        cut = r.get('window_ms') not in (None, '', 'whole')
+        method = r['method'] + (f' (window {r["window_ms"]} ms)' if cut else '')
         groups.setdefault((method, r['trace_reset_every_ms'], r['lr']), []).append(r)
-    out = ['| method | H (ms) | lr | seeds | ' + ' | '.join(cols) + ' |', '|' + '---|' * (4 + len(cols))]
+    full = {(rs[0]['method'], lr): rs for (m, H, lr), rs in groups.items() if H == 'never' and m == rs[0]['method']}
+
+    def paired(rs, ref) -> str:
+        if ref is None or ref is rs:
+            return ''
+        test = lambda group: {r['seed']: float(r['test_acc']) for r in group}
+        return paired_difference(test(rs), test(ref)).text(3)
+    out = ['| method | H (ms) | lr | seeds | ' + ' | '.join(cols) + ' | test_acc - BPTT | test_acc - no cut |',
+           '|' + '---|' * (6 + len(cols))]
     for (m, H, lr), rs in groups.items():
         out.append(f'| {m} | {H} | {lr} | {",".join(r["seed"] for r in rs)} | ' + ' | '.join(
-            mean_se([float(r[c]) for r in rs]).text(1 if c == 'seconds' else 3).rsplit(' (', 1)[0] for c in cols) + ' |')
+            mean_se([float(r[c]) for r in rs]).text(1 if c == 'seconds' else 3).rsplit(' (', 1)[0] for c in cols)
+            + f' | {paired(rs, full.get(("bptt", lr)))} | {paired(rs, full.get((rs[0]["method"], lr)))} |')
     return '\n'.join(out)
 
 

@@ -254,3 +254,23 @@ def test_bptt_trial_window_is_bptt_over_the_last_W_steps(W):
         assert not np.allclose(got, whole)
     if W < task.cfg.n_steps - task.cfg.delay_start:   # the window starts after the sample
         assert np.all(got[:n] == 0.)
+
+
+def test_credit_ablation_table_pairs_by_seed(tmp_path):
+    """--table: mean +- s.e. per (method, H, lr) and paired differences of test_acc (95 %, t with n - 1 dof)
+    to whole-trial BPTT and to the uncut method, on the seeds both have."""
+    ablation = load_script('scripts/credit_ablation.py')
+    path = tmp_path / 'a.csv'
+    rows = [('bptt', 'never', 'whole', s, acc) for s, acc in ((0, 0.9), (1, 0.8), (2, 0.7))]
+    rows += [('bptt', 'never', '300', s, acc) for s, acc in ((0, 0.5), (1, 0.5), (2, 0.6))]
+    rows += [('diag', '100', 'whole', s, acc) for s, acc in ((0, 0.6), (2, 0.5))]
+    with open(path, 'w') as f:
+        f.write(','.join(ablation.FIELDS) + '\n')
+        for m, H, w, s, acc in rows:
+            f.write(f'{m},{H},{s},0.005,10,0.5,{acc},0.1,0.2,0.1,0.1,0.0,1.0,{w}\n')
+    lines = {l.split(' | ')[0].lstrip('| '): l for l in ablation.table(str(path)).splitlines()[2:]}
+    # window 300 - whole: -0.4, -0.3, -0.1: mean -0.2667, s_d 0.1528, t(0.975, 2) = 4.3027 -> half 0.3795
+    assert lines['bptt (window 300 ms)'].endswith('| -0.267 [-0.646, +0.113] (3) | -0.267 [-0.646, +0.113] (3) |')
+    # diag H 100 has seeds 0, 2: - BPTT = -0.3, -0.2; no uncut diag rows: no second difference
+    assert lines['diag'].endswith('| -0.250 [-0.885, +0.385] (2) |  |')
+    assert '| 0.800 +- 0.058 |' in lines['bptt']
