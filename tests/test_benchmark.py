@@ -123,3 +123,23 @@ def test_tiny_benchmark_end_to_end_and_resumed(tmp_path):
     logs = {p: os.path.getsize(p) for p in (tmp_path / 'final').glob('*.log')}
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert {p: os.path.getsize(p) for p in (tmp_path / 'final').glob('*.log')} == logs
+
+
+def test_the_estimate_multiplies_measured_seconds_by_updates_and_runs(tmp_path, capsys):
+    """benchmarks/benchmark_estimate.py: hours = median s_per_batch x updates at the last rung x (trials + seeds);
+    a table without a budget column (the reduced comparison's) is not read."""
+    from conftest import load_script
+    estimate = load_script('benchmarks/benchmark_estimate.py')
+    table = tmp_path / 't.md'
+    table.write_text('| rule | task | seed | s_per_batch | budget |\n|---|---|---|---|---|\n'
+                     '| BPTT | dms | 0 | 0.4 | 250 batches |\n| BPTT | dms | 1 | 0.6 | 250 batches |\n'
+                     '| BPTT | dms | 2 | 0.5 | 250 batches |\n| D-RTRL | dms-stream | 0 | 0.36 | 150 trials / stream |\n'
+                     '\n| rule | task | seed | s_per_batch |\n|---|---|---|---|\n| BPTT | shd | 0 | 9 |\n')
+    assert estimate.main(['--table', str(table), '--trials', '3', '--tasks', 'dms,dms-stream,shd']) == 0
+    out = capsys.readouterr().out
+    # dms: 0.5 s x (10 epochs x 25 batches) x (3 trials + 5 seeds) = 1000 s; the stream: 0.36 s x 150 trials x
+    # 2310 ms / 500 ms x (3 + 3) = 1496.88 s
+    assert '| dms | bptt | 0.5 | 250 | 8 | 0.28 |' in out
+    assert '| dms-stream | diag | 0.36 | 693 | 6 | 0.42 |' in out
+    assert f'total: {(1000 + 1496.88) / 3600:.1f} core-hours' in out
+    assert 'shd/bptt' in out.split('not estimated')[1]
