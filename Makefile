@@ -91,7 +91,8 @@ braintrace-crosscheck: $(VENV)/.installed $(BT_VENV)/.installed  ## our rules' g
 # Issue #34: every rule tuned on a validation split (Optuna, one study per task and rule), then final runs over
 # seeds at matched budgets, paired statistics against BPTT: results/benchmark/ (docs/benchmark.md). Resumable: run
 # it again after any stop. JOBS local workers, each pinned to a core; STORAGE: an Optuna RDB URL or a journal file
-# that several machines share. TINY=1: toy sizes (CI; results/benchmark-tiny/).
+# that several machines share. TINY=1: toy sizes (CI; results/benchmark-tiny/). REDUCED=1: the DMS trials on the
+# short-delay preset, 100 updates, 8 trials per study (one session; results/benchmark-reduced/).
 .PHONY: benchmark
-benchmark: $(VENV)/.installed  ## every rule tuned (Optuna), then final runs over seeds (results/benchmark/); TINY=1
-	$(PY) scripts/benchmark.py --jobs $(JOBS) $(if $(TINY),--tiny,)$(if $(STORAGE), --storage $(STORAGE),)
+benchmark: $(VENV)/.installed  ## every rule tuned (Optuna), then final runs over seeds (results/benchmark/); TINY=1, REDUCED=1
+	$(PY) scripts/benchmark.py --jobs $(JOBS) $(if $(TINY),--tiny,)$(if $(REDUCED),--reduced,)$(if $(STORAGE), --storage $(STORAGE),)

@@ -77,6 +77,14 @@ TINY = dict(
     shd=dict(script=IMAGE, flags=_tiny_image, budget='--epochs', rungs=[1, 2], validation=4, seeds=2,
              synth=(16, 8), grad_check=True),
 )
+# --reduced (make benchmark REDUCED=1): the DMS trials only, on the short-delay preset (100 GIF neurons, a 100 ms
+# delay, 310 steps), 100 updates: sized for a 3-hour session of a 2-core machine (8 trials per study by default;
+# benchmarks/benchmark_estimate.py projects the full size at about 13 hours of 2 workers before the new tasks)
+REDUCED = dict(
+    dms=dict(script=DMS, flags=['--preset', 'short-delay', '--lr_schedule', 'constant', '--acc_th', '2',
+                                '--batches_per_epoch', '25', '--n_test_trials', '512'],
+             budget='--epochs', rungs=[1, 2, 4], validation=256, seeds=5, grad_check=True),
+)
 TUNING_SEED = 100  # the tuning trials' network seed: none of the final runs' seeds (0, 1, ...)
 
 
@@ -242,6 +250,9 @@ def parse(argv):
     p.add_argument('--out', default=None, help='the benchmark folder (default results/benchmark, with --tiny '
                                                'results/benchmark-tiny)')
     p.add_argument('--tiny', action='store_true', help='toy sizes (CI): 2 seeds, 2 rungs of 1-2 epochs')
+    p.add_argument('--reduced', action='store_true',
+                   help='the DMS trials on the short-delay preset, 100 updates, 8 trials per study: one session '
+                        '(results/benchmark-reduced)')
     p.add_argument('--storage', default=None,
                    help='the studies: an Optuna RDB URL (sqlite:///PATH, postgresql://..., mysql://...) or a journal '
                         'file (journal:PATH or PATH.journal) on a filesystem every worker sees (default '
@@ -266,17 +277,20 @@ def parse(argv):
     p.add_argument('--report', action='store_true', help='only write the outputs from the storage and run folders')
     p.add_argument('--data_dir', default=None, help='the synthetic N-MNIST / SHD (default OUT/data)')
     args = p.parse_args(argv)
-    table = TINY if args.tiny else FULL
+    if args.tiny and args.reduced:
+        p.error('give --tiny or --reduced, not both')
+    table = TINY if args.tiny else REDUCED if args.reduced else FULL
     if args.seeds is not None:
         if args.seeds < 1:
             p.error('--seeds must be at least 1')
         table = {t: dict(cfg, seeds=args.seeds) for t, cfg in table.items()}
-    args.out = os.path.abspath(args.out or os.path.join(ROOT, 'results', 'benchmark-tiny' if args.tiny else 'benchmark'))
+    size = 'benchmark-tiny' if args.tiny else 'benchmark-reduced' if args.reduced else 'benchmark'
+    args.out = os.path.abspath(args.out or os.path.join(ROOT, 'results', size))
     args.storage = args.storage or f'sqlite:///{os.path.join(args.out, "studies.db")}'
     args.data_dir = args.data_dir or os.path.join(args.out, 'data')
-    args.trials = args.trials or (2 if args.tiny else 16)
+    args.trials = args.trials or (2 if args.tiny else 8 if args.reduced else 16)
     rules = (args.rules or ('bptt,expsm_diag' if args.tiny else ','.join(methods.names()))).split(',')
-    tasks = (args.tasks or ('dms' if args.tiny else ','.join(FULL))).split(',')
+    tasks = (args.tasks or ','.join(table)).split(',') if not args.tiny else (args.tasks or 'dms').split(',')
     for r in rules:
         if r not in methods.names():
             p.error(f'unknown rule {r!r}; choose from {",".join(methods.names())}')
@@ -306,7 +320,9 @@ def main(argv=None) -> int:
                 raise UserError(str(e))
         else:
             start_workers(argv, args.jobs)
-    note = (f"{'TINY (toy sizes: the code path, no conclusions)' if args.tiny else 'Full size'}; {args.trials} tuning "
+    size = ('TINY (toy sizes: the code path, no conclusions)' if args.tiny else
+            'REDUCED (the DMS trials on the short-delay preset, 100 updates)' if args.reduced else 'Full size')
+    note = (f"{size}; {args.trials} tuning "
             f"trials per study, the {args.pruner} pruner, lr from {LR_RANGE[0]:g} to {LR_RANGE[1]:g} (log); "
             'the difference to BPTT is paired by seed, bold where its interval excludes zero; command: '
             f"python scripts/benchmark.py {' '.join(argv)}")
