@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from rsnn.distributed import is_main_process, sync_processes
+from rsnn import errors
 from rsnn.errors import UserError
 from rsnn.run_marker import listdir
 from rsnn.write_failures import write_failure, write_failure_message
@@ -123,7 +124,9 @@ class Checkpoints:
         sys.stderr.write(held.getvalue())
 
     def failed_write(self, managers: list, epoch: int, error: BaseException):
-        """The run ends here: orbax's other writer threads fail the same way and would log it at exit."""
+        """The run ends here: orbax's other writer threads fail the same way and print it, from now until
+        exit (before the one line is printed, too): stderr is silenced now (errors.silence_until_exit)."""
+        errors.silence_until_exit()
         logging.getLogger('absl').setLevel(logging.CRITICAL)
         for m in managers:
             try:

@@ -208,12 +208,13 @@ def cli_main(main: Callable[[list], int]):
     stop it (rsnn/interrupts.py) with the one line the script set (interrupts.set_describe: the run folder and
     what it keeps) and exit code 130 / 143."""
     import signal
-    from rsnn import interrupts
+    from rsnn import errors, interrupts
     interrupts.install()
+    errors.entering_cli()
     try:
         code = main(sys.argv[1:])
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {e}', file=errors.line_stream(), flush=True)
         if e.last_words:
             silence_stderr()
         code = 2

@@ -367,9 +367,11 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_resume_rebuilds_it(tmp_
     run_dir = str(tmp_path / 'run')
     argv = [sys.executable, os.path.join(ROOT, 'task-rsnn-long-term-dependency.py'), *FAST, '--epochs', '2',
             '--out_dir', run_dir]
-    # SIGXFSZ ignored (its default kills), files limited to 10 x 1024 bytes, then the script
+    # SIGXFSZ ignored (its default kills), files limited to 10 x 1024 bytes, then the script; without the tests'
+    # shared XLA cache (conftest.py), whose writes would fail too, each with jax's warning
+    env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
     proc = subprocess.run(['bash', '-c', 'trap "" XFSZ; ulimit -f 10; exec "$@"', 'bash', *argv], capture_output=True,
-                          text=True, timeout=240, cwd=ROOT)
+                          text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr
     assert one_line(proc.stderr) == (f'error: cannot write the checkpoint of epoch 1 in {run_dir}/checkpoints: File too '
                                      f'large; no checkpoint was complete yet, nothing trained was kept; free space or '
@@ -397,6 +399,35 @@ def test_last_words_silence_what_threads_print_at_exit(last_words):
         assert one_line(proc.stderr) == 'error: cannot write the checkpoint'
     else:
         assert proc.stderr.splitlines() == ['error: cannot write the checkpoint', 'Traceback: from atexit', 'fd noise']
+
+
+def test_last_words_silence_threads_that_print_before_the_line():
+    """orbax's writer threads print their tracebacks as soon as the write fails, while the UserError is still
+    unwinding: silence_until_exit (called where the write failed) keeps stderr to the one line, printed after."""
+    code = textwrap.dedent('''
+        import os, sys, threading
+        from rsnn import errors
+        from rsnn.cli import cli_main
+        def noise():
+            print('Traceback: from a writer thread', file=sys.stderr, flush=True)
+            os.write(2, b'RuntimeError: Event loop is closed\\n')
+        def main(argv):
+            errors.silence_until_exit()
+            t = threading.Thread(target=noise)
+            t.start(); t.join()
+            raise errors.UserError('cannot write the checkpoint', last_words=True)
+        cli_main(main)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr == 'error: cannot write the checkpoint\n'
+
+
+def test_silence_until_exit_leaves_an_in_process_caller_alone(capfd):
+    from rsnn import errors
+    errors.silence_until_exit()  # not under cli_main: a test calling main() keeps its stderr
+    os.write(2, b'still here\n')
+    assert capfd.readouterr().err == 'still here\n'
 
 
 def test_a_full_disk_while_logging_keeps_the_checkpoint(tmp_path, dms_script, monkeypatch):
