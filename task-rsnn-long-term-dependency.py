@@ -101,9 +101,13 @@ def add_network_flags(p):
     g.add_argument('--n_memory', type=utils.nonneg_int, default=0,
                    help='the credit task: the last N neurons are memory neurons with slow adaptation '
                         '(--tau_memory) and weak input / recurrent weights into them (--memory_in_scale, '
-                        '--memory_rec_scale); the others draw tau_I2 from U(--tau_fast_min, 1.5 tau_I2). 0: the '
-                        "paper's network")
-    g.add_argument('--tau_memory', type=utils.positive_float, default=3000., help='memory neurons: tau_I2 (ms)')
+                        '--memory_rec_scale); the others draw tau_I2 from U(--tau_fast_min, 1.5 tau_I2) (gif; '
+                        'alif-delta: the same for its threshold adaptation, --memory_others). 0: the paper\'s network')
+    g.add_argument('--tau_memory', type=utils.positive_float, default=3000.,
+                   help='memory neurons: tau_I2 (ms; alif-delta: their threshold adaptation tau_a)')
+    g.add_argument('--memory_others', choices=('fast', 'lif'), default='fast',
+                   help='alif-delta with --n_memory: the other neurons adapt fast (tau_a from U(--tau_fast_min, '
+                        "1.5 tau_I2)) or are LIF (beta 0: Bellec's mix)")
     g.add_argument('--tau_fast_min', type=utils.positive_float, default=20.,
                    help='with --n_memory: the other neurons\' smallest tau_I2 (ms)')
     g.add_argument('--memory_in_scale', type=utils.nonneg_float, default=0.1,
@@ -123,8 +127,8 @@ def add_network_flags(p):
     g.add_argument('--spk_fun', choices=utils.SURROGATE_NAMES, default='relu',
                    help='surrogate gradient of the spike (relu: max(0, 0.3 (1 - |u|)))')
     g.add_argument('--diff_spike', type=int, choices=(0, 1), default=0,
-                   help='1 = let the gradient flow through the reset spike too (the spike into the '
-                        'adaptation current always carries gradient)')
+                   help='1 = let the gradient flow through the reset spike too (gif: the spike into the '
+                        'adaptation current always carries gradient; lif-delta, alif-delta: the reset)')
     g.add_argument('--tau_o', type=utils.positive_float, default=10., help='readout time constant (ms)')
     g.add_argument('--readout_scale', type=utils.positive_float, default=0.1,
                    help='readout weights ~ N(0, readout_scale^2 / n_rec): first outputs O(1)')
@@ -144,13 +148,26 @@ def build_network(args, task):
                              spk_fun=args.spk_fun, diff_spike=bool(args.diff_spike), syn_gain=args.syn_gain,
                              tau_o=args.tau_o, readout_scale=args.readout_scale, seed=args.seed,
                              memory=memory_layout(args), freeze_rec=bool(args.freeze_rec))
+    if args.n_memory and args.model != 'alif-delta':
+        raise utils.UserError(f'--n_memory {args.n_memory} (the memory neurons) needs --model gif or alif-delta; '
+                              f'with --model {args.model} add --n_memory 0')
+    if args.n_memory > args.n_rec:
+        raise utils.UserError(f'--n_memory {args.n_memory} > --n_rec {args.n_rec}')
     if args.freeze_rec and args.method != 'bptt':
         raise utils.UserError(f'--freeze_rec 1 with --model {args.model} needs --method bptt (the online rules '
                               f'freeze only the gif network); use --model gif or --method bptt')
     model = models.SpikingStack(task.n_in, args.n_rec, task.n_out, 1, model=args.model, dt=args.dt,
                                 tau_mem=args.tau_neu, tau_o=args.tau_o, ff_scale=args.ff_scale,
                                 rec_scale=args.rec_scale, spk_fun=args.spk_fun, readout_scale=args.readout_scale,
-                                seed=args.seed, tau_adapt=args.tau_adapt, beta=args.beta)
+                                seed=args.seed, tau_adapt=args.tau_adapt, beta=args.beta,
+                                detach_reset=not args.diff_spike)
+    if args.n_memory:  # the credit layout: slow memory neurons with weak initial weights, the others fast (or LIF)
+        import numpy as np
+        from rsnn.neurons import lif
+        fast = None if args.memory_others == 'lif' else (args.tau_fast_min, 1.5 * args.tau_I2)
+        lif.memory_layout(model.layers[0], task.n_in, np.random.default_rng([args.seed, 1]), n_memory=args.n_memory,
+                          tau_memory=args.tau_memory, tau_fast=fast, in_scale=args.memory_in_scale,
+                          rec_scale=args.memory_rec_scale, dt=args.dt)
     for layer in model.layers:
         layer.freeze = bool(args.freeze_rec)  # models.run_layer and stateful_update stop its gradient
     return model

@@ -22,12 +22,22 @@ KINDS = {  # name -> (network factory, number of classes)
     'lif-delta-hard-detached': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='lif-delta', ff_scale=4.,
                                                            spk_reset='hard', detach_reset=True, seed=1),
     'alif-delta': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='alif-delta', ff_scale=4., seed=2),
+    'alif-delta-layout': lambda: alif_layout((5., 30.)),  # the credit layout: a per-neuron adaptation decay
+    'alif-delta-mix': lambda: alif_layout(None),  # Bellec's LIF + ALIF mix: a per-neuron beta (0 for the LIF half)
     'lif-exp-cu': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='lif-exp-cu', ff_scale=4., seed=3),
     'adlif': lambda: models.SpikingStack(N_IN, N_REC, 3, 2, model='adlif', ff_scale=400., rec_scale=4., V_th=0.5,
                                          seed=5),  # adLIF's (1 - alpha) input gain and adaptation: ~0.1 spikes per step
     'dms': lambda: models.DMSNet(N_IN, N_REC, 2, dt=1., tau_neu=20., tau_syn=20., tau_I2=200., A2=1.,
                                  ff_scale=6., rec_scale=2., seed=4),
 }
+
+
+def alif_layout(tau_fast):
+    from rsnn.neurons.lif import memory_layout
+    net = models.SpikingStack(N_IN, N_REC, 3, 2, model='alif-delta', ff_scale=4., tau_adapt=50., seed=6)
+    memory_layout(net.layers[0], N_IN, np.random.default_rng(6), n_memory=N_REC // 2, tau_memory=200.,
+                  tau_fast=tau_fast, in_scale=0.5, rec_scale=0.5)
+    return net
 
 
 def data(n_out, t=T, seed=0):

@@ -249,7 +249,7 @@ def test_each_new_task_trains_as_a_stream(dms_script, tmp_path, name, sizes):
     assert s['protocol'] == 'stream' and s['trials'] >= 4 * 3 and 0 <= s['test_acc'] <= 1
 
 
-@pytest.mark.parametrize('preset', ['cue-accumulation', 'store-recall'])
+@pytest.mark.parametrize('preset', ['cue-accumulation-gif', 'store-recall'])
 def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script, preset):
     """The presets run on the credit layout (docs/tasks.md): 80 neurons whose adaptation forgets within
     75 ms and 20 memory neurons (tau_I2 3000 ms) with 10 x weaker initial input and recurrent weights, so that
@@ -274,3 +274,63 @@ def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script
     else:
         assert task.decision_start - task.cue_start(task.n_cues) == 1000  # the delay: 1000 ms of silence
         assert layer.diff_spike  # the gradient through the reset: without it BPTT's gradient diverges
+
+
+def test_cue_accumulation_preset_is_the_credit_layout_of_an_alif_network_and_its_control_the_same_without_adaptation(
+        dms_script):
+    """--preset cue-accumulation: 100 adaptive-threshold LIF neurons (tau_m 20 ms, beta 1.8) in the credit layout:
+    20 memory neurons (tau_a 2000 ms, input and recurrent weights 10 x weaker), 80 that adapt fast (tau_a in
+    [20, 75] ms); the gradient through the reset; its adaptation-off control --beta 0 is the same network (the
+    same initial weights, membranes and layout) without the threshold adaptation."""
+    import brainstate
+    nets = {}
+    for flags in ([], ['--beta', '0']):
+        p = dms_script.build_parser()
+        p.set_defaults(**dms_script.PRESETS['cue-accumulation'])
+        args = p.parse_args(flags)
+        brainstate.environ.set(dt=1.)
+        task = dms_script.make_task(args)
+        nets[len(flags)] = dms_script.build_network(args, task).layers[0]
+    alif, off = nets[0], nets[2]
+    assert alif.neuron == 'alif' and alif.beta == 1.8 and off.beta == 0. and not alif.detach_reset
+    tau_a = -1. / np.log(np.asarray(alif.adapt_decay))
+    assert np.allclose(tau_a[80:], 2000., rtol=1e-3) and tau_a[:80].min() >= 20. and tau_a[:80].max() <= 75.
+    assert abs(np.log(np.asarray(alif.mem_decay)).mean() + 1. / 20.) < 2e-3  # tau_m ~ N(20, 1) ms
+    w = lambda layer: np.asarray(layer.linear.weight_op.value['weight'])
+    assert np.array_equal(w(alif), w(off)) and np.array_equal(np.asarray(alif.adapt_decay), np.asarray(off.adapt_decay))
+    n_in = task.n_in
+    for rows in (slice(0, n_in), slice(n_in, None)):  # input, recurrent: into the memory neurons 10 x weaker
+        ratio = np.abs(w(alif)[rows, 80:]).mean() / np.abs(w(alif)[rows, :80]).mean()
+        assert 0.07 < ratio < 0.14, (rows, ratio)
+    assert task.decision_start - task.cue_start(task.n_cues) == 1000
+
+
+@pytest.mark.parametrize('others', ['fast', 'lif'])
+def test_memory_neurons_of_an_alif_layer(dms_script, others):
+    """--model alif-delta --n_memory N: the last N neurons adapt with --tau_memory and their initial input /
+    recurrent weights are scaled by --memory_in_scale / --memory_rec_scale; the others adapt fast (tau_a from
+    U(--tau_fast_min, 1.5 --tau_I2)) or, with --memory_others lif, are LIF (beta 0: Bellec's mix)."""
+    import brainstate
+    import utils
+    brainstate.environ.set(dt=1.)
+    base = ['--dataset', 'cue-accumulation', '--model', 'alif-delta', '--n_rec', '10', '--beta', '1.5']
+    p = dms_script.build_parser()
+    plain = dms_script.build_network(p.parse_args(base), dms_script.make_task(p.parse_args(base))).layers[0]
+    args = p.parse_args(base + ['--n_memory', '4', '--memory_in_scale', '0.25', '--memory_rec_scale', '0.5',
+                                '--tau_memory', '1000', '--tau_fast_min', '10', '--tau_I2', '20',
+                                '--memory_others', others])
+    task = dms_script.make_task(args)
+    mixed = dms_script.build_network(args, task).layers[0]
+    tau_a = -1. / np.log(np.asarray(mixed.adapt_decay))
+    assert np.allclose(tau_a[6:], 1000., rtol=1e-3)
+    if others == 'lif':
+        assert np.array_equal(np.asarray(mixed.beta), [0.] * 6 + [1.5] * 4) and np.allclose(tau_a[:6], 1000., rtol=1e-3)
+    else:
+        assert mixed.beta == 1.5 and tau_a[:6].min() >= 10. and tau_a[:6].max() <= 30. and np.ptp(tau_a[:6]) > 1.
+    w0, w1 = (np.asarray(layer.linear.weight_op.value['weight']) for layer in (plain, mixed))
+    n_in = task.n_in
+    assert np.array_equal(w1[:, :6], w0[:, :6])
+    assert np.allclose(w1[:n_in, 6:], 0.25 * w0[:n_in, 6:]) and np.allclose(w1[n_in:, 6:], 0.5 * w0[n_in:, 6:])
+    with pytest.raises(utils.UserError, match='--n_memory 0'):
+        args = p.parse_args(['--dataset', 'cue-accumulation', '--model', 'lif-delta', '--n_memory', '4'])
+        dms_script.build_network(args, dms_script.make_task(args))

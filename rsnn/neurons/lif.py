@@ -84,6 +84,33 @@ class RecurrentLIFLayer(NeuronLayer):
         return self.prev_spike(h)
 
 
+def memory_layout(layer: RecurrentLIFLayer, n_in: int, rng: np.random.Generator, *, n_memory: int,
+                  tau_memory: float, tau_fast, in_scale: float, rec_scale: float, dt: float = 1.):
+    """The credit layout (as rsnn/neurons/gif_exp.py credit_layout) in an alif layer (--model alif-delta
+    --n_memory N, docs/tasks.md): the last n_memory neurons are memory neurons whose threshold adapts slowly
+    (tau_a = tau_memory) and whose initial input and recurrent weights are scaled by in_scale and rec_scale (weak
+    at the start: the untrained network does not hold the cues, the memory has to be written by learning); the
+    others adapt fast, tau_a ~ U(*tau_fast) ms, and forget within the delay, or, with tau_fast None, are LIF
+    (beta 0: Bellec et al.'s mix of LIF and ALIF neurons)."""
+    if layer.neuron != 'alif':
+        raise ValueError('memory_layout needs an alif layer')
+    n_rec = layer.n_rec
+    m = slice(n_rec - n_memory, n_rec)
+    if tau_fast is None:
+        beta = np.zeros(n_rec, np.float32)
+        beta[m] = layer.beta
+        layer.beta = jnp.asarray(beta)
+        tau = np.full(n_rec, tau_memory)
+    else:
+        tau = rng.uniform(tau_fast[0], max(tau_fast), n_rec)
+        tau[m] = tau_memory
+    layer.adapt_decay = jnp.asarray(np.exp(-dt / tau), dtype=jnp.float32)
+    w = np.array(layer.linear.weight_op.value['weight'])
+    w[:n_in, m] *= in_scale
+    w[n_in:, m] *= rec_scale
+    layer.linear.weight_op.value = dict(layer.linear.weight_op.value, weight=jnp.asarray(w))
+
+
 def build(n_in: int, n_rec: int, p: LayerParams, rng: np.random.Generator, *, neuron: str, synapse: str):
     """The table's builder (rsnn/neurons/__init__.py) of the rows lif-delta, alif-delta, lif-exp-cu."""
     return RecurrentLIFLayer(n_in, n_rec, dt=p.dt, tau_mem=p.tau_mem, tau_mem_sigma=p.tau_mem_sigma, V_th=p.V_th,
