@@ -8,7 +8,7 @@
 Tasks: `dms` (the 1000 ms DMS trials with make demo's settings, the preset cpu-demo), `dms-stream` (the same
 task as a stream, --protocol stream), `nmnist` and `shd` (the synthetic stand-ins of scripts/synthetic_events.py,
 3 x 128 LIF-delta), `shd-adlif` (the SHD stand-in with adaptive neurons, --model adlif, 3 x 128), `cue-accumulation`
-and `store-recall` (the GIF presets of docs/tasks.md, cue-accumulation-gif and store-recall, on trials), `credit` (the credit task on a stream). Each (task, rule, seed) is one run of the task script in its own process and run folder
+and `store-recall` (the GIF presets of docs/tasks.md, cue-accumulation-gif and store-recall-gif, on trials), `credit` (the credit task on a stream). Each (task, rule, seed) is one run of the task script in its own process and run folder
 under OUT/runs/: a finished folder is reused, an interrupted one resumed, so the script can be stopped and
 started again. The trial tasks run with --check_grad (the cosine to BPTT's gradient on the first test batch,
 before training and at the last epoch). Written to OUT (default results/compare-rules/):
@@ -70,7 +70,7 @@ FULL = dict(
     caps={('uoro', 'dms'): ['--epochs', '2'], ('uoro', 'image'): ['--epochs', '1'],
           ('uoro', 'cue-accumulation'): ['--epochs', '2'], ('uoro', 'store-recall'): ['--epochs', '2']},
     credit=CREDIT_STREAM + ['--t_delay', '1000', '--stream_trials', '150'],
-    trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation-gif'], 'store-recall': ['--preset', 'store-recall']},
+    trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation-gif'], 'store-recall': ['--preset', 'store-recall-gif']},
 )
 # the new trial tasks at toy size: a few steps, 8 neurons (2 of them memory neurons), one batch of 4
 TINY_TRIAL = ['--n_rec', '8', '--n_memory', '2', '--batch_size', '4', '--batches_per_epoch', '2', '--epochs', '1',
@@ -90,7 +90,7 @@ TINY = dict(
             '--eval_every_trials', '2', '--t_delay', '20', '--stream_trials', '3', '--update_every', '20'],
     trial_tasks={'cue-accumulation': ['--preset', 'cue-accumulation-gif', '--cue_n', '1', '--cue_t_cue', '5',
                                       '--cue_t_gap', '2', '--cue_t_delay', '5', '--cue_t_recall', '5'] + TINY_TRIAL,
-                 'store-recall': ['--preset', 'store-recall', '--sr_periods', '4', '--sr_t_period', '5',
+                 'store-recall': ['--preset', 'store-recall-gif', '--sr_periods', '4', '--sr_t_period', '5',
                                   '--sr_min_delay', '1'] + TINY_TRIAL},
 )
 # A reduced comparison that fits a shared 2-core CPU in about half an hour: the short-delay DMS preset (100 ms

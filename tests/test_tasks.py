@@ -249,7 +249,7 @@ def test_each_new_task_trains_as_a_stream(dms_script, tmp_path, name, sizes):
     assert s['protocol'] == 'stream' and s['trials'] >= 4 * 3 and 0 <= s['test_acc'] <= 1
 
 
-@pytest.mark.parametrize('preset', ['cue-accumulation-gif', 'store-recall'])
+@pytest.mark.parametrize('preset', ['cue-accumulation-gif', 'store-recall-gif'])
 def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script, preset):
     """The presets run on the credit layout (docs/tasks.md): 80 neurons whose adaptation forgets within
     75 ms and 20 memory neurons (tau_I2 3000 ms) with 10 x weaker initial input and recurrent weights, so that
@@ -268,7 +268,7 @@ def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script
     for rows in (slice(0, n_in), slice(n_in, None)):  # input, recurrent: into memory neurons 10 x weaker
         ratio = np.abs(w[rows, 80:]).mean() / np.abs(w[rows, :80]).mean()
         assert 0.07 < ratio < 0.14, (rows, ratio)
-    if preset == 'store-recall':
+    if preset == 'store-recall-gif':
         assert task.min_delay * task.period_steps == 500 and task.n_periods == 10
         assert not layer.diff_spike
     else:
@@ -276,8 +276,9 @@ def test_the_presets_network_does_not_hold_the_memory_before_training(dms_script
         assert layer.diff_spike  # the gradient through the reset: without it BPTT's gradient diverges
 
 
-def test_cue_accumulation_preset_is_the_credit_layout_of_an_alif_network_and_its_control_the_same_without_adaptation(
-        dms_script):
+@pytest.mark.parametrize('preset', ['cue-accumulation', 'store-recall'])
+def test_the_alif_presets_are_the_credit_layout_and_their_control_the_same_network_without_adaptation(
+        dms_script, preset):
     """--preset cue-accumulation: 100 adaptive-threshold LIF neurons (tau_m 20 ms, beta 1.8) in the credit layout:
     20 memory neurons (tau_a 2000 ms, input and recurrent weights 10 x weaker), 80 that adapt fast (tau_a in
     [20, 75] ms); the gradient through the reset; its adaptation-off control --beta 0 is the same network (the
@@ -286,7 +287,7 @@ def test_cue_accumulation_preset_is_the_credit_layout_of_an_alif_network_and_its
     nets = {}
     for flags in ([], ['--beta', '0']):
         p = dms_script.build_parser()
-        p.set_defaults(**dms_script.PRESETS['cue-accumulation'])
+        p.set_defaults(**dms_script.PRESETS[preset])
         args = p.parse_args(flags)
         brainstate.environ.set(dt=1.)
         task = dms_script.make_task(args)
@@ -302,7 +303,10 @@ def test_cue_accumulation_preset_is_the_credit_layout_of_an_alif_network_and_its
     for rows in (slice(0, n_in), slice(n_in, None)):  # input, recurrent: into the memory neurons 10 x weaker
         ratio = np.abs(w(alif)[rows, 80:]).mean() / np.abs(w(alif)[rows, :80]).mean()
         assert 0.07 < ratio < 0.14, (rows, ratio)
-    assert task.decision_start - task.cue_start(task.n_cues) == 1000
+    if preset == 'cue-accumulation':
+        assert task.decision_start - task.cue_start(task.n_cues) == 1000
+    else:
+        assert task.min_delay * task.period_steps == 500 and task.n_periods == 10
 
 
 @pytest.mark.parametrize('others', ['fast', 'lif'])

@@ -16,6 +16,7 @@ import numpy as np
 
 from rsnn import cli
 from rsnn.tasks.base import Flag, TaskRow, decision_weights, rate_trials, register
+from rsnn.tasks.cue_accumulation import ALIF_NETWORK
 
 FLAGS = (
     Flag('sr_periods', cli.positive_int, 8, 'store-recall: periods per trial (the last is the recall cue)'),
@@ -27,18 +28,21 @@ FLAGS = (
 )
 
 # Sized for a 2-core CPU (docs/tasks.md): 10 periods of 100 ms (1000 steps), the store cue 5 to 9 periods
-# before the recall cue (4 to 8 distractor values between them), BPTT at batch 32, 10 epochs of 25 batches, on the credit task's layout of the GIF
-# network (as rsnn/tasks/cue_accumulation.py: 80 neurons that forget within the delay, 20 memory neurons with
-# slow adaptation and weak initial weights). Controls: --freeze_rec 1, --A2 0 (docs/tasks.md).
-# The earlier preset (all neurons adapting slowly, 8 periods, any delay): --n_memory 0 --tau_I2 1500
-# --sr_periods 8 --sr_min_delay 1.
+# before the recall cue (4 to 8 distractor values between them), BPTT at batch 32, 10 epochs of 25 batches,
+# 2560 held-out trials.
+# --preset store-recall: the network of --preset cue-accumulation (rsnn/tasks/cue_accumulation.py: Bellec's ALIF
+# neurons in the credit layout, 20 slow memory neurons with weak initial weights, 80 fast; Adam lr 5e-3).
+# Controls: --beta 0 (adaptation off: at chance) and --freeze_rec 1 (readout only: at chance on 2 seeds of 3).
+# --preset store-recall-gif: the earlier preset, the credit layout of the GIF network (as cue-accumulation-gif;
+# its adaptation-off control --A2 0 is not at chance: docs/tasks.md).
 NETWORK = dict(model='gif', n_rec=100, n_memory=20, tau_memory=3000., tau_I2=50., tau_fast_min=20.,
                memory_in_scale=0.1, memory_rec_scale=0.1, tau_neu=100., tau_syn=100., A2=1., ff_scale=6.,
                rec_scale=2., readout_scale=0.1, tau_o=10.)
+TRAINING = dict(method='bptt', sr_periods=10, sr_min_delay=5, batch_size=32, batches_per_epoch=25, epochs=10,
+                lr_schedule='constant', acc_th=0.98, acc_th_window=25, n_test_trials=2560, devices='cpu')
 PRESETS = {
-    'store-recall': dict(NETWORK, method='bptt', sr_periods=10, sr_min_delay=5, batch_size=32, batches_per_epoch=25, epochs=10,
-                         lr=1e-3, lr_schedule='constant', acc_th=0.98, acc_th_window=25, n_test_trials=2560, devices='cpu',
-                         exp_name='store-recall'),
+    'store-recall': dict(ALIF_NETWORK, **TRAINING, diff_spike=1, lr=5e-3, exp_name='store-recall'),
+    'store-recall-gif': dict(NETWORK, **TRAINING, lr=1e-3, exp_name='store-recall-gif'),
 }
 
 
