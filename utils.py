@@ -6,7 +6,7 @@ rsnn/files.py; the table of neuron models and the surrogates' names rsnn/neurons
 """
 from __future__ import annotations
 
-from rsnn.chunk_policy import (AUTO_CHUNK_BUDGET_MB, AUTO_CHUNK_FLOOR_MB, AUTO_CHUNK_TRACE_FRACTION,  # noqa: F401
+from rsnn.chunk_policy import (AUTO_CHUNK_BUDGET_MB, AUTO_CHUNK_CACHE_MB, AUTO_CHUNK_FLOOR_MB, AUTO_CHUNK_TRACE_FRACTION,  # noqa: F401
                                BUFFER_FLOATS_PER_STEP, DEFAULT_TRACE_CHUNK, auto_trace_chunk)
 from rsnn.cli import (base_parser, cli_main, decay_or_rank, exp_name_arg, finite_float, nonneg_float,  # noqa: F401
                       nonneg_int, positive_float, positive_int, rule_options, trace_chunk_arg)

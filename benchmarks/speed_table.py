@@ -1,15 +1,17 @@
 """The speed table of docs/chunked-traces.md: seconds per batch of BPTT, ES-D-RTRL and D-RTRL, step by step
 through brainscale (--trace_chunk 1) and K steps at a time (the default K), at the DMS size and at the image
-README size (batch 32 and 128), with the machine's limits measured in the same run and a PyTorch BPTT of the
-same image network.
+README size, each at batch 32 and 128, with the machine's limits measured in the same run and a PyTorch BPTT
+of the same image network.
 
-    flock /tmp/cpu.lock python scripts/speed_table.py            # the table (about 15 minutes on 2 cores)
-    python scripts/speed_table.py --tiny --out_dir /tmp/t         # the same code path at toy sizes (tests)
+    flock /tmp/cpu.lock python benchmarks/speed_table.py         # the table (about 25 minutes on 2 cores)
+    python benchmarks/speed_table.py --tiny --out_dir /tmp/t      # the same code path at toy sizes (tests)
 
 A row is the gradient of one batch (forward and backward: what a training step spends, without the Adam
 update), compiled, then timed --repeats times after two warm-up calls (median; block until ready), each
-(size, method, K) in a fresh process. Limits: float32 matmul GFLOP/s (2048^3, jit) and memory-copy GB/s
-(an in-place pass over 256 MB, read + write). The floor of a row is its matmul FLOPs at the matmul rate plus,
+(size, method, K) in a fresh process; the chunked rows at the training default K (`auto`, the K used in the
+row) unless --trace_chunk names one. Limits: float32 matmul GFLOP/s (2048^3, jit), the rate of a loop's
+per-step product (32 x 512 by 512 x 512, 100 steps of a scan: what the recurrences run at) and memory-copy
+GB/s (an in-place pass over 256 MB, read + write). The floor of a row is its matmul FLOPs at the matmul rate plus,
 for D-RTRL, one read and one write of its traces per chunk at the copy rate; share = floor / measured time.
 D-RTRL step by step at the image size is timed on a shorter sequence and scaled to T (its time is linear in T;
 the row says so). Writes speed_table.md / .csv / .json into --out_dir (default results/speed_table/<timestamp>).
@@ -25,7 +27,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from rsnn.chunk_policy import DEFAULT_TRACE_CHUNK
 from rsnn.cli import positive_float, positive_int
 from rsnn.files import write_json
 
@@ -40,7 +41,12 @@ TINY = {'dms': dict(SIZES['dms'], n_in=10, n_rec=12, T=60, loss_steps=20, scaled
         'image': dict(SIZES['image'], n_in=20, n_rec=16, n_layer=2, T=40, loss_steps=40, scaled_T=20)}
 
 
-def plan(tiny: bool, K: int, sweep: list = None) -> list:
+def chunk_arg(value: str):
+    """--trace_chunk: 'auto' or a positive integer."""
+    return value if value == 'auto' else positive_int(value)
+
+
+def plan(tiny: bool, K, sweep: list = None) -> list:
     """(size, batch, T, method, trace_chunk) of every row, in the order of the table; with `sweep` (a list of
     K) only the chunked rows at batch 32, once per K (to choose --trace_chunk)."""
     if sweep:
@@ -48,7 +54,7 @@ def plan(tiny: bool, K: int, sweep: list = None) -> list:
         return [(size, 32, sizes[size]['T'], m, k) for size in ('dms', 'image') for m in ('expsm_diag', 'diag')
                 for k in sweep]
     rows = []
-    for size, batches in (('dms', (32,)), ('image', (32, 128))):
+    for size, batches in (('dms', (32, 128)), ('image', (32, 128))):
         for B in batches:
             T = (TINY if tiny else SIZES)[size]['T']
             rows += [(size, B, T, 'bptt', 1)] + ([(size, B, T, 'torch', 1)] if size == 'image' else [])
@@ -127,11 +133,12 @@ def measure_jax(cfg, B, T, method, K, repeats) -> float:
     import jax
     import jax.numpy as jnp
     from rsnn.trainer import Trainer
-    trainer = Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
+    trainer = Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'],
+                      trace_chunk=None if K == 'auto' else K)
     xs, labels, ws = batch(cfg, B, T)
     grads_fn = trainer.compiled_gradients()
     args = [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)]
-    return timed(lambda: jax.block_until_ready(grads_fn(*args)), repeats)
+    return timed(lambda: jax.block_until_ready(grads_fn(*args)), repeats), trainer.trace_chunk
 
 
 def measure_torch(cfg, B, T, repeats) -> float:
@@ -194,8 +201,8 @@ def worker(job: dict) -> dict:
     if method == 'torch':
         seconds = measure_torch(cfg, B, T, job['repeats'])
     else:
-        seconds = measure_jax(cfg, B, t_timed, method, K, job['repeats'])
-    return dict(job, timed_T=t_timed, s_per_batch=seconds * T / t_timed)
+        seconds, K = measure_jax(cfg, B, t_timed, method, K, job['repeats'])
+    return dict(job, K=K, timed_T=t_timed, s_per_batch=seconds * T / t_timed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +221,11 @@ def machine_limits() -> dict:
     m = jnp.ones((64 * 2 ** 20,), jnp.float32)  # 256 MB, 20 in-place passes
     g = jax.jit(lambda v: jax.lax.fori_loop(0, 20, lambda i, v: v * 0.999 + 1e-3, v))
     t_bw = timed(lambda: g(m).block_until_ready(), 3)
+    w, c = jnp.ones((512, 512), jnp.float32) / 512, jnp.ones((100, 32, 512), jnp.float32)
+    loop = jax.jit(lambda w, c: jax.lax.scan(lambda s, c_t: (jnp.tanh(c_t + s @ w),) * 2, c[0], c)[1])
+    t_step = timed(lambda: loop(w, c).block_until_ready(), 7)
     return dict(matmul_gflops=2. * n ** 3 / t_mm / 1e9, copy_gbps=2. * 20 * m.nbytes / t_bw / 1e9,
+                step_product_gflops=2. * 100 * 32 * 512 * 512 / t_step / 1e9,
                 n_cpu=os.cpu_count(), jax=jax.__version__, numpy=np.__version__)
 
 
@@ -231,6 +242,8 @@ def run_job(job: dict, timeout: float) -> dict:
 
 
 def complete(row: dict, limits: dict, tiny: bool) -> dict:
+    if row.get('error'):
+        return row
     cfg = (TINY if tiny else SIZES)[row['size']]
     B, T, K = row['B'], row['T'], row['K']
     method = 'bptt' if row['method'] == 'torch' else row['method']
@@ -264,8 +277,8 @@ def markdown(rows: list) -> str:
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--trace_chunk', type=positive_int, default=DEFAULT_TRACE_CHUNK,
-                   help='the K of the chunked rows (the training default)')
+    p.add_argument('--trace_chunk', type=chunk_arg, default='auto',
+                   help='the K of the chunked rows: auto (the training default, per row) or an integer')
     p.add_argument('--repeats', type=positive_int, default=3, help='timed calls per row (median)')
     p.add_argument('--only', default=None, help='comma list of sizes to run (dms, image)')
     p.add_argument('--sweep', default=None, metavar='K,K,...',
@@ -282,8 +295,8 @@ def main(argv) -> int:
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
     limits = machine_limits()
-    print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s",
-          flush=True)
+    print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, a loop's per-step product "
+          f"{limits['step_product_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s", flush=True)
     rows = []
     sweep = [positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
     for size, B, T, method, K in plan(args.tiny, args.trace_chunk, sweep):
@@ -296,9 +309,10 @@ def main(argv) -> int:
               f"{r['s_per_batch']:.3g} s/batch, {100 * r['share']:.0f} % of the floor"), flush=True)
     limits['seconds'] = time.time() - t_start
     table = markdown(rows)
-    command = 'python scripts/speed_table.py ' + ' '.join(argv)
+    command = 'python benchmarks/speed_table.py ' + ' '.join(argv)
     with open(os.path.join(out_dir, 'speed_table.md'), 'w') as f:
-        f.write(f"`{command.strip()}`: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, memory copy "
+        f.write(f"`{command.strip()}`: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, a loop's "
+                f"per-step product {limits['step_product_gflops']:.1f} GFLOP/s, memory copy "
                 f"{limits['copy_gbps']:.1f} GB/s (read + write), {limits['n_cpu']} CPUs, "
                 f"{limits['seconds'] / 60:.1f} min in all\n\n{table}\n")
     write_json(os.path.join(out_dir, 'speed_table.json'), dict(limits=limits, rows=rows, command=command))

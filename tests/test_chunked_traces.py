@@ -127,7 +127,7 @@ def test_trace_chunk_default_and_refusals():
 
 def test_speed_table_runs_at_toy_sizes(tmp_path):
     """benchmarks/speed_table.py (the table of docs/chunked-traces.md) at toy sizes: every row of the DMS part
-    timed, its floor from the shapes (the memory script's FLOP count for BPTT) and its share of it."""
+    (batch 32 and 128) timed, its floor from the shapes (the memory script's FLOP count for BPTT) and its share of it."""
     import json
     import subprocess
     import sys
@@ -143,8 +143,28 @@ def test_speed_table_runs_at_toy_sizes(tmp_path):
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.load(open(tmp_path / 'speed_table.json'))['rows']
-    assert [(r['method'], r['K']) for r in rows] == [('bptt', 1), ('expsm_diag', 1), ('expsm_diag', 8),
-                                                     ('diag', 1), ('diag', 8)]
+    assert [(r['B'], r['method'], r['K']) for r in rows] == [
+        (B, m, K) for B in (32, 128) for m, K in [('bptt', 1), ('expsm_diag', 1), ('expsm_diag', 8), ('diag', 1),
+                                                 ('diag', 8)]]
     for r in rows:
         assert not r.get('error') and r['s_per_batch'] > 0 and 0 < r['share'] <= 1, r
-    assert (tmp_path / 'speed_table.md').read_text().count('| dms |') == 5
+    assert (tmp_path / 'speed_table.md').read_text().count('| dms |') == 10
+
+
+def test_profile_step_sums_xla_ops_at_toy_size(tmp_path):
+    """benchmarks/profile_step.py (the profiles of docs/chunked-traces.md) at a toy size: XLA's per-op events
+    summed per op, each op named with its shape from the HLO dump, the recurrent product once per step."""
+    import csv
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, 'benchmarks/profile_step.py', '--tiny', '--size', 'dms', '--method',
+                           'bptt', '--calls', '2', '--out_dir', str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / 'profile.csv')))
+    assert rows and all(float(r['ms_per_call']) >= 0 for r in rows)
+    # the toy DMS network: 12 neurons, batch 32, T 60: s_{t-1} W_rec is a (32, 12) product in the time loop
+    step_dots = [r for r in rows if r['shape'].startswith('f32[32,12]') and r['shape'].endswith(' dot')]
+    assert step_dots and max(float(r['events_per_call']) for r in step_dots) == 60, step_dots
+    assert 'untraced' in (tmp_path / 'profile.md').read_text()

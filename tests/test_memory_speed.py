@@ -345,6 +345,17 @@ def test_chunked_drtrl_holds_its_traces_once():
     assert utils.auto_trace_chunk('diag', paper, 128) == 32  # 1.7 GB of buffers beside 9.3 GB of traces
 
 
+def test_auto_chunk_keeps_es_drtrl_jacobians_in_a_cache_sized_budget():
+    """ES-D-RTRL's auto K also keeps the chunk's per-neuron Jacobians (K x B x S x S floats per neuron) within
+    AUTO_CHUNK_CACHE_MB: the DMS network (GIF, S = 3) gets K 32 at batch 32 and 8 at batch 128 (the fastest
+    measured, docs/chunked-traces.md); the image network (LIF, S = 1) keeps 64 and 16; D-RTRL is unchanged."""
+    dms = [(300, 200, 3), (200, 2, 1)]
+    image = [(2824, 512, 1), (1024, 512, 1), (1024, 512, 1), (512, 10, 1)]
+    assert [utils.auto_trace_chunk('expsm_diag', dms, B) for B in (32, 128)] == [32, 8]
+    assert [utils.auto_trace_chunk('expsm_diag', image, B) for B in (32, 128)] == [64, 16]
+    assert [utils.auto_trace_chunk('diag', dms, B) for B in (32, 128)] == [64, 16]
+
+
 def test_trace_chunk_flag_lists_and_auto(mem_script):
     args = mem_script.parse_args(['--devices', 'cpu'])
     assert args.trace_chunk == [1, 'auto']
