@@ -305,7 +305,7 @@ def main(argv) -> int:
         job = dict(size=size, B=B, T=T, method=method, K=K, repeats=args.repeats, tiny=args.tiny)
         rows.append(complete(run_job(job, args.timeout), limits, args.tiny))
         r = rows[-1]
-        print(f"{size} B {B} T {T} {NAMES[method]} K {K}: " + (r['error'] if r.get('error') else
+        print(f"{size} B {B} T {T} {NAMES[method]} K {r['K']}: " + (r['error'] if r.get('error') else
               f"{r['s_per_batch']:.3g} s/batch, {100 * r['share']:.0f} % of the floor"), flush=True)
     limits['seconds'] = time.time() - t_start
     table = markdown(rows)
