@@ -10,6 +10,7 @@ and every time (seconds).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -22,26 +23,26 @@ def main(argv) -> int:
         print(__doc__)
         return 0 if argv[:1] in (['-h'], ['--help']) else 2
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import speed_table as st
-    from rsnn.trainer import Trainer
-    size, B, T = argv[0], int(argv[1]), int(argv[2])
-    variants = [v.split(':') for v in argv[3].split(',')]
-    rounds = int(argv[4]) if len(argv) > 4 else 5
-    cfg = st.SIZES[size]
-    xs, labels, ws = st.batch(cfg, B, T)
-    inputs = [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)]
-    fns = []
+    from rsnn.cli import trace_chunk_arg
+    try:
+        size, B, T = argv[0], int(argv[1]), int(argv[2])
+        variants = [(m, trace_chunk_arg(K)) for m, K in (v.split(':') for v in argv[3].split(','))]
+        rounds = int(argv[4]) if len(argv) > 4 else 5
+        if size not in st.SIZES:
+            raise ValueError(f'size {size!r}: choose one of {sorted(st.SIZES)}')
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        print(f'error: {e}; usage: python benchmarks/paired_steps.py dms 32 2010 bptt:1,diag:64 7', file=sys.stderr)
+        return 2
+    steps = []
     for method, K in variants:
-        trainer = Trainer(st.build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'],
-                          trace_chunk=None if K == 'auto' else int(K))
-        fn = trainer.compiled_gradients()
+        fn, inputs, _ = st.compiled_step(st.SIZES[size], B, T, method, K)
         jax.block_until_ready(fn(*inputs)), jax.block_until_ready(fn(*inputs))
-        fns.append(fn)
-    times = [[] for _ in fns]
+        steps.append((fn, inputs))
+    times = [[] for _ in steps]
     for _ in range(rounds):
-        for i, fn in enumerate(fns):
+        for i, (fn, inputs) in enumerate(steps):
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*inputs))
             times[i].append(time.perf_counter() - t0)

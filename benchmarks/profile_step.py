@@ -33,13 +33,14 @@ SKIP = ('ThunkExecutor', 'Transpose', 'ThreadpoolListener')  # the runtime's own
 
 
 def parse_args(argv):
-    from rsnn.cli import positive_int
+    from rsnn.cli import positive_int, trace_chunk_arg
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', choices=('dms', 'image'), default='image', help='the speed table network')
     p.add_argument('--batch', type=positive_int, default=32, help='batch size')
     p.add_argument('--T', type=positive_int, default=None, help='sequence length (default: the size\'s)')
     p.add_argument('--method', choices=('bptt', 'expsm_diag', 'diag'), default='bptt', help='the rule')
-    p.add_argument('--trace_chunk', default='auto', help='K of the online rules: an integer or auto')
+    p.add_argument('--trace_chunk', type=trace_chunk_arg, default='auto',
+                   help='K of the online rules: an integer or auto')
     p.add_argument('--calls', type=positive_int, default=3, help='calls timed, and calls traced')
     p.add_argument('--top', type=positive_int, default=25, help='ops listed in profile.md')
     p.add_argument('--tiny', action='store_true', help='toy sizes, the same code path (for the tests)')
@@ -94,19 +95,12 @@ def main(argv) -> int:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true'
                                f' --xla_dump_to={dump} --xla_dump_hlo_as_text').strip()
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import speed_table as st
-    from rsnn.trainer import Trainer
 
     cfg = (st.TINY if args.tiny else st.SIZES)[args.size]
     T = args.T or cfg['T']
-    K = None if args.trace_chunk == 'auto' else int(args.trace_chunk)
-    trainer = Trainer(st.build(cfg), args.method, cfg['n_in'], args.batch, etrace_decay=cfg['decay'],
-                      trace_chunk=1 if args.method == 'bptt' else K)
-    xs, labels, ws = st.batch(cfg, args.batch, T)
-    fn = trainer.compiled_gradients()
-    inputs = [jnp.asarray(a) for a in (xs, labels, jnp.ones(args.batch), ws)]
+    fn, inputs, K = st.compiled_step(cfg, args.batch, T, args.method, 1 if args.method == 'bptt' else args.trace_chunk)
     untraced = st.timed(lambda: jax.block_until_ready(fn(*inputs)), args.calls)
     trace_dir = tempfile.mkdtemp(prefix='xla-trace-')
     with jax.profiler.trace(trace_dir):
@@ -128,7 +122,7 @@ def main(argv) -> int:
     os.makedirs(out_dir, exist_ok=True)
     command = 'python benchmarks/profile_step.py ' + ' '.join(argv)
     lines = [f'`{command.strip()}`: {args.size} network, batch {args.batch}, T {T}, {args.method}, '
-             f'K {trainer.trace_chunk}; untraced {untraced * 1e3:.1f} ms per call (median of {args.calls}); '
+             f'K {K}; untraced {untraced * 1e3:.1f} ms per call (median of {args.calls}); '
              f"traced call {span['call_ms']:.1f} ms: no op running {span['idle_ms']:.1f} ms, one op "
              f"{span['one_op_ms']:.1f} ms, two or more {span['two_ops_ms']:.1f} ms; ops summed {op_ms:.1f} ms",
              '', '| op | shape and kind | ms per call | share of the ops | events per call |', '|---|---|---|---|---|']

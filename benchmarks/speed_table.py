@@ -27,7 +27,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from rsnn.cli import positive_float, positive_int
+from rsnn.cli import positive_float, positive_int, trace_chunk_arg
 from rsnn.files import write_json
 
 TAG = '@@SPEED@@ '
@@ -39,11 +39,6 @@ SIZES = {  # name -> network and batch; 'scaled_T': the sequence D-RTRL step by 
 }
 TINY = {'dms': dict(SIZES['dms'], n_in=10, n_rec=12, T=60, loss_steps=20, scaled_T=30),
         'image': dict(SIZES['image'], n_in=20, n_rec=16, n_layer=2, T=40, loss_steps=40, scaled_T=20)}
-
-
-def chunk_arg(value: str):
-    """--trace_chunk: 'auto' or a positive integer."""
-    return value if value == 'auto' else positive_int(value)
 
 
 def plan(tiny: bool, K, sweep: list = None) -> list:
@@ -129,16 +124,20 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure_jax(cfg, B, T, method, K, repeats) -> float:
-    import jax
+def compiled_step(cfg, B, T, method, K):
+    """(the compiled gradient of one batch, its inputs, the K used) of `method` on the network `cfg` (K an
+    integer or 'auto'); what a row times (profile_step.py and paired_steps.py use it too)."""
     import jax.numpy as jnp
     from rsnn.trainer import Trainer
-    trainer = Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'],
-                      trace_chunk=None if K == 'auto' else K)
+    trainer = Trainer(build(cfg), method, cfg['n_in'], B, etrace_decay=cfg['decay'], trace_chunk=K)
     xs, labels, ws = batch(cfg, B, T)
-    grads_fn = trainer.compiled_gradients()
-    args = [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)]
-    return timed(lambda: jax.block_until_ready(grads_fn(*args)), repeats), trainer.trace_chunk
+    return trainer.compiled_gradients(), [jnp.asarray(a) for a in (xs, labels, jnp.ones(B), ws)], trainer.trace_chunk
+
+
+def measure_jax(cfg, B, T, method, K, repeats) -> tuple:
+    import jax
+    grads_fn, args, K = compiled_step(cfg, B, T, method, K)
+    return timed(lambda: jax.block_until_ready(grads_fn(*args)), repeats), K
 
 
 def measure_torch(cfg, B, T, repeats) -> float:
@@ -277,7 +276,7 @@ def markdown(rows: list) -> str:
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--trace_chunk', type=chunk_arg, default='auto',
+    p.add_argument('--trace_chunk', type=trace_chunk_arg, default='auto',
                    help='the K of the chunked rows: auto (the training default, per row) or an integer')
     p.add_argument('--repeats', type=positive_int, default=3, help='timed calls per row (median)')
     p.add_argument('--only', default=None, help='comma list of sizes to run (dms, image)')
