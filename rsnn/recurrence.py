@@ -4,7 +4,7 @@
 
 `recurrent_scan` returns the outputs of all steps and the last state, and has the exact gradient of that
 scan (the same as jax's autodiff, summed in another order). Its backward pass differs from jax's in two
-places, both measured on this repository's 2-core CPU (XLA CPU, jax 0.8; docs/chunked-traces.md, "BPTT, the yardstick"):
+places (and its products in one more), all measured on this repository's 2-core CPU (XLA CPU, jax 0.8; docs/chunked-traces.md, "BPTT, the yardstick"):
 
 * jax's transpose of `s @ W_rec` inside the backward scan is a dot that contracts W_rec's second axis
   (`dy @ W_rec^T` without a transposed copy). XLA CPU runs that form about 3.5x slower than a plain product
@@ -12,6 +12,10 @@ places, both measured on this repository's 2-core CPU (XLA CPU, jax 0.8; docs/ch
   loop, and the loop multiplies by it.
 * jax accumulates dW_rec += s_{t-1}^T dy_t inside the loop, one small product per step. Here the loop
   keeps dy_t, and dW_rec is one product over all T x B rows after it.
+* The per-step products (forward `s_{t-1} W_rec`, backward `dy_t W_rec^T`) of a layer of 256 neurons or more
+  run as blocks of COLUMN_BLOCK columns (`step_product`): XLA CPU hands a 32 x 512 by 512 x 512 product to
+  two threads, and inside a time loop that hand-over costs as much as the product (one LIF layer's scan of
+  100 steps: 17.6 ms as one product, 8.9 ms as four blocks of 128 columns, on a 2-core Xeon with AVX-512).
 
 Only the element-wise neuron update is differentiated by jax, one step at a time (`jax.vjp` of `step`
 and `prev_spike`, recomputed from the saved states, a few flops per neuron).
@@ -27,10 +31,32 @@ import jax.numpy as jnp
 _batch_split = False  # True while a step is traced with its batch axis split over several devices
 
 
+COLUMN_BLOCK = 128  # columns per block of a per-step product (step_product); 0: one product
+
+
+def column_blocks(w):
+    """w (n, m) split into blocks of COLUMN_BLOCK columns (the whole of w if m is less than two blocks)."""
+    m = w.shape[-1]
+    if not COLUMN_BLOCK or m < 2 * COLUMN_BLOCK:
+        return [w]
+    return [w[:, i:i + COLUMN_BLOCK] for i in range(0, m, COLUMN_BLOCK)]
+
+
+def step_product(s, blocks):
+    """s @ w inside a time loop, w given as column_blocks(w): one product per block, concatenated. XLA CPU
+    runs a 32 x 512 by 512 x 512 product on two threads, and inside a loop the threads' hand-over costs as
+    much as the product; 32 x 512 by 512 x 128 blocks run on one thread each, side by side (docs/chunked-traces.md)."""
+    if len(blocks) == 1:
+        return s @ blocks[0]
+    return jnp.concatenate([s @ b for b in blocks], axis=-1)
+
+
 def forward_scan(step, prev_spike, w_rec, currents, h0):
     """The scan itself: (outputs, last state, the states h_{t-1} and weight outputs y_t of every step)."""
+    blocks = column_blocks(w_rec)
+
     def body(h, c_t):
-        y = c_t + prev_spike(h) @ w_rec
+        y = c_t + step_product(prev_spike(h), blocks)
         new, out = step(h, y)
         return new, (h, y, out)
 
@@ -54,14 +80,14 @@ def _recurrent_scan_fwd(step, prev_spike, w_rec, currents, h0):
 def _recurrent_scan_bwd(step, prev_spike, residuals, cotangents):
     w_rec, prevs, ys = residuals
     d_outs, d_h_last = cotangents
-    w_rec_t = jnp.transpose(w_rec)  # materialized once: the loop's product is then a plain one
+    blocks_t = column_blocks(jnp.transpose(w_rec))  # materialized once: the loop's product is then a plain one
 
     def body(d_h, inputs):  # d_h: the cotangent of h_t; returns that of h_{t-1}
         h, y, d_out = inputs
         _, step_vjp = jax.vjp(step, h, y)
         d_h_step, d_y = step_vjp((d_h, d_out))
         _, spike_vjp = jax.vjp(prev_spike, h)
-        d_h_rec, = spike_vjp(d_y @ w_rec_t)
+        d_h_rec, = spike_vjp(step_product(d_y, blocks_t))
         return jax.tree.map(jnp.add, d_h_step, d_h_rec), d_y
 
     d_h0, d_ys = jax.lax.scan(body, d_h_last, (prevs, ys, d_outs), reverse=True)

@@ -298,7 +298,7 @@ def test_drtrl_filter_and_uoro_per_sample_flags_reach_the_rules():
     assert make(KINDS['lif-delta'](), 'diag', 1, **parse()).rule.readout_filter is None
     tr = make(KINDS['lif-delta'](), 'diag', 1, **parse('--drtrl_readout_filter', '1'))
     assert tr.rule.readout_filter == pytest.approx(tr.model.out.decay) and tr.rule.algo is None
-    assert tr.rule.traces[0].value[0].shape[-1] == 2            # e and e~ for the LIF layer's one state
+    assert tr.rule.traces[0].value[0].shape[2] == 2             # e and e~ for the LIF layer's one state (B, I, S, J)
     assert not make(KINDS['lif-delta'](), 'uoro', 1, **parse()).rule.per_sample
     tr = make(KINDS['lif-delta'](), 'uoro', 1, **parse('--uoro_per_sample', '1'))
     assert tr.rule.per_sample and jax.tree.leaves(tr.rule.th.value)[0].shape[0] == B

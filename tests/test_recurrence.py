@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rsnn import recurrence
 from conftest import ROOT
@@ -45,7 +46,11 @@ def autodiff_scan(w, c, h0):
     return outs, h_last
 
 
-def test_recurrent_scan_has_autodiffs_gradient():
+@pytest.mark.parametrize('block', [0, 2])
+def test_recurrent_scan_has_autodiffs_gradient(block, monkeypatch):
+    """Also with the per-step products in column blocks (block 2: N = 5 as blocks of 2, 2 and 1 columns)."""
+    monkeypatch.setattr(recurrence, 'COLUMN_BLOCK', block)
+    assert len(recurrence.column_blocks(jnp.zeros((N, N)))) == (3 if block else 1)
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(0., 0.6, (N, N)), jnp.float32)
     c = jnp.asarray(rng.normal(0.6, 0.8, (T, B, N)), jnp.float32)
@@ -69,6 +74,17 @@ def test_recurrent_scan_has_autodiffs_gradient():
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         assert np.abs(a).max() > 0
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_column_blocks_split_only_products_of_two_blocks_or_more(monkeypatch):
+    monkeypatch.setattr(recurrence, 'COLUMN_BLOCK', 128)
+    w = jnp.arange(300 * 512, dtype=jnp.float32).reshape(300, 512)
+    blocks = recurrence.column_blocks(w)
+    assert [b.shape for b in blocks] == [(300, 128)] * 4
+    np.testing.assert_array_equal(jnp.concatenate(blocks, axis=-1), w)
+    assert len(recurrence.column_blocks(w[:, :255])) == 1 and len(recurrence.column_blocks(w[:, :256])) == 2
+    s = jnp.asarray(np.random.default_rng(0).normal(size=(4, 300)), jnp.float32)
+    np.testing.assert_allclose(recurrence.step_product(s, blocks), s @ w, rtol=1e-6)
 
 
 def test_transposed_dot_benchmark_runs_at_toy_size(tmp_path):

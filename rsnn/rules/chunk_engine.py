@@ -223,19 +223,6 @@ def matmul(A, B):
     return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
 
 
-def affine_scan(A, b, matrix: bool = True):
-    """x_k = A_k x_{k-1} + b_k over the chunk's axis 0 with x_{-1} = 0, for all k in log2(K) vectorized
-    rounds (jax.lax.associative_scan) instead of K sequential steps (each step of a short loop costs more
-    in loop overhead than in arithmetic). Returns (P_k = A_k ... A_0, x_k); from a start value x0 the
-    recurrence gives P_k x0 + x_k. `matrix`: A per-neuron S x S matrices, else element-wise factors."""
-    def combine(earlier, later):
-        (A1, b1), (A2, b2) = earlier, later
-        if matrix:
-            return matmul(A2, A1), apply_matrix(A2, b1) + b2
-        return A2 * A1, A2 * b1 + b2
-    return jax.lax.associative_scan(combine, (A, b))
-
-
 # --------------------------------------------------------------------------------------------
 # A whole sequence, chunk after chunk
 # --------------------------------------------------------------------------------------------

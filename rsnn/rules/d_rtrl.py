@@ -59,8 +59,9 @@ class DRTRL(BrainscaleRule):
                                                vjp_method=VJP_METHODS[options.vjp_time])
 
     def zero_traces(self) -> list:
-        """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout); with the readout filter the
-        layers' S is 2S (e and e~)."""
+        """(e_W (B, I, S, J), e_b (B, J, S)) per relation (layers..., readout); with the readout filter the
+        layers' S is 2S (e and e~). e_W has the neurons J innermost, so that the per-neuron S x S mixing of
+        `update_in_place` runs on rows of J contiguous floats."""
         B = self.options.batch_size
         out, seen = [], {}
         shapes = chunk_engine.relation_shapes(self.model)
@@ -71,13 +72,19 @@ class DRTRL(BrainscaleRule):
             # two loop carries that start from one zero buffer cost a copy of a whole trace. -0 and +0 give
             # the same sums, exactly.
             n = seen[(n_in, n_out, S)] = seen.get((n_in, n_out, S), -1) + 1
-            out.append((jnp.full((B, n_in, n_out, S), -0. if n % 2 else 0., jnp.float32), jnp.zeros((B, n_out, S))))
+            out.append(zero_trace(B, n_in, n_out, S, -0. if n % 2 else 0.))
         return out
 
     def chunk_update(self, key, rel, trace, t0):
         if self.readout_filter is not None and key != 'out':
             return drtrl_chunk(filtered_relation(rel, self.readout_filter), trace)
         return drtrl_chunk(rel, trace)
+
+
+def zero_trace(B: int, n_in: int, n_out: int, S: int, zero: float = 0.):
+    """A relation's zero trace for `drtrl_chunk` (D-RTRL, and the rules that run its chunk update: SnAp-1,
+    e-prop): (e_W (B, n_in, S, n_out), e_b (B, n_out, S)); `zero` is 0. or -0."""
+    return jnp.full((B, n_in, S, n_out), zero, jnp.float32), jnp.zeros((B, n_out, S))
 
 
 def filtered_relation(rel, a: float):
@@ -93,18 +100,26 @@ def filtered_relation(rel, a: float):
 
 def drtrl_chunk(rel, trace):
     """D-RTRL over one chunk (brainscale's ParamDimVjpAlgorithm with the adapter's trace fix, single-step
-    VJP; rsnn/rules/chunk_engine.py). trace = (e_W (B, I, J, S), e_b (B, J, S))."""
+    VJP; rsnn/rules/chunk_engine.py). trace = (e_w (B, I, S, J), e_b (B, J, S))."""
     x, D, df, L = rel['x'], rel['D'], rel['df'], rel['L']
     e_w, e_b = trace
     eye = jnp.broadcast_to(jnp.eye(D.shape[-1], dtype=D.dtype), D.shape[1:])
-    D_next = jnp.concatenate([D[1:], eye[None]], axis=0)                             # D_{t+1}; I after the end
-    # Backwards in time: Lambda_t = L_t + D_{t+1}^T Lambda_{t+1}; the products of the D_{t+1}^T that it
-    # accumulates are Phi(K, t)^T = (D_K ... D_{t+1})^T.
-    Phi_T, lams = chunk_engine.affine_scan(jnp.swapaxes(D_next, -1, -2)[::-1], L[::-1])
-    Phi_T, lams = Phi_T[::-1], lams[::-1]
-    qs = chunk_engine.apply_transposed(Phi_T, df)                                # Phi(K, t) df_t
-    M = chunk_engine.apply_transposed(D[0], lams[0])                             # D_1^T Lambda_1
-    phi_all = chunk_engine.matmul(jnp.swapaxes(Phi_T[0], -1, -2), D[0])          # Phi(K, 0)
+
+    def back(carry, inp):
+        """Backwards in time, step by step (a few flops per neuron and step; a log-depth associative scan over
+        the chunk writes K x B x J x S x S buffers log2(K) times and took longer, docs/chunked-traces.md).
+        At step t the carry is Phi(K, t)^T and D_{t+1}^T Lambda_{t+1}; Lambda_t = L_t + D_{t+1}^T Lambda_{t+1},
+        q_t = Phi(K, t) df_t, and D_t^T carries both one step back (after step 1: Phi(K, 0)^T and
+        D_1^T Lambda_1, the two values the trace update needs)."""
+        Phi_T, lam_in = carry
+        lam = lam_in + inp['L']
+        D_T = jnp.swapaxes(inp['D'], -1, -2)
+        new = (chunk_engine.matmul(D_T, Phi_T), chunk_engine.apply_matrix(D_T, lam))
+        return new, (chunk_engine.apply_transposed(Phi_T, inp['df']), lam)
+
+    (phi_all_T, M), (qs, lams) = jax.lax.scan(back, (eye, jnp.zeros_like(L[0])), dict(D=D, L=L, df=df),
+                                              reverse=True)
+    phi_all = jnp.swapaxes(phi_all_T, -1, -2)                                        # Phi(K, 0)
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
     e_w, g_w = update_in_place(e_w, M, phi_all, x, qs)
     grad = {'weight': g_w + recurrence.rows_product(x, h),
@@ -115,28 +130,32 @@ def drtrl_chunk(rel, trace):
 
 def update_in_place(e_w, M, phi_all, x, qs):
     """The weight trace's gradient read and update of one chunk, one sample at a time, in place:
-    for each b, g += sum_s e_w[b, :, :, s] M[b, :, s] (the old trace, read first), then
-    e_w[b] = Phi(K, 0)[b] e_w[b] + x[:, b]^T q[:, b] (a product over the K steps). Each sample's slice is
-    read once for both and written back where it was (dynamic_update_slice in a loop: XLA updates the
-    buffer in place), so the step holds the trace once plus one sample's slice (I x J x S), instead of the
-    old trace, a B x I x J x S product and the new trace side by side.
-    e_w (B, I, J, S), M (B, J, S), phi_all (B, J, S, S), x (K, B, I), qs (K, B, J, S)."""
-    B, I, J, S = e_w.shape
+    for each b, g += sum_s e_w[b, :, s, :] M[b, :, s] (the old trace, read first), then
+    e_w[b, :, k, :] = sum_s Phi(K, 0)[b, :, k, s] e_w[b, :, s, :] + (x[:, b]^T q[:, b])[:, k, :] (a product over
+    the K steps). Each sample's slice is read once for both and written back where it was
+    (dynamic_update_slice in a loop: XLA updates the buffer in place), so the step holds the trace once plus
+    one sample's slice (I x S x J), instead of the old trace, a B x I x S x J product and the new trace side
+    by side. With J innermost the mixing is element-wise on rows of J floats (with S innermost it took 1.1 x
+    the whole step's time, docs/chunked-traces.md).
+    e_w (B, I, S, J), M (B, J, S), phi_all (B, J, S, S), x (K, B, I), qs (K, B, J, S)."""
+    B, I, S, J = e_w.shape
     K = x.shape[0]
+    q_rows = jnp.swapaxes(qs, -1, -2).reshape(K, B, S * J)                             # (K, B, S J)
+    m_rows = jnp.swapaxes(M, -1, -2)                                                   # (B, S, J)
+    phi_rows = jnp.transpose(phi_all, (0, 2, 3, 1))                                    # (B, k, s, J)
 
     def sample(b, carry):
         e_w, g = carry
-        e = jax.lax.dynamic_index_in_dim(e_w, b, 0, keepdims=False)                  # (I, J, S)
-        m = jax.lax.dynamic_index_in_dim(M, b, 0, keepdims=False)                    # (J, S)
-        for s in range(S):
-            g = g + e[:, :, s] * m[None, :, s]
+        e = jax.lax.dynamic_index_in_dim(e_w, b, 0, keepdims=False)                  # (I, S, J)
+        m = jax.lax.dynamic_index_in_dim(m_rows, b, 0, keepdims=False)               # (S, J)
+        g = g + jnp.sum(e * m[None], axis=1)
         xb = jax.lax.dynamic_index_in_dim(x, b, 1, keepdims=False)                   # (K, I)
-        qb = jax.lax.dynamic_index_in_dim(qs, b, 1, keepdims=False)                  # (K, J, S)
-        phg = (xb.T @ qb.reshape(K, J * S)).reshape(1, I, J, S)
-        phi = jax.lax.dynamic_index_in_dim(phi_all, b, 0, keepdims=True)             # (1, J, S, S)
+        qb = jax.lax.dynamic_index_in_dim(q_rows, b, 1, keepdims=False)              # (K, S J)
+        phg = (xb.T @ qb).reshape(I, S, J)
+        phi = jax.lax.dynamic_index_in_dim(phi_rows, b, 0, keepdims=False)           # (k, s, J)
         # `+ 0 * g`: the write-back then depends on the gradient read, so XLA knows the read comes first
         # and updates the trace in place; without it XLA copies the whole trace (twice) for every sample
-        new = brainscale_adapter.new_trace(e[None], phi, phg) + 0. * g[None, :, :, None]
-        return jax.lax.dynamic_update_index_in_dim(e_w, new, b, 0), g
+        new = phg + jnp.sum(phi[None] * e[:, None], axis=2) + 0. * g[:, None, :]
+        return jax.lax.dynamic_update_index_in_dim(e_w, new[None], b, 0), g
 
     return jax.lax.fori_loop(0, B, sample, (e_w, jnp.zeros((I, J), e_w.dtype)))

@@ -31,7 +31,7 @@ import numpy as np
 
 from rsnn.rules import chunk_engine
 from rsnn.rules.engine_rule import EngineRule
-from rsnn.rules.d_rtrl import drtrl_chunk
+from rsnn.rules.d_rtrl import drtrl_chunk, zero_trace
 from rsnn.errors import UserError
 
 FEEDBACKS = ('symmetric', 'random')
@@ -76,12 +76,11 @@ class EProp(EngineRule):
         return out
 
     def zero_traces(self) -> list:
-        """(trace_W (B, I, J, S'), trace_b (B, J, S')) per relation; S' = S + 1 for the layers (eps and e~),
-        1 for the readout."""
+        """(trace_W (B, I, S', J), trace_b (B, J, S')) per relation (D-RTRL's layout, d_rtrl.zero_trace);
+        S' = S + 1 for the layers (eps and e~), 1 for the readout."""
         B = self.options.batch_size
         shapes = chunk_engine.relation_shapes(self.model)
-        return [(jnp.zeros((B, n_in, n_out, S if i == len(shapes) - 1 else S + 1)),
-                 jnp.zeros((B, n_out, S if i == len(shapes) - 1 else S + 1)))
+        return [zero_trace(B, n_in, n_out, S if i == len(shapes) - 1 else S + 1)
                 for i, (n_in, n_out, S) in enumerate(shapes)]
 
     def chunk_update(self, key, rel, trace, t0):

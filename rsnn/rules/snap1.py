@@ -11,11 +11,10 @@ Chunked: D-RTRL's chunk update (rsnn/rules/d_rtrl.py) with D~ in place of D; chu
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from rsnn.rules import chunk_engine
 from rsnn.rules.engine_rule import EngineRule
-from rsnn.rules.d_rtrl import drtrl_chunk
+from rsnn.rules.d_rtrl import drtrl_chunk, zero_trace
 
 
 def with_self_recurrence(rel):
@@ -28,9 +27,9 @@ class SnAp1(EngineRule):
     chunk_kwargs = {'self_recurrence': True}
 
     def zero_traces(self) -> list:
-        """(e_W (B, I, J, S), e_b (B, J, S)) per relation (layers..., readout), as D-RTRL."""
+        """(e_W (B, I, S, J), e_b (B, J, S)) per relation (layers..., readout), as D-RTRL."""
         B = self.options.batch_size
-        return [(jnp.zeros((B, n_in, n_out, S)), jnp.zeros((B, n_out, S)))
+        return [zero_trace(B, n_in, n_out, S)
                 for n_in, n_out, S in chunk_engine.relation_shapes(self.model)]
 
     def chunk_update(self, key, rel, trace, t0):
