@@ -12,8 +12,8 @@ places (and its products in one more), all measured on this repository's 2-core 
   loop, and the loop multiplies by it.
 * jax accumulates dW_rec += s_{t-1}^T dy_t inside the loop, one small product per step. Here the loop
   keeps dy_t, and dW_rec is one product over all T x B rows after it.
-* The per-step products (forward `s_{t-1} W_rec`, backward `dy_t W_rec^T`) of a layer of 256 neurons or more
-  run as blocks of COLUMN_BLOCK columns (`step_product`): XLA CPU hands a 32 x 512 by 512 x 512 product to
+* On a CPU, the per-step products (forward `s_{t-1} W_rec`, backward `dy_t W_rec^T`) of a layer of 256 neurons or
+  more run as blocks of COLUMN_BLOCK columns (`step_product`): XLA CPU hands a 32 x 512 by 512 x 512 product to
   two threads, and inside a time loop that hand-over costs as much as the product (one LIF layer's scan of
   100 steps: 17.6 ms as one product, 8.9 ms as four blocks of 128 columns, on a 2-core Xeon with AVX-512).
 
@@ -35,9 +35,10 @@ COLUMN_BLOCK = 128  # columns per block of a per-step product (step_product); 0:
 
 
 def column_blocks(w):
-    """w (n, m) split into blocks of COLUMN_BLOCK columns (the whole of w if m is less than two blocks)."""
+    """w (n, m) split into blocks of COLUMN_BLOCK columns on a CPU (the whole of w if m is less than two
+    blocks, and on a GPU or TPU, where each block would be a kernel launch of its own: not measured there)."""
     m = w.shape[-1]
-    if not COLUMN_BLOCK or m < 2 * COLUMN_BLOCK:
+    if not COLUMN_BLOCK or m < 2 * COLUMN_BLOCK or jax.default_backend() != 'cpu':
         return [w]
     return [w[:, i:i + COLUMN_BLOCK] for i in range(0, m, COLUMN_BLOCK)]
 

@@ -83,6 +83,9 @@ def test_column_blocks_split_only_products_of_two_blocks_or_more(monkeypatch):
     assert [b.shape for b in blocks] == [(300, 128)] * 4
     np.testing.assert_array_equal(jnp.concatenate(blocks, axis=-1), w)
     assert len(recurrence.column_blocks(w[:, :255])) == 1 and len(recurrence.column_blocks(w[:, :256])) == 2
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # one product per step on an accelerator
+    assert len(recurrence.column_blocks(w)) == 1
+    monkeypatch.undo()
     s = jnp.asarray(np.random.default_rng(0).normal(size=(4, 300)), jnp.float32)
     np.testing.assert_allclose(recurrence.step_product(s, blocks), s @ w, rtol=1e-6)
 
