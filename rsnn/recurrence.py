@@ -128,3 +128,13 @@ def rows_product(x, g):
     if _batch_split:
         return jnp.einsum('tbi,tbj->ij', x, g)
     return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+
+
+def rows_sum(g):
+    """sum over t and b of g[t, b]: g (T, B, J) -> (J,), as a product of a row of ones with the T x B rows
+    (XLA CPU's reduction over the two leading axes took 0.36 ms per (32, 32, 200) chunk; the product makes
+    ES-D-RTRL's step on the DMS network 0.338 -> 0.279 s, docs/chunked-traces.md)."""
+    if _batch_split:
+        return jnp.sum(g, axis=(0, 1))
+    rows = g.shape[0] * g.shape[1]
+    return jnp.ones((rows,), g.dtype) @ g.reshape(rows, g.shape[-1])

@@ -90,6 +90,13 @@ def test_column_blocks_split_only_products_of_two_blocks_or_more(monkeypatch):
     np.testing.assert_allclose(recurrence.step_product(s, blocks), s @ w, rtol=1e-6)
 
 
+def test_rows_sum_is_the_sum_over_steps_and_samples():
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(7, 3, 5)), jnp.float32)
+    np.testing.assert_allclose(recurrence.rows_sum(g), np.asarray(g).sum(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+    with recurrence.batch_split_over_devices():
+        np.testing.assert_allclose(recurrence.rows_sum(g), np.asarray(g).sum(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+
+
 def test_transposed_dot_benchmark_runs_at_toy_size(tmp_path):
     out = tmp_path / 'rows.json'
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'xla_transposed_dot.py'), '--T', '6',

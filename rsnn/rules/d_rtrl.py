@@ -126,7 +126,7 @@ def drtrl_chunk(rel, trace):
     h = jnp.sum(df * lams, axis=-1)                                                  # (K, B, J)
     e_w, g_w = update_in_place(e_w, M, phi_all, x, qs)
     grad = {'weight': g_w + recurrence.rows_product(x, h),
-            'bias': jnp.sum(e_b * M, axis=(0, 2)) + jnp.sum(h, axis=(0, 1))}
+            'bias': jnp.sum(e_b * M, axis=(0, 2)) + recurrence.rows_sum(h)}
     e_b = brainscale_adapter.new_trace(e_b, phi_all, jnp.sum(qs, axis=0))
     return grad, (e_w, e_b)
 

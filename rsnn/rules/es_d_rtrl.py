@@ -82,4 +82,4 @@ def es_drtrl_chunk(rel, trace, decay: float, t0):
     dW = recurrence.rows_product(x, G_tilde) + decay * xhat.T @ G_tilde[0]
     powers = decay ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = decay ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
-    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, (xhat_end, fhats[-1])
+    return {'weight': dW, 'bias': recurrence.rows_sum(G)}, (xhat_end, fhats[-1])

@@ -29,7 +29,7 @@ def ottt_chunk(rel, xhat, lam: float):
     dW = recurrence.rows_product(x, G_tilde) + lam * xhat.T @ G_tilde[0]
     powers = lam ** jnp.arange(K - 1, -1, -1, dtype=x.dtype)
     xhat_end = lam ** K * xhat + jnp.einsum('k,kbi->bi', powers, x)
-    return {'weight': dW, 'bias': jnp.sum(G, axis=(0, 1))}, xhat_end
+    return {'weight': dW, 'bias': recurrence.rows_sum(G)}, xhat_end
 
 
 class OTTT(EngineRule):
