@@ -7,6 +7,7 @@ step's memory does not grow with T.
 """
 import brainstate
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -168,3 +169,24 @@ def test_profile_step_sums_xla_ops_at_toy_size(tmp_path):
     step_dots = [r for r in rows if r['shape'].startswith('f32[32,12]') and r['shape'].endswith(' dot')]
     assert step_dots and max(float(r['events_per_call']) for r in step_dots) == 60, step_dots
     assert 'untraced' in (tmp_path / 'profile.md').read_text()
+
+
+@pytest.mark.parametrize('S,J', [(3, 1), (3, 4), (2, 5), (1, 4), (1, 1)])
+def test_update_in_place_is_the_trace_recursion(S, J):
+    """d_rtrl.update_in_place against the formula, in the trace layout of d_rtrl.zero_trace (one state:
+    (B, I, J, 1); else (B, I, S, J), J = 1 included): g = sum_b,s e[b, :, s, :] M[b, :, s],
+    e'[b, :, k, :] = sum_s phi[b, :, k, s] e[b, :, s, :] + sum_t x[t, b]^T q[t, b, :, k]."""
+    from rsnn.rules import d_rtrl
+    B, I, K = 3, 4, 5
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(B, I, S, J)).astype(np.float32)
+    M, phi = rng.normal(size=(B, J, S)).astype(np.float32), rng.normal(size=(B, J, S, S)).astype(np.float32)
+    x, q = rng.normal(size=(K, B, I)).astype(np.float32), rng.normal(size=(K, B, J, S)).astype(np.float32)
+    stored = d_rtrl.zero_trace(B, I, J, S)[0].shape
+    e_in = e.transpose(0, 1, 3, 2) if stored == (B, I, J, 1) else e
+    assert e_in.shape == stored
+    new, g = d_rtrl.update_in_place(jnp.asarray(e_in), jnp.asarray(M), jnp.asarray(phi), jnp.asarray(x), jnp.asarray(q))
+    new = np.asarray(new).transpose(0, 1, 3, 2) if stored == (B, I, J, 1) else np.asarray(new)
+    np.testing.assert_allclose(g, np.einsum('bisj,bjs->ij', e, M), rtol=1e-5, atol=1e-5)
+    want = np.einsum('bjks,bisj->bikj', phi, e) + np.einsum('tbi,tbjk->bikj', x, q)
+    np.testing.assert_allclose(new, want, rtol=1e-5, atol=1e-5)

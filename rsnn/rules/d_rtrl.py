@@ -141,7 +141,7 @@ def update_in_place(e_w, M, phi_all, x, qs):
     by side. With J innermost the mixing is element-wise on rows of J floats (with S innermost it took 1.1 x
     the whole step's time, docs/chunked-traces.md).
     e_w (B, I, S, J) (one state: (B, I, J, 1)), M (B, J, S), phi_all (B, J, S, S), x (K, B, I), qs (K, B, J, S)."""
-    if e_w.shape[-1] == 1:
+    if M.shape[-1] == 1:  # S from M: e_w's last axis is also 1 for a layer of one neuron (J = 1)
         return update_in_place_one_state(e_w, M, phi_all, x, qs)
     B, I, S, J = e_w.shape
     K = x.shape[0]
