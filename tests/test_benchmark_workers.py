@@ -35,12 +35,18 @@ def test_two_workers_one_killed_no_trial_twice_none_lost(tmp_path, kind):
     a = start(url, tmp_path, 0, env)
     b = start(url, tmp_path, 1, env)
     try:
-        # kill A once its current trial has its first checkpoint (epoch 1 of 3)
+        # kill A in the middle of a trial, after the trial's first checkpoint (epoch 1 of 3): A is stopped
+        # (SIGSTOP) while its log and run folder are read, so the trial read is the trial killed (a slow poll
+        # could otherwise see a finished trial's checkpoint while A had moved on to its next trial)
         deadline, victim = time.time() + 60, None
         while time.time() < deadline and victim is None:
+            a.send_signal(signal.SIGSTOP)
             mine = [l.split() for l in lines(tmp_path / 'workers.log') if l.startswith('0 ')]
-            if mine and os.path.isdir(os.path.join(mine[-1][2], 'checkpoints', 'last', '1')):
+            last = os.path.join(mine[-1][2], 'checkpoints', 'last') if mine else None
+            if last and os.path.isdir(os.path.join(last, '1')) and not os.path.isdir(os.path.join(last, '3')):
                 victim = mine[-1]
+                break
+            a.send_signal(signal.SIGCONT)
             time.sleep(0.05)
         assert victim is not None, 'worker A never reached a checkpoint'
         a.send_signal(signal.SIGKILL)
