@@ -280,6 +280,7 @@ def main(argv) -> int:
                    help='the K of the chunked rows: auto (the training default, per row) or an integer')
     p.add_argument('--repeats', type=positive_int, default=3, help='timed calls per row (median)')
     p.add_argument('--only', default=None, help='comma list of sizes to run (dms, image)')
+    p.add_argument('--batches', default=None, metavar='B,B,...', help='comma list of batch sizes to run (32, 128)')
     p.add_argument('--sweep', default=None, metavar='K,K,...',
                    help='instead of the table: the chunked rows at batch 32 for each K listed (choosing the default)')
     p.add_argument('--tiny', action='store_true', help='toy sizes, the same code path (for the tests)')
@@ -300,6 +301,8 @@ def main(argv) -> int:
     sweep = [positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
     for size, B, T, method, K in plan(args.tiny, args.trace_chunk, sweep):
         if args.only and size not in args.only.split(','):
+            continue
+        if args.batches and B not in [positive_int(b) for b in args.batches.split(',')]:
             continue
         job = dict(size=size, B=B, T=T, method=method, K=K, repeats=args.repeats, tiny=args.tiny)
         rows.append(complete(run_job(job, args.timeout), limits, args.tiny))
