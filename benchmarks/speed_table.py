@@ -41,6 +41,19 @@ TINY = {'dms': dict(SIZES['dms'], n_in=10, n_rec=12, T=60, loss_steps=20, scaled
         'image': dict(SIZES['image'], n_in=20, n_rec=16, n_layer=2, T=40, loss_steps=40, scaled_T=20)}
 
 
+def positive_ints(text: str) -> list:
+    """argparse type of a comma list of positive integers ('32,128')."""
+    return [positive_int(k) for k in text.split(',')]
+
+
+def size_list(text: str) -> list:
+    """argparse type of a comma list of the table's sizes ('dms,image')."""
+    sizes = text.split(',')
+    if not set(sizes) <= set(SIZES):
+        raise argparse.ArgumentTypeError(f'expected sizes among {", ".join(SIZES)}, got {text!r}')
+    return sizes
+
+
 def plan(tiny: bool, K, sweep: list = None) -> list:
     """(size, batch, T, method, trace_chunk) of every row, in the order of the table; with `sweep` (a list of
     K) only the chunked rows at batch 32, once per K (to choose --trace_chunk)."""
@@ -279,9 +292,10 @@ def main(argv) -> int:
     p.add_argument('--trace_chunk', type=trace_chunk_arg, default='auto',
                    help='the K of the chunked rows: auto (the training default, per row) or an integer')
     p.add_argument('--repeats', type=positive_int, default=3, help='timed calls per row (median)')
-    p.add_argument('--only', default=None, help='comma list of sizes to run (dms, image)')
-    p.add_argument('--batches', default=None, metavar='B,B,...', help='comma list of batch sizes to run (32, 128)')
-    p.add_argument('--sweep', default=None, metavar='K,K,...',
+    p.add_argument('--only', type=size_list, default=None, help='comma list of sizes to run (dms, image)')
+    p.add_argument('--batches', type=positive_ints, default=None, metavar='B,B,...',
+                   help='comma list of batch sizes to run (32, 128)')
+    p.add_argument('--sweep', type=positive_ints, default=None, metavar='K,K,...',
                    help='instead of the table: the chunked rows at batch 32 for each K listed (choosing the default)')
     p.add_argument('--tiny', action='store_true', help='toy sizes, the same code path (for the tests)')
     p.add_argument('--timeout', type=positive_float, default=900., help='seconds allowed to one row')
@@ -291,6 +305,11 @@ def main(argv) -> int:
     if args._worker:
         print(TAG + json.dumps(worker(json.loads(args._worker))), flush=True)
         return 0
+    selected = [(size, B, T, method, K) for size, B, T, method, K in plan(args.tiny, args.trace_chunk, args.sweep)
+                if (not args.only or size in args.only) and (not args.batches or B in args.batches)]
+    if not selected:
+        p.error('no row of the table has these --only and --batches (the sizes are dms and image, the batches 32 '
+                'and 128, --sweep rows batch 32)')
     out_dir = args.out_dir or os.path.join('results', 'speed_table', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
@@ -298,12 +317,7 @@ def main(argv) -> int:
     print(f"limits: float32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, a loop's per-step product "
           f"{limits['step_product_gflops']:.1f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s", flush=True)
     rows = []
-    sweep = [positive_int(k) for k in args.sweep.split(',')] if args.sweep else None
-    for size, B, T, method, K in plan(args.tiny, args.trace_chunk, sweep):
-        if args.only and size not in args.only.split(','):
-            continue
-        if args.batches and B not in [positive_int(b) for b in args.batches.split(',')]:
-            continue
+    for size, B, T, method, K in selected:
         job = dict(size=size, B=B, T=T, method=method, K=K, repeats=args.repeats, tiny=args.tiny)
         rows.append(complete(run_job(job, args.timeout), limits, args.tiny))
         r = rows[-1]

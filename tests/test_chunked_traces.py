@@ -152,6 +152,20 @@ def test_speed_table_runs_at_toy_sizes(tmp_path):
     assert (tmp_path / 'speed_table.md').read_text().count('| dms |') == 5
 
 
+def test_speed_table_refuses_a_selection_it_cannot_run(tmp_path):
+    """benchmarks/speed_table.py: a bad --sweep, --batches or --only, or one that selects no row, is a one-line
+    usage error before anything is measured or written."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    for flags, says in ((['--sweep', 'x'], 'positive integer'), (['--batches', '0'], '> 0'),
+                        (['--only', 'foo'], 'dms, image'), (['--batches', '64'], 'no row of the table')):
+        proc = subprocess.run([sys.executable, 'benchmarks/speed_table.py', *flags, '--out_dir', str(tmp_path / 'o')],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and says in proc.stderr.strip().split('\n')[-1], (flags, proc.stderr)
+        assert 'Traceback' not in proc.stderr and not (tmp_path / 'o').exists()
+
+
 def test_profile_step_sums_xla_ops_at_toy_size(tmp_path):
     """benchmarks/profile_step.py (the profiles of docs/chunked-traces.md) at a toy size: XLA's per-op events
     summed per op, each op named with its shape from the HLO dump, the recurrent product once per step."""
